@@ -1,0 +1,290 @@
+//! Processes the suite starts: each in its own process group, killed (the group, by PID) when
+//! dropped, on a panic and on SIGINT/SIGTERM; and what `/proc` says about a group (CPU time, RSS,
+//! PSS of all its processes).
+#![allow(unsafe_code)]
+
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+/// Process groups alive now, for the signal handler and the panic hook (0 = free slot).
+static GROUPS: [AtomicI32; 64] = [const { AtomicI32::new(0) }; 64];
+
+/// Kills every registered process group. Async-signal-safe: atomics and kill(2) only.
+fn kill_all_groups() {
+    for slot in &GROUPS {
+        let pgid = slot.swap(0, Ordering::SeqCst);
+        if pgid > 0 {
+            // SAFETY: kill(2) has no memory preconditions; the group is one we started.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
+    }
+}
+
+extern "C" fn on_signal(signal: libc::c_int) {
+    kill_all_groups();
+    // SAFETY: _exit is async-signal-safe and ends the process at once.
+    unsafe { libc::_exit(128 + signal) };
+}
+
+/// Installs the SIGINT/SIGTERM handler and the panic hook that kill every started group.
+pub(crate) fn install_cleanup() {
+    let handler: extern "C" fn(libc::c_int) = on_signal;
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: installing a handler that only calls async-signal-safe functions.
+        unsafe { libc::signal(signal, handler as libc::sighandler_t) };
+    }
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        kill_all_groups();
+        previous(info);
+    }));
+}
+
+/// A process the suite started, in its own process group; dropping it kills the group.
+#[derive(Debug)]
+pub(crate) struct Group {
+    child: std::process::Child,
+    name: String,
+}
+
+impl Group {
+    /// Spawns `command` as the leader of a new process group, output to `log`.
+    pub(crate) fn spawn(name: &str, command: &mut Command, log: &Path) -> anyhow::Result<Self> {
+        let out = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        command
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {name}: {command:?}"))?;
+        let pgid = child.id() as i32;
+        if !GROUPS.iter().any(|slot| {
+            slot.compare_exchange(0, pgid, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        }) {
+            let mut group = Self {
+                child,
+                name: name.to_owned(),
+            };
+            group.kill();
+            bail!("too many processes started at once");
+        }
+        Ok(Self {
+            child,
+            name: name.to_owned(),
+        })
+    }
+
+    /// The leader's PID, which is also the group's ID.
+    pub(crate) fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Fails if the leader has exited (a proxy that died is a failed measurement).
+    pub(crate) fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} exited: {status}", self.name);
+        }
+        Ok(())
+    }
+
+    /// Stops the whole group: SIGTERM (so a profiler wrapping the proxy writes its report), up
+    /// to 3 s for the leader to exit, then SIGKILL for anything left; reaps the leader.
+    pub(crate) fn kill(&mut self) {
+        let pgid = self.pid();
+        // SAFETY: kill(2) on a process group we started.
+        unsafe { libc::kill(-pgid, libc::SIGTERM) };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(3) && matches!(self.child.try_wait(), Ok(None))
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        let _ = self.child.wait();
+        for slot in &GROUPS {
+            let _ = slot.compare_exchange(pgid, 0, Ordering::SeqCst, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// PIDs of every live process in process group `pgid`.
+pub(crate) fn group_pids(pgid: i32) -> Vec<i32> {
+    let mut pids = Vec::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return pids;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if let Some(stat) = read_stat(pid) {
+            if stat.pgrp == pgid {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+/// The fields of `/proc/<pid>/stat` we use.
+struct Stat {
+    pgrp: i32,
+    /// utime + stime + cutime + cstime, in clock ticks (reaped children included).
+    ticks: u64,
+}
+
+fn read_stat(pid: i32) -> Option<Stat> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: split after the last ')'.
+    let rest = &text[text.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest[0] is field 3 (state); pgrp is field 5, utime..cstime are fields 14..17.
+    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<i64>().ok());
+    let ticks = (14..=17).map(|n| field(n).unwrap_or(0).max(0) as u64).sum();
+    Some(Stat {
+        pgrp: field(5)? as i32,
+        ticks,
+    })
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no memory preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 {
+        ticks as f64
+    } else {
+        100.0
+    }
+}
+
+/// CPU time (user + system, reaped children included) of every process in group `pgid`.
+pub(crate) fn group_cpu(pgid: i32) -> Duration {
+    let ticks: u64 = group_pids(pgid)
+        .into_iter()
+        .filter_map(read_stat)
+        .map(|stat| stat.ticks)
+        .sum();
+    Duration::from_secs_f64(ticks as f64 / ticks_per_second())
+}
+
+/// Memory of a process group: summed RSS (counts shared pages once per process) and PSS.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Memory {
+    pub(crate) rss_kib: u64,
+    pub(crate) pss_kib: u64,
+    pub(crate) processes: usize,
+}
+
+/// RSS and PSS of every process in group `pgid`, from `smaps_rollup`.
+pub(crate) fn group_memory(pgid: i32) -> Memory {
+    let mut memory = Memory::default();
+    for pid in group_pids(pgid) {
+        let Ok(text) = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) else {
+            continue;
+        };
+        memory.processes += 1;
+        for line in text.lines() {
+            let mut words = line.split_whitespace();
+            let (Some(key), Some(value)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let value: u64 = value.parse().unwrap_or(0);
+            match key {
+                "Rss:" => memory.rss_kib += value,
+                "Pss:" => memory.pss_kib += value,
+                _ => {}
+            }
+        }
+    }
+    memory
+}
+
+/// Pins the calling thread to `cpu`.
+pub(crate) fn pin_current_thread(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it; pid 0 is the
+    // calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// `IP_BIND_ADDRESS_NO_PORT`: a `bind` to an address with port 0 leaves the port to `connect`,
+/// which may then share it among different destinations.
+pub(crate) fn bind_address_no_port(socket: &socket2::Socket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads one c_int from a valid pointer; the descriptor is open.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The open-file limits (soft, hard); raises the soft one to the hard one.
+pub(crate) fn raise_open_files() -> (u64, u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read or write one valid rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return (1024, 1024);
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+            }
+        }
+    }
+    (limit.rlim_cur, limit.rlim_max)
+}
+
+/// Polls `condition` every 20 ms until true or `deadline` passes.
+pub(crate) fn wait_for(deadline: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if condition() {
+            return true;
+        }
+        if start.elapsed() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

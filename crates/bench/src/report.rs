@@ -1,0 +1,426 @@
+//! Samples per (tool, metric), their medians, and the markdown report.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::tools::Tool;
+
+/// What a row compares: more is better, or less is better; latency rows also show the
+/// microseconds added over direct.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Higher,
+    /// Counts (held connections, errors): no ratio.
+    Count,
+    Latency,
+    /// Proxy-only figures (CPU, memory): no direct column.
+    ProxyCost,
+}
+
+/// The rows of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Metric {
+    Bulk1Up,
+    Bulk1Down,
+    Bulk8Up,
+    Bulk8Down,
+    PingP50,
+    PingP99,
+    PingP999,
+    PinnedP50,
+    PinnedP99,
+    PinnedP999,
+    Conc32Rate,
+    Conc32P50,
+    Conc32P99,
+    ConnRate,
+    ConnErrors,
+    IdleHeld,
+    IdleRss,
+    IdlePss,
+    CpuPerGib,
+    CpuPerRoundTrip,
+    CpuPer1000Conns,
+}
+
+impl Metric {
+    const ALL: [Self; 21] = [
+        Self::Bulk1Up,
+        Self::Bulk1Down,
+        Self::Bulk8Up,
+        Self::Bulk8Down,
+        Self::PingP50,
+        Self::PingP99,
+        Self::PingP999,
+        Self::PinnedP50,
+        Self::PinnedP99,
+        Self::PinnedP999,
+        Self::Conc32Rate,
+        Self::Conc32P50,
+        Self::Conc32P99,
+        Self::ConnRate,
+        Self::ConnErrors,
+        Self::IdleHeld,
+        Self::IdleRss,
+        Self::IdlePss,
+        Self::CpuPerGib,
+        Self::CpuPerRoundTrip,
+        Self::CpuPer1000Conns,
+    ];
+
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Bulk1Up => "1. bulk, 1 stream, client→backend (Gbit/s)",
+            Self::Bulk1Down => "1. bulk, 1 stream, backend→client (Gbit/s)",
+            Self::Bulk8Up => "2. bulk, 8 streams, client→backend (Gbit/s)",
+            Self::Bulk8Down => "2. bulk, 8 streams, backend→client (Gbit/s)",
+            Self::PingP50 => "3. ping-pong 64 B, p50 (µs)",
+            Self::PingP99 => "3. ping-pong 64 B, p99 (µs)",
+            Self::PingP999 => "3. ping-pong 64 B, p99.9 (µs)",
+            Self::PinnedP50 => "3. ping-pong pinned to CPU 0, p50 (µs)",
+            Self::PinnedP99 => "3. ping-pong pinned to CPU 0, p99 (µs)",
+            Self::PinnedP999 => "3. ping-pong pinned to CPU 0, p99.9 (µs)",
+            Self::Conc32Rate => "3. 32 connections, round trips/s",
+            Self::Conc32P50 => "3. 32 connections, p50 (µs)",
+            Self::Conc32P99 => "3. 32 connections, p99 (µs)",
+            Self::ConnRate => "4. new connections/s, 64 workers",
+            Self::ConnErrors => "4. connection errors",
+            Self::IdleHeld => "5. idle connections held",
+            Self::IdleRss => "5. proxy RSS at the idle connections (MiB)",
+            Self::IdlePss => "5. proxy PSS at the idle connections (MiB)",
+            Self::CpuPerGib => "proxy CPU per GiB (ms)",
+            Self::CpuPerRoundTrip => "proxy CPU per round trip (µs)",
+            Self::CpuPer1000Conns => "proxy CPU per 1,000 connections (ms)",
+        }
+    }
+
+    /// The part of the suite that measures it (the names `--skip` takes).
+    pub(crate) fn group(self) -> &'static str {
+        match self {
+            Self::Bulk1Up | Self::Bulk1Down | Self::Bulk8Up | Self::Bulk8Down | Self::CpuPerGib => {
+                "bulk"
+            }
+            Self::PingP50 | Self::PingP99 | Self::PingP999 | Self::CpuPerRoundTrip => "ping",
+            Self::PinnedP50 | Self::PinnedP99 | Self::PinnedP999 => "pinned",
+            Self::Conc32Rate | Self::Conc32P50 | Self::Conc32P99 => "concurrent",
+            Self::ConnRate | Self::ConnErrors | Self::CpuPer1000Conns => "rate",
+            Self::IdleHeld | Self::IdleRss | Self::IdlePss => "idle",
+        }
+    }
+
+    fn kind(self) -> Kind {
+        match self {
+            Self::Bulk1Up
+            | Self::Bulk1Down
+            | Self::Bulk8Up
+            | Self::Bulk8Down
+            | Self::Conc32Rate
+            | Self::ConnRate => Kind::Higher,
+            Self::IdleHeld | Self::ConnErrors => Kind::Count,
+            Self::PingP50
+            | Self::PingP99
+            | Self::PingP999
+            | Self::PinnedP50
+            | Self::PinnedP99
+            | Self::PinnedP999
+            | Self::Conc32P50
+            | Self::Conc32P99 => Kind::Latency,
+            Self::IdleRss
+            | Self::IdlePss
+            | Self::CpuPerGib
+            | Self::CpuPerRoundTrip
+            | Self::CpuPer1000Conns => Kind::ProxyCost,
+        }
+    }
+}
+
+/// Every sample, and every failure, of a run.
+pub(crate) struct Results {
+    tools: Vec<Tool>,
+    skip: Vec<String>,
+    samples: BTreeMap<(usize, Metric), Vec<f64>>,
+    failures: Vec<String>,
+    notes: Vec<String>,
+}
+
+impl Results {
+    pub(crate) fn new(tools: &[Tool], skip: &[String]) -> Self {
+        Self {
+            tools: tools.to_vec(),
+            skip: skip.to_vec(),
+            samples: BTreeMap::new(),
+            failures: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    fn index(&self, tool: Tool) -> usize {
+        self.tools
+            .iter()
+            .position(|t| *t == tool)
+            .expect("results are only recorded for the tools of the run")
+    }
+
+    pub(crate) fn add(&mut self, tool: Tool, metric: Metric, value: f64) {
+        eprintln!("  {:<16} {:<48} {value:.2}", tool.name(), metric.label());
+        let index = self.index(tool);
+        self.samples.entry((index, metric)).or_default().push(value);
+    }
+
+    pub(crate) fn fail(&mut self, tool: Tool, what: &str, error: anyhow::Error) {
+        let line = format!("{} {what}: {error:#}", tool.name());
+        eprintln!("  FAILED {line}");
+        self.failures.push(line);
+    }
+
+    /// A measured fact worth a line under the table (once per distinct text).
+    pub(crate) fn note(&mut self, tool: Tool, text: String) {
+        let line = format!("{}: {text}", tool.name());
+        eprintln!("  note: {line}");
+        if !self.notes.contains(&line) {
+            self.notes.push(line);
+        }
+    }
+
+    pub(crate) fn failures(&self) -> &[String] {
+        &self.failures
+    }
+
+    /// The median of a cell, if it has samples.
+    fn median(&self, tool: Tool, metric: Metric) -> Option<f64> {
+        let mut values = self.samples.get(&(self.index(tool), metric))?.clone();
+        if values.is_empty() || values.iter().any(|v| !v.is_finite()) {
+            return None;
+        }
+        values.sort_by(f64::total_cmp);
+        let mid = values.len() / 2;
+        Some(if values.len() % 2 == 1 {
+            values[mid]
+        } else {
+            (values[mid - 1] + values[mid]) / 2.0
+        })
+    }
+
+    /// Whether every cell that should have a number has one.
+    pub(crate) fn complete(&self) -> bool {
+        self.tools.iter().all(|&tool| {
+            Metric::ALL.iter().all(|&metric| {
+                (tool == Tool::Direct && metric.kind() == Kind::ProxyCost)
+                    || self.skip.iter().any(|group| group == metric.group())
+                    || self.median(tool, metric).is_some()
+            })
+        })
+    }
+
+    /// The HAProxy anchor of a row: the better of the two HAProxy columns.
+    fn anchor(&self, metric: Metric) -> Option<f64> {
+        let values = [Tool::Haproxy, Tool::HaproxySplice]
+            .into_iter()
+            .filter(|tool| self.tools.contains(tool))
+            .filter_map(|tool| self.median(tool, metric));
+        match metric.kind() {
+            Kind::Higher => values.reduce(f64::max),
+            _ => values.reduce(f64::min),
+        }
+    }
+}
+
+fn number(value: f64) -> String {
+    let magnitude = value.abs();
+    if magnitude >= 1000.0 {
+        // Thousands separators.
+        let text = format!("{value:.0}");
+        let (sign, digits) = text.split_at(usize::from(text.starts_with('-')));
+        let mut out = String::new();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        format!("{sign}{out}")
+    } else if magnitude >= 100.0 {
+        format!("{value:.0}")
+    } else if magnitude >= 10.0 {
+        format!("{value:.1}")
+    } else {
+        format!("{value:.2}")
+    }
+}
+
+fn signed(value: f64) -> String {
+    if value >= 0.0 {
+        format!("+{}", number(value))
+    } else {
+        format!("−{}", number(-value))
+    }
+}
+
+fn cell(results: &Results, tool: Tool, metric: Metric) -> String {
+    let Some(value) = results.median(tool, metric) else {
+        return if tool == Tool::Direct && metric.kind() == Kind::ProxyCost {
+            "—".to_owned()
+        } else {
+            "**missing**".to_owned()
+        };
+    };
+    let mut text = number(value);
+    if tool == Tool::Direct {
+        return text;
+    }
+    let direct = results
+        .tools
+        .contains(&Tool::Direct)
+        .then(|| results.median(Tool::Direct, metric))
+        .flatten();
+    let anchor = results.anchor(metric);
+    let mut notes = Vec::new();
+    match metric.kind() {
+        Kind::Count => {}
+        Kind::Higher => {
+            if let Some(direct) = direct.filter(|d| *d > 0.0) {
+                notes.push(format!("{:.2}× d", value / direct));
+            }
+            if let Some(anchor) = anchor.filter(|a| *a > 0.0) {
+                notes.push(format!("{:.2}× h", value / anchor));
+            }
+        }
+        Kind::Latency => {
+            if let Some(direct) = direct {
+                notes.push(format!("{} over d", signed(value - direct)));
+                if let Some(anchor) = anchor {
+                    notes.push(format!("{} vs h", signed(value - anchor)));
+                }
+            }
+        }
+        Kind::ProxyCost => {
+            if let Some(anchor) = anchor.filter(|a| *a > 0.0) {
+                notes.push(format!("{:.2}× h", value / anchor));
+            }
+        }
+    }
+    if !notes.is_empty() {
+        let _ = write!(text, " ({})", notes.join(", "));
+    }
+    text
+}
+
+/// What the report says besides the numbers.
+pub(crate) struct Context<'a> {
+    pub(crate) results: &'a Results,
+    pub(crate) plan: &'a str,
+    pub(crate) command: &'a str,
+    pub(crate) versions: &'a BTreeMap<&'a str, String>,
+    pub(crate) load: (&'a str, &'a str),
+    pub(crate) elapsed: Duration,
+}
+
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|line| line.strip_prefix("model name"))
+        .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} cores ({model}), Linux {}", kernel.trim())
+}
+
+/// The markdown report.
+pub(crate) fn render(context: &Context<'_>) -> String {
+    let results = context.results;
+    let mut out = String::new();
+    let _ = writeln!(out, "Command: `{}`  ", context.command);
+    let _ = writeln!(out, "Machine: {}  ", machine());
+    let _ = writeln!(
+        out,
+        "Load average before / after: `{}` / `{}`; run took {:.0} s  ",
+        context.load.0,
+        context.load.1,
+        context.elapsed.as_secs_f64()
+    );
+    let _ = writeln!(out, "Plan: `{}`  ", context.plan);
+    for (tool, version) in context.versions {
+        let _ = writeln!(out, "{tool}: `{version}`  ");
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "Cells are medians; `d` = direct, `h` = the better HAProxy column for that row; latency \
+         cells show µs added over direct and the difference to HAProxy."
+    );
+    let _ = writeln!(out);
+    let _ = write!(out, "| metric |");
+    for tool in &results.tools {
+        let _ = write!(out, " {} |", tool.name());
+    }
+    let _ = writeln!(out);
+    let _ = write!(out, "|---|");
+    for _ in &results.tools {
+        let _ = write!(out, "---|");
+    }
+    let _ = writeln!(out);
+    for metric in Metric::ALL {
+        if results.skip.iter().any(|group| group == metric.group()) {
+            continue;
+        }
+        let _ = write!(out, "| {} |", metric.label());
+        for &tool in &results.tools {
+            let _ = write!(out, " {} |", cell(results, tool, metric));
+        }
+        let _ = writeln!(out);
+    }
+    if !results.notes.is_empty() {
+        let _ = writeln!(out, "\nNotes:\n");
+        for note in &results.notes {
+            let _ = writeln!(out, "- {note}");
+        }
+    }
+    if !results.failures.is_empty() {
+        let _ = writeln!(out, "\nFailures:\n");
+        for failure in &results.failures {
+            let _ = writeln!(out, "- {failure}");
+        }
+    }
+    out
+}
+
+const BEGIN: &str = "<!-- bench:begin (written by `cargo run --release -p bench`) -->";
+const END: &str = "<!-- bench:end -->";
+
+/// Writes `text` between the markers of `path`, keeping what is around them; creates the file
+/// with the markers if it has none.
+pub(crate) fn write(path: &Path, text: &str) -> std::io::Result<()> {
+    let existing = std::fs::read_to_string(path).unwrap_or_default();
+    let block = format!("{BEGIN}\n{text}{END}");
+    let new = match (existing.find(BEGIN), existing.find(END)) {
+        (Some(begin), Some(end)) if begin < end => format!(
+            "{}{block}{}",
+            &existing[..begin],
+            &existing[end + END.len()..]
+        ),
+        _ => format!("# Benchmarks\n\n{block}\n{existing}"),
+    };
+    std::fs::write(path, new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers() {
+        for (value, text) in [
+            (14158.4, "14,158"),
+            (103_867.0, "103,867"),
+            (785.2, "785"),
+            (19.04, "19.0"),
+            (0.4, "0.40"),
+        ] {
+            assert_eq!(number(value), text, "{value}");
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! The benchmark suite in smoke mode (a second or so per metric, one repetition): every tool
+//! installed here runs every metric, and each produces a verified number. No performance
+//! assertion: this keeps the harness from rotting, the numbers come from the full run.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The amb-serf binary of the same profile, built if `cargo test -p bench` did not build it.
+fn amb_serf(bench: &Path) -> PathBuf {
+    let path = bench.with_file_name("amb-serf");
+    if !path.exists() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let mut build = Command::new(env!("CARGO"));
+        build.current_dir(root).args(["build", "--bin", "amb-serf"]);
+        if bench.parent().is_some_and(|dir| dir.ends_with("release")) {
+            build.arg("--release");
+        }
+        let status = build.status().expect("running cargo build");
+        assert!(status.success(), "cargo build --bin amb-serf: {status}");
+    }
+    path
+}
+
+#[test]
+fn every_metric_of_every_tool_produces_a_verified_number() {
+    let bench = PathBuf::from(env!("CARGO_BIN_EXE_bench"));
+    let amb_serf = amb_serf(&bench);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let report = dir.path().join("report.md");
+    let log = dir.path().join("bench.log");
+    let mut child = Command::new(&bench)
+        .arg("--smoke")
+        .arg("--amb-serf")
+        .arg(&amb_serf)
+        .arg("--out")
+        .arg(&report)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("starting bench");
+    // Bounded: on a timeout, SIGTERM lets the suite kill the proxies it started, then SIGKILL.
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for bench") {
+            break Some(status);
+        }
+        if start.elapsed() > Duration::from_secs(300) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let Some(status) = status else {
+        kill(child.id(), libc::SIGTERM);
+        std::thread::sleep(Duration::from_secs(2));
+        kill(child.id(), libc::SIGKILL);
+        let _ = child.wait();
+        panic!(
+            "bench --smoke did not finish in 300 s; its log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    };
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "bench --smoke failed ({status}):\n{log}");
+    let report = std::fs::read_to_string(&report).expect("bench wrote its report");
+    assert!(!report.contains("**missing**"), "{report}");
+    for tool in [
+        "direct",
+        "socat",
+        "haproxy",
+        "haproxy-splice",
+        "nginx",
+        "amb-serf",
+    ] {
+        assert!(
+            report.contains(&format!(" {tool} |")),
+            "no {tool} column:\n{report}"
+        );
+    }
+}
+
+#[allow(unsafe_code)]
+fn kill(pid: u32, signal: i32) {
+    // SAFETY: kill(2) on the bench process we started.
+    unsafe { libc::kill(pid as i32, signal) };
+}

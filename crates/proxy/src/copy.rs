@@ -1,0 +1,597 @@
+//! Both directions of one forwarded TCP connection, driven by one small future.
+//!
+//! Each direction is a [`Pump`]: read from one socket, write to the other, never reading more
+//! until what was read has been written (backpressure, bounded memory). Small messages are read
+//! into a buffer on the stack and written at once (a short read also tells that the socket is
+//! drained, so a request costs two syscalls); a read that fills the buffer starts a bulk burst,
+//! which on Linux moves with `splice(2)` through a pooled pipe until the source runs dry. Only
+//! bytes the destination cannot take at once wait in a heap buffer, and a pipe is held only while
+//! a burst moves: an idle connection owns two sockets and a few words of state, nothing else.
+//!
+//! End of stream on one side becomes a `shutdown(SHUT_WR)` on the other (half-close), and the
+//! reverse direction keeps flowing until it ends too. An error on either side ends the
+//! connection and the caller resets both sockets, so a reset propagates.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::task::{ready, Context, Poll};
+
+use std::mem::MaybeUninit;
+
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+#[cfg(target_os = "linux")]
+use crate::splice::{self, Pipe};
+use crate::Stats;
+
+/// Size of the stack buffer that small reads go through; a read that fills it starts a splice.
+const STACK_BUFFER: usize = 16 * 1024;
+
+/// Which side of a forwarded connection failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client that connected to the proxy.
+    Client,
+    /// The upstream (the forward's target).
+    Upstream,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Client => "client",
+            Self::Upstream => "upstream",
+        })
+    }
+}
+
+/// A forwarded connection ended with an I/O error (typically a reset) on `side`.
+#[derive(Debug, thiserror::Error)]
+#[error("{side}: {source}")]
+pub struct CopyError {
+    /// The side whose socket failed.
+    pub side: Side,
+    /// The error.
+    #[source]
+    pub source: io::Error,
+}
+
+/// Bytes moved by a connection that ended cleanly.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Totals {
+    /// Client → upstream.
+    pub(crate) client_to_upstream: u64,
+    /// Upstream → client.
+    pub(crate) upstream_to_client: u64,
+}
+
+/// Forwards `client` ⇄ `upstream` until both directions have ended, or one fails. Bytes are
+/// added to `stats` as they move (not at the end), so `/metrics` sees long transfers progress.
+fn duplex<'a>(
+    client: &'a mut TcpStream,
+    upstream: &'a mut TcpStream,
+    stats: Option<&'a Stats>,
+) -> Duplex<'a> {
+    Duplex {
+        client,
+        upstream,
+        to_upstream: Pump::new(),
+        to_client: Pump::new(),
+        stats,
+        closes_after: false,
+    }
+}
+
+/// Forwards until both directions end; on an error, resets both sockets (`SO_LINGER` 0) so the
+/// peer of the healthy side sees the reset too.
+pub(crate) async fn forward(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    stats: &Stats,
+) -> Result<Totals, CopyError> {
+    let mut both = duplex(&mut client, &mut upstream, Some(stats));
+    both.closes_after = true;
+    let result = both.await;
+    if result.is_err() {
+        let _ = client.set_zero_linger();
+        let _ = upstream.set_zero_linger();
+    }
+    result
+}
+
+/// The future returned by [`duplex`].
+struct Duplex<'a> {
+    client: &'a mut TcpStream,
+    upstream: &'a mut TcpStream,
+    to_upstream: Pump,
+    to_client: Pump,
+    stats: Option<&'a Stats>,
+    /// The sockets are closed as soon as this future completes (as [`forward`] does): the last
+    /// direction to end skips its `shutdown`, since the close sends the same FIN (its socket was
+    /// read to end of stream, so nothing unread turns the close into a reset).
+    closes_after: bool,
+}
+
+impl Future for Duplex<'_> {
+    type Output = Result<Totals, CopyError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let before = (this.to_upstream.bytes, this.to_client.bytes);
+        let result = this.poll_pumps(cx);
+        if let Some(stats) = this.stats {
+            let moved_up = this.to_upstream.bytes - before.0;
+            let moved_down = this.to_client.bytes - before.1;
+            if moved_up > 0 {
+                stats
+                    .bytes_to_upstream
+                    .fetch_add(moved_up, Ordering::Relaxed);
+            }
+            if moved_down > 0 {
+                stats
+                    .bytes_to_client
+                    .fetch_add(moved_down, Ordering::Relaxed);
+            }
+        }
+        result
+    }
+}
+
+impl Duplex<'_> {
+    fn poll_pumps(&mut self, cx: &mut Context<'_>) -> Poll<Result<Totals, CopyError>> {
+        let this = self;
+        this.to_upstream.last = this.closes_after && this.to_client.done;
+        this.to_client.last = this.closes_after && this.to_upstream.done;
+        if !this.to_upstream.done {
+            if let Poll::Ready(Err(error)) =
+                this.to_upstream
+                    .poll(cx, this.client, this.upstream, Side::Client, Side::Upstream)
+            {
+                return Poll::Ready(Err(error));
+            }
+        }
+        if !this.to_client.done {
+            if let Poll::Ready(Err(error)) =
+                this.to_client
+                    .poll(cx, this.upstream, this.client, Side::Upstream, Side::Client)
+            {
+                return Poll::Ready(Err(error));
+            }
+        }
+        if this.to_upstream.done && this.to_client.done {
+            Poll::Ready(Ok(Totals {
+                client_to_upstream: this.to_upstream.bytes,
+                upstream_to_client: this.to_client.bytes,
+            }))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+/// Where the bytes of one direction are while in flight.
+enum Stage {
+    /// Reads go through a buffer on the stack and are written at once: two syscalls per message,
+    /// and a short read tells the socket is drained without a third. Only bytes the destination
+    /// could not take at once wait in a heap buffer `[start..end]`, held until they are written.
+    Copy {
+        pending: Option<Box<[u8]>>,
+        start: usize,
+        end: usize,
+    },
+    /// `splice(2)` through a pipe, for bulk: entered when a read fills the whole stack buffer,
+    /// left (the empty pipe back to the pool) when the source has nothing more to read.
+    #[cfg(target_os = "linux")]
+    Splice { pipe: Option<Pipe>, len: usize },
+}
+
+/// One direction of a connection: read `src`, write `dst`, then shut `dst`'s write side.
+struct Pump {
+    stage: Stage,
+    /// Whether bulk bursts may move with `splice(2)` (false once the kernel refused it).
+    splice: bool,
+    eof: bool,
+    done: bool,
+    bytes: u64,
+    /// Of `bytes`, those that moved through a pipe.
+    spliced: u64,
+    /// The other direction has ended and the sockets close when this one ends: no `shutdown`.
+    last: bool,
+}
+
+impl Pump {
+    fn new() -> Self {
+        Self {
+            stage: Stage::COPY,
+            splice: cfg!(target_os = "linux"),
+            eof: false,
+            done: false,
+            bytes: 0,
+            spliced: 0,
+            last: false,
+        }
+    }
+
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut TcpStream,
+        dst: &mut TcpStream,
+        src_side: Side,
+        dst_side: Side,
+    ) -> Poll<Result<(), CopyError>> {
+        let read_error = |source| CopyError {
+            side: src_side,
+            source,
+        };
+        let write_error = |source| CopyError {
+            side: dst_side,
+            source,
+        };
+        loop {
+            match &mut self.stage {
+                #[cfg(target_os = "linux")]
+                Stage::Splice { pipe, len } => {
+                    if *len > 0 {
+                        ready!(dst.poll_write_ready(cx)).map_err(write_error)?;
+                        let held = pipe.as_ref().expect("bytes in flight imply a pipe");
+                        let target: &TcpStream = dst;
+                        let want = *len;
+                        match target.try_io(Interest::WRITABLE, || held.drain_to(fd(target), want))
+                        {
+                            Ok(n) => {
+                                *len -= n;
+                                self.bytes += n as u64;
+                                self.spliced += n as u64;
+                            }
+                            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                            Err(error) => return Poll::Ready(Err(write_error(error))),
+                        }
+                        continue;
+                    }
+                    if self.eof {
+                        // Empty: back to the pool for the next connection.
+                        if let Some(pipe) = pipe.take() {
+                            pipe.give_back();
+                        }
+                        return self.finish(cx, dst).map_err(write_error);
+                    }
+                    match src.poll_read_ready(cx) {
+                        Poll::Pending => {
+                            // Idle: the (empty) pipe goes back to the pool, and the next burst
+                            // starts with a plain read (a small message is cheaper copied).
+                            if let Some(pipe) = pipe.take() {
+                                pipe.give_back();
+                            }
+                            self.stage = Stage::COPY;
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(result) => result.map_err(read_error)?,
+                    }
+                    let held = match pipe {
+                        Some(held) => held,
+                        None => match Pipe::take() {
+                            Ok(taken) => pipe.insert(taken),
+                            Err(error) => {
+                                tracing::debug!(%error, "no pipe, copying through a buffer");
+                                self.stage = Stage::COPY;
+                                continue;
+                            }
+                        },
+                    };
+                    let source: &TcpStream = src;
+                    match source.try_io(Interest::READABLE, || {
+                        held.fill_from(fd(source), splice::CHUNK)
+                    }) {
+                        Ok(0) => self.eof = true,
+                        Ok(n) => *len = n,
+                        Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(error) if splice::unsupported(&error) => {
+                            tracing::debug!(%error, "splice refused, copying through a buffer");
+                            if let Some(pipe) = pipe.take() {
+                                pipe.give_back();
+                            }
+                            self.splice = false;
+                            self.stage = Stage::COPY;
+                        }
+                        Err(error) => return Poll::Ready(Err(read_error(error))),
+                    }
+                }
+                Stage::Copy {
+                    pending,
+                    start,
+                    end,
+                } => {
+                    if *start < *end {
+                        let held = pending.as_ref().expect("bytes in flight imply a buffer");
+                        let n = ready!(Pin::new(&mut *dst).poll_write(cx, &held[*start..*end]))
+                            .map_err(write_error)?;
+                        if n == 0 {
+                            return Poll::Ready(Err(write_error(io::ErrorKind::WriteZero.into())));
+                        }
+                        *start += n;
+                        self.bytes += n as u64;
+                        if *start == *end {
+                            *pending = None;
+                        }
+                        continue;
+                    }
+                    if self.eof {
+                        return self.finish(cx, dst).map_err(write_error);
+                    }
+                    let mut stack = [MaybeUninit::<u8>::uninit(); STACK_BUFFER];
+                    let mut buf = ReadBuf::uninit(&mut stack);
+                    // A read shorter than the buffer marks the socket drained (tokio clears its
+                    // readiness), so an idle direction costs no extra EAGAIN read.
+                    ready!(Pin::new(&mut *src).poll_read(cx, &mut buf)).map_err(read_error)?;
+                    let read = buf.filled();
+                    if read.is_empty() {
+                        self.eof = true;
+                        continue;
+                    }
+                    let mut written = 0;
+                    while written < read.len() {
+                        match Pin::new(&mut *dst).poll_write(cx, &read[written..]) {
+                            Poll::Ready(Ok(0)) => {
+                                return Poll::Ready(Err(write_error(
+                                    io::ErrorKind::WriteZero.into(),
+                                )))
+                            }
+                            Poll::Ready(Ok(n)) => written += n,
+                            Poll::Ready(Err(error)) => return Poll::Ready(Err(write_error(error))),
+                            Poll::Pending => break,
+                        }
+                    }
+                    self.bytes += written as u64;
+                    if written < read.len() {
+                        // The destination is full: keep the rest (backpressure: nothing more is
+                        // read until it is written).
+                        let rest: Box<[u8]> = read[written..].into();
+                        let len = rest.len();
+                        self.stage = Stage::Copy {
+                            pending: Some(rest),
+                            start: 0,
+                            end: len,
+                        };
+                        continue;
+                    }
+                    #[cfg(target_os = "linux")]
+                    if self.splice && read.len() == STACK_BUFFER {
+                        // A full buffer: a bulk burst, which splice moves without copying.
+                        self.stage = Stage::Splice { pipe: None, len: 0 };
+                    }
+                }
+            }
+        }
+    }
+
+    /// The source ended and everything was written: pass the FIN on.
+    fn finish(&mut self, cx: &mut Context<'_>, dst: &mut TcpStream) -> Poll<io::Result<()>> {
+        if self.last {
+            self.done = true;
+            return Poll::Ready(Ok(()));
+        }
+        match ready!(Pin::new(dst).poll_shutdown(cx)) {
+            // The peer may already be gone entirely; the other direction will tell.
+            Ok(()) | Err(_) => {}
+        }
+        self.done = true;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Stage {
+    const COPY: Self = Self::Copy {
+        pending: None,
+        start: 0,
+        end: 0,
+    };
+}
+
+#[cfg(target_os = "linux")]
+fn fd(stream: &TcpStream) -> std::os::fd::BorrowedFd<'_> {
+    use std::os::fd::AsFd;
+    stream.as_fd()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// Two connected sockets: (the outside end, the proxy's end).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let outside = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (inside, _) = listener.accept().await.expect("accept");
+        (outside, inside)
+    }
+
+    impl Pump {
+        fn buffered() -> Self {
+            Self {
+                splice: false,
+                ..Self::new()
+            }
+        }
+
+        fn holds_nothing(&self) -> bool {
+            match &self.stage {
+                #[cfg(target_os = "linux")]
+                Stage::Splice { pipe, .. } => pipe.is_none(),
+                Stage::Copy { pending, .. } => pending.is_none(),
+            }
+        }
+    }
+
+    /// Sends `request` from the client, half-closes, and has the upstream answer with `reply`
+    /// after the FIN; checks both arrive whole. Returns the bytes spliced each way.
+    async fn exchange(buffered: bool) -> (u64, u64) {
+        let (mut client, mut client_inside) = pair().await;
+        let (mut upstream_inside, mut upstream) = pair().await;
+        let stats = Stats::new(1);
+        let mut duplex = duplex(&mut client_inside, &mut upstream_inside, Some(&stats));
+        if buffered {
+            duplex.to_upstream = Pump::buffered();
+            duplex.to_client = Pump::buffered();
+        }
+        let request: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let reply: Vec<u8> = (0..2_000_000u32).map(|i| (i % 241) as u8).collect();
+        let (expected_request, expected_reply) = (request.clone(), reply.clone());
+        let client_side = async move {
+            client.write_all(&request).await.expect("client write");
+            client.shutdown().await.expect("client half-close");
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.expect("client read");
+            got
+        };
+        let upstream_side = async move {
+            let mut got = Vec::new();
+            upstream.read_to_end(&mut got).await.expect("upstream read");
+            upstream.write_all(&reply).await.expect("upstream write");
+            upstream.shutdown().await.expect("upstream close");
+            got
+        };
+        let (totals, got_reply, got_request) =
+            tokio::join!(&mut duplex, client_side, upstream_side);
+        let totals = totals.expect("clean end");
+        assert_eq!(got_request.len(), expected_request.len());
+        assert!(got_request == expected_request);
+        assert!(got_reply == expected_reply);
+        assert_eq!(totals.client_to_upstream, expected_request.len() as u64);
+        assert_eq!(totals.upstream_to_client, expected_reply.len() as u64);
+        let spliced = (duplex.to_upstream.spliced, duplex.to_client.spliced);
+        drop(duplex);
+        assert_eq!(
+            stats.bytes_to_upstream.load(Ordering::Relaxed),
+            totals.client_to_upstream
+        );
+        assert_eq!(
+            stats.bytes_to_client.load(Ordering::Relaxed),
+            totals.upstream_to_client
+        );
+        spliced
+    }
+
+    #[tokio::test]
+    async fn spliced_exchange_with_half_close() {
+        let (up, down) = exchange(false).await;
+        // Bulk bursts move through pipes (on Linux); only each burst's first read is copied.
+        if cfg!(target_os = "linux") {
+            assert!(
+                up > 1_000_000 && down > 1_000_000,
+                "spliced {up} and {down}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn buffered_exchange_with_half_close() {
+        assert_eq!(exchange(true).await, (0, 0));
+    }
+
+    #[tokio::test]
+    async fn forward_ends_both_sides_cleanly_when_the_last_direction_skips_shutdown() {
+        let (mut client, client_inside) = pair().await;
+        let (upstream_inside, mut upstream) = pair().await;
+        let stats = std::sync::Arc::new(Stats::new(1));
+        let counted = std::sync::Arc::clone(&stats);
+        let forwarding =
+            tokio::spawn(async move { forward(client_inside, upstream_inside, &counted).await });
+        client.write_all(b"request").await.expect("write");
+        client.shutdown().await.expect("half-close");
+        let mut request = Vec::new();
+        upstream.read_to_end(&mut request).await.expect("read");
+        assert_eq!(request, b"request");
+        upstream.write_all(b"reply").await.expect("write");
+        upstream.shutdown().await.expect("close");
+        // The reply, then a clean end of stream (a FIN from the close, not a reset).
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).await.expect("clean end");
+        assert_eq!(reply, b"reply");
+        let totals = forwarding.await.expect("task").expect("clean end");
+        assert_eq!(
+            (totals.client_to_upstream, totals.upstream_to_client),
+            (7, 5)
+        );
+        assert_eq!(stats.bytes_to_upstream.load(Ordering::Relaxed), 7);
+    }
+
+    #[tokio::test]
+    async fn small_messages_are_copied_not_spliced() {
+        let (mut client, mut client_inside) = pair().await;
+        let (mut upstream_inside, mut upstream) = pair().await;
+        let mut duplex = duplex(&mut client_inside, &mut upstream_inside, None);
+        for round in 0..20u8 {
+            let request = [round; 64];
+            client.write_all(&request).await.expect("write");
+            let mut got = [0u8; 64];
+            tokio::select! {
+                result = &mut duplex => panic!("ended early: {:?}", result.err()),
+                read = upstream.read_exact(&mut got) => { read.expect("read"); }
+            }
+            assert_eq!(got, request);
+        }
+        assert_eq!(duplex.to_upstream.bytes, 20 * 64);
+        assert_eq!(duplex.to_upstream.spliced, 0);
+        assert!(duplex.to_upstream.holds_nothing());
+    }
+
+    #[tokio::test]
+    async fn idle_directions_hold_no_pipe_or_buffer() {
+        for buffered in [false, true] {
+            let (mut client, mut client_inside) = pair().await;
+            let (mut upstream_inside, mut upstream) = pair().await;
+            let mut duplex = duplex(&mut client_inside, &mut upstream_inside, None);
+            if buffered {
+                duplex.to_upstream = Pump::buffered();
+                duplex.to_client = Pump::buffered();
+            }
+            client.write_all(b"hello").await.expect("write");
+            let mut hello = [0u8; 5];
+            tokio::select! {
+                result = &mut duplex => panic!("ended early: {:?}", result.err()),
+                read = upstream.read_exact(&mut hello) => { read.expect("read"); }
+            }
+            assert_eq!(&hello, b"hello");
+            assert!(duplex.to_upstream.holds_nothing(), "buffered: {buffered}");
+            assert!(duplex.to_client.holds_nothing(), "buffered: {buffered}");
+        }
+    }
+
+    #[tokio::test]
+    async fn finished_directions_return_their_pipe() {
+        let (mut client, mut client_inside) = pair().await;
+        let (mut upstream_inside, mut upstream) = pair().await;
+        let mut duplex = duplex(&mut client_inside, &mut upstream_inside, None);
+        client.write_all(b"request").await.expect("write");
+        client.shutdown().await.expect("half-close");
+        let mut request = Vec::new();
+        tokio::select! {
+            result = &mut duplex => panic!("ended early: {:?}", result.err()),
+            read = upstream.read_to_end(&mut request) => { read.expect("read"); }
+        }
+        assert_eq!(request, b"request");
+        assert!(duplex.to_upstream.done);
+        assert!(duplex.to_upstream.holds_nothing());
+    }
+
+    #[tokio::test]
+    async fn a_reset_ends_the_connection_naming_the_side() {
+        let (client, mut client_inside) = pair().await;
+        let (mut upstream_inside, upstream) = pair().await;
+        upstream.set_zero_linger().expect("linger");
+        drop(upstream);
+        let error = duplex(&mut client_inside, &mut upstream_inside, None)
+            .await
+            .expect_err("the upstream reset");
+        assert_eq!(error.side, Side::Upstream, "{error}");
+        drop(client);
+    }
+}

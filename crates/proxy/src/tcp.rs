@@ -1,0 +1,404 @@
+//! The TCP forwarder: one listener per forward, one small task per accepted connection.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::link_env::{Host, Target};
+use crate::upstream::Upstream;
+use crate::{copy, Error, Permit, Stats};
+
+/// Listen backlog: large enough for connection storms (the kernel caps it at `somaxconn`).
+const BACKLOG: u32 = 4096;
+
+/// How a forwarded connection notices a peer that went silent (host down, network cut): without
+/// these a connection to a vanished host stays open for the kernel's ~15 minutes of
+/// retransmissions, or forever when idle. Applied to both the client and the upstream socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Liveness {
+    /// TCP keepalive: the idle time before the first probe; probes then go every third of it
+    /// (at least 1 s), and three unanswered probes close the connection. `None`: off.
+    pub keepalive: Option<Duration>,
+    /// `TCP_USER_TIMEOUT`: data unacknowledged (or keepalive probes unanswered) this long closes
+    /// the connection. `None`: the kernel default.
+    pub user_timeout: Option<Duration>,
+}
+
+impl Liveness {
+    /// Sets the options on `stream`. Errors name the option; the socket is otherwise unchanged.
+    pub fn apply(&self, stream: &TcpStream) -> std::io::Result<()> {
+        let socket = socket2::SockRef::from(stream);
+        if let Some(idle) = self.keepalive {
+            // The kernel counts keepalive times in whole seconds, 1 at least.
+            let idle = idle.max(Duration::from_secs(1));
+            let interval = (idle / 3).max(Duration::from_secs(1));
+            let keepalive = socket2::TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval(interval)
+                .with_retries(KEEPALIVE_PROBES);
+            socket.set_tcp_keepalive(&keepalive).map_err(|error| {
+                std::io::Error::new(error.kind(), format!("setting TCP keepalive: {error}"))
+            })?;
+        }
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if let Some(timeout) = self.user_timeout {
+            socket
+                .set_tcp_user_timeout(Some(timeout))
+                .map_err(|error| {
+                    std::io::Error::new(error.kind(), format!("setting TCP_USER_TIMEOUT: {error}"))
+                })?;
+        }
+        Ok(())
+    }
+}
+
+/// Unanswered keepalive probes before the kernel closes a connection.
+const KEEPALIVE_PROBES: u32 = 3;
+
+/// Why an upstream connection could not be made. Nothing was forwarded.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The target's host name did not resolve.
+    #[error("resolving {host}: {source}")]
+    Resolve {
+        /// The name.
+        host: String,
+        /// The resolver's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The name resolved to no address.
+    #[error("{host} has no address")]
+    NoAddress {
+        /// The name.
+        host: String,
+    },
+    /// The connection was refused or failed.
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        /// The address tried last.
+        addr: SocketAddr,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Resolution and connection together took longer than the connect timeout.
+    #[error("connecting to {target}: timed out after {timeout:?}")]
+    Timeout {
+        /// The target.
+        target: String,
+        /// The connect timeout.
+        timeout: Duration,
+    },
+    /// A dynamic upstream offered no usable target within the wait.
+    #[error("no target for {pool} after waiting {waited:?}")]
+    NoTarget {
+        /// The pool (for example `role 6379`).
+        pool: String,
+        /// How long the client waited.
+        waited: Duration,
+    },
+}
+
+/// Connects to `target`, resolving a host name now (never cached: a container that comes back
+/// with a new address is found), trying each address in turn, all within `timeout`.
+pub async fn connect(target: &Target, timeout: Duration) -> Result<TcpStream, UpstreamError> {
+    let attempt = async {
+        match &target.host {
+            Host::Ip(ip) => {
+                let addr = SocketAddr::new(*ip, target.port);
+                TcpStream::connect(addr)
+                    .await
+                    .map_err(|source| UpstreamError::Connect { addr, source })
+            }
+            Host::Name(name) => {
+                let addrs = tokio::net::lookup_host((name.as_str(), target.port))
+                    .await
+                    .map_err(|source| UpstreamError::Resolve {
+                        host: name.clone(),
+                        source,
+                    })?;
+                let mut last = UpstreamError::NoAddress { host: name.clone() };
+                for addr in addrs {
+                    match TcpStream::connect(addr).await {
+                        Ok(stream) => return Ok(stream),
+                        Err(source) => last = UpstreamError::Connect { addr, source },
+                    }
+                }
+                Err(last)
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(UpstreamError::Timeout {
+            target: target.to_string(),
+            timeout,
+        }),
+    }
+}
+
+/// Lets one log line through per interval and counts the ones held back, so a storm of failing
+/// connections logs a line a second instead of a line per connection.
+#[derive(Debug)]
+pub(crate) struct RateLimit {
+    start: Instant,
+    interval_ms: u64,
+    next_ms: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl RateLimit {
+    pub(crate) fn per_second() -> Self {
+        Self {
+            start: Instant::now(),
+            interval_ms: 1000,
+            next_ms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(number held back since the last line)` when a line may be logged now.
+    pub(crate) fn allow(&self) -> Option<u64> {
+        let now = self.start.elapsed().as_millis() as u64;
+        let next = self.next_ms.load(Ordering::Relaxed);
+        if now >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now + self.interval_ms,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+/// What every connection task of one forwarder shares.
+#[derive(Debug)]
+struct Shared {
+    upstream: Upstream,
+    connect_timeout: Duration,
+    liveness: Liveness,
+    stats: Arc<Stats>,
+    upstream_failures: RateLimit,
+}
+
+/// A bound TCP listener and the upstream its connections go to.
+#[derive(Debug)]
+pub struct TcpForwarder {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept_errors: RateLimit,
+    rejections: RateLimit,
+}
+
+impl TcpForwarder {
+    /// Binds `listen` (with `SO_REUSEADDR`, so a restart does not wait for `TIME_WAIT`).
+    /// Every forwarded connection gets `liveness` on both of its sockets.
+    pub fn bind(
+        listen: SocketAddr,
+        upstream: Upstream,
+        connect_timeout: Duration,
+        liveness: Liveness,
+        stats: Arc<Stats>,
+    ) -> Result<Self, Error> {
+        let bind_error = |source| Error::Bind {
+            addr: listen,
+            protocol: crate::Protocol::Tcp,
+            source,
+        };
+        let socket = if listen.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(bind_error)?;
+        socket.set_reuseaddr(true).map_err(bind_error)?;
+        socket.bind(listen).map_err(bind_error)?;
+        let listener = socket.listen(BACKLOG).map_err(bind_error)?;
+        let local_addr = listener.local_addr().map_err(bind_error)?;
+        Ok(Self {
+            listener,
+            local_addr,
+            shared: Arc::new(Shared {
+                upstream,
+                connect_timeout,
+                liveness,
+                stats,
+                upstream_failures: RateLimit::per_second(),
+            }),
+            accept_errors: RateLimit::per_second(),
+            rejections: RateLimit::per_second(),
+        })
+    }
+
+    /// The bound address (useful when listening on port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Accepts until `shutdown` is cancelled, then closes the listener (new clients are refused)
+    /// and returns. Each connection runs on `tasks`, which the caller drains.
+    pub async fn run(self, tasks: TaskTracker, shutdown: CancellationToken) {
+        let span =
+            tracing::info_span!("tcp", listen = %self.local_addr, target = %self.shared.upstream);
+        async move {
+            loop {
+                let accepted = tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => break,
+                    accepted = self.listener.accept() => accepted,
+                };
+                let (client, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Typically EMFILE: back off rather than spin on a full descriptor table.
+                        if let Some(suppressed) = self.accept_errors.allow() {
+                            warn!(%error, suppressed, "accept failed");
+                        }
+                        tokio::select! {
+                            () = shutdown.cancelled() => break,
+                            () = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                        }
+                    }
+                };
+                let Some(permit) = self.shared.stats.try_acquire() else {
+                    self.shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    if let Some(suppressed) = self.rejections.allow() {
+                        warn!(%peer, suppressed, "max connections reached, closing new client");
+                    }
+                    drop(client);
+                    continue;
+                };
+                let span = tracing::debug_span!("conn", %peer);
+                tasks.spawn(serve(client, Arc::clone(&self.shared), permit).instrument(span));
+            }
+            info!("stopped accepting");
+        }
+        .instrument(span)
+        .await;
+    }
+}
+
+async fn serve(client: TcpStream, shared: Arc<Shared>, permit: Permit) {
+    let _ = client.set_nodelay(true);
+    let opened = shared
+        .upstream
+        .open(shared.connect_timeout, || {
+            shared
+                .stats
+                .upstream_failures
+                .fetch_add(1, Ordering::Relaxed);
+        })
+        .await;
+    let (upstream, lease) = match opened {
+        Ok(opened) => opened,
+        // A pool with no target logs its own state changes, once each, not per client.
+        Err(error @ UpstreamError::NoTarget { .. }) => {
+            debug!(%error, "closing client");
+            return;
+        }
+        Err(error) => {
+            if let Some(suppressed) = shared.upstream_failures.allow() {
+                warn!(%error, suppressed, "upstream unavailable, closing client");
+            }
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    for (side, stream) in [("client", &client), ("upstream", &upstream)] {
+        if let Err(error) = shared.liveness.apply(stream) {
+            debug!(side, %error, "socket option refused");
+        }
+    }
+    tokio::select! {
+        result = copy::forward(client, upstream, &shared.stats) => match result {
+            Ok(totals) => debug!(
+                sent = totals.client_to_upstream,
+                received = totals.upstream_to_client,
+                "connection closed"
+            ),
+            Err(error) => debug!(side = %error.side, error = %error.source, "connection reset"),
+        },
+        () = lease.removed() => debug!("target left the pool, closing connection"),
+    }
+    drop(lease);
+    drop(permit);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_lets_one_line_through_and_counts_the_rest() {
+        let limit = RateLimit::per_second();
+        assert_eq!(limit.allow(), Some(0));
+        for _ in 0..5 {
+            assert_eq!(limit.allow(), None);
+        }
+        // The next window reports what was held back.
+        limit.next_ms.store(0, Ordering::Relaxed);
+        assert_eq!(limit.allow(), Some(5));
+    }
+
+    #[tokio::test]
+    async fn liveness_sets_keepalive_and_user_timeout_on_the_socket() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("bound");
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let socket = socket2::SockRef::from(&stream);
+        Liveness::default().apply(&stream).expect("nothing to set");
+        assert!(!socket.keepalive().expect("SO_KEEPALIVE"));
+
+        let liveness = Liveness {
+            keepalive: Some(Duration::from_secs(6)),
+            user_timeout: Some(Duration::from_millis(2500)),
+        };
+        liveness.apply(&stream).expect("setting options");
+        assert!(socket.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(
+            socket.tcp_keepalive_time().expect("TCP_KEEPIDLE"),
+            Duration::from_secs(6)
+        );
+        assert_eq!(
+            socket.tcp_keepalive_interval().expect("TCP_KEEPINTVL"),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            socket.tcp_keepalive_retries().expect("TCP_KEEPCNT"),
+            KEEPALIVE_PROBES
+        );
+        assert_eq!(
+            socket.tcp_user_timeout().expect("TCP_USER_TIMEOUT"),
+            Some(Duration::from_millis(2500))
+        );
+
+        // A short keepalive still probes at most once a second.
+        let short = Liveness {
+            keepalive: Some(Duration::from_secs(1)),
+            user_timeout: None,
+        };
+        short.apply(&stream).expect("setting options");
+        assert_eq!(
+            socket.tcp_keepalive_interval().expect("TCP_KEEPINTVL"),
+            Duration::from_secs(1)
+        );
+    }
+}

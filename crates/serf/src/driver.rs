@@ -1,0 +1,693 @@
+//! The tokio driver of the memberlist core: one UDP socket and one TCP listener on the same
+//! `ip:port`, the core's timer, and one task per TCP stream. Everything protocol-wise happens in
+//! [`Memberlist`]; this module only moves bytes and time.
+//!
+//! [`start`] binds the sockets, spawns the loop and returns a [`Handle`] (commands) and an
+//! event receiver. The loop owns the core and the [`Delegate`]; it handles a closed set of
+//! inputs: a command, a UDP datagram, an accepted connection, a stream's bytes/EOF/failure, or
+//! the core's deadline. Dropping every [`Handle`] (or [`Handle::shutdown`]) stops it without
+//! leaving: peers then see this member fail. [`Handle::with`] runs a closure on the core and the
+//! delegate inside the loop, which is how the Serf layer reaches both.
+//!
+//! Encryption lives here, at the edge, as memberlist's `GossipVerifyIncoming/Outgoing` (both
+//! on): with a keyring ([`Options::keyring`]) every outgoing packet and stream message is
+//! sealed with the primary key (nonces from the OS RNG), every incoming one is opened with
+//! whichever installed key fits, and plaintext input is dropped; streams are deframed
+//! (`0a | len | sealed`) in their task before the plaintext reaches the core. Without a
+//! keyring, encrypted input fails to decode in the core and is dropped with a debug log. The
+//! core only learns the 29-byte overhead ([`Config::packet_overhead`]) so that piggybacked
+//! packets still fit the UDP budget once sealed.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, trace, warn, Instrument};
+
+use crate::memberlist::{
+    self, Config, Delegate, Event, Incarnation, JoinId, LocalNode, Memberlist, Node, StreamId,
+    StreamInput, Transmit, Vsn,
+};
+use crate::wire::crypto::{SharedKeyring, NONCE_SIZE, PACKET_OVERHEAD};
+use crate::wire::stream::MAX_STREAM_BYTES;
+
+/// The largest UDP datagram read.
+const UDP_RECEIVE_BUFFER: usize = 65_536;
+/// Inbound streams handled at once (Go: 128 concurrent push-pulls); more are refused.
+const MAX_INBOUND_STREAMS: usize = 128;
+
+/// Errors of the driver. None of them leave a half-started driver behind.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Binding the gossip address failed.
+    #[error("binding {protocol} {addr}: {source}")]
+    Bind {
+        /// `udp` or `tcp`.
+        protocol: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// The core refused the local node or a command.
+    #[error(transparent)]
+    Memberlist(#[from] memberlist::Error),
+    /// No seed completed a push-pull.
+    #[error("join failed: no seed could be contacted: {errors:?}")]
+    JoinFailed {
+        /// Each seed with its failure.
+        errors: Vec<(SocketAddr, String)>,
+    },
+    /// The driver loop has stopped.
+    #[error("the memberlist driver has stopped")]
+    Stopped,
+}
+
+/// How to start a member.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Unique node name.
+    pub name: String,
+    /// UDP and TCP bind address; port 0 picks a free port for both.
+    pub bind: SocketAddr,
+    /// Advertised address, if not the bound one (needed when binding 0.0.0.0).
+    pub advertise: Option<SocketAddr>,
+    /// Initial node meta (≤ 512 bytes).
+    pub meta: Vec<u8>,
+    /// First incarnation (≥ 1).
+    pub incarnation: Incarnation,
+    /// Protocol versions advertised.
+    pub vsn: Vsn,
+    /// Protocol tunables.
+    pub config: Config,
+    /// RNG seed; `None` seeds from the OS. (Encryption nonces always come from the OS.)
+    pub seed: Option<u64>,
+    /// Gossip encryption keys (shared with the Serf layer, which changes them on key
+    /// queries); `None` = plaintext gossip.
+    pub keyring: Option<SharedKeyring>,
+}
+
+impl Options {
+    /// LAN defaults for `name` bound at `bind`.
+    pub fn new(name: impl Into<String>, bind: SocketAddr) -> Self {
+        Self {
+            name: name.into(),
+            bind,
+            advertise: None,
+            meta: Vec::new(),
+            incarnation: Incarnation(1),
+            vsn: Vsn::DEFAULT,
+            config: Config::lan(),
+            seed: None,
+            keyring: None,
+        }
+    }
+}
+
+type Job<D> = Box<dyn FnOnce(&mut Memberlist, &mut D, Instant) + Send>;
+
+enum Command<D> {
+    Join {
+        seeds: Vec<SocketAddr>,
+        reply: oneshot::Sender<Result<usize, Error>>,
+    },
+    Leave {
+        timeout: Duration,
+        reply: oneshot::Sender<bool>,
+    },
+    Run(Job<D>),
+    Shutdown,
+}
+
+/// Commands to a running member. Cheap to clone; the driver stops when every clone is
+/// dropped.
+pub struct Handle<D> {
+    commands: mpsc::UnboundedSender<Command<D>>,
+    local_addr: SocketAddr,
+}
+
+impl<D> Clone for Handle<D> {
+    fn clone(&self) -> Self {
+        Self {
+            commands: self.commands.clone(),
+            local_addr: self.local_addr,
+        }
+    }
+}
+
+impl<D> std::fmt::Debug for Handle<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle")
+            .field("local_addr", &self.local_addr)
+            .finish()
+    }
+}
+
+impl<D: Delegate + Send + 'static> Handle<D> {
+    /// The gossip address (UDP and TCP) actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Joins through `seeds`; returns how many completed a push-pull (an error if none did).
+    pub async fn join(&self, seeds: &[SocketAddr]) -> Result<usize, Error> {
+        let (reply, response) = oneshot::channel();
+        self.send(Command::Join {
+            seeds: seeds.to_vec(),
+            reply,
+        })?;
+        response.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Leaves gracefully; true if our dead message went out fully before `timeout`. The
+    /// driver keeps answering pings until [`shutdown`](Self::shutdown) or drop.
+    pub async fn leave(&self, timeout: Duration) -> Result<bool, Error> {
+        let (reply, response) = oneshot::channel();
+        self.send(Command::Leave { timeout, reply })?;
+        response.await.map_err(|_| Error::Stopped)
+    }
+
+    /// Publishes new meta (≤ 512 bytes).
+    pub async fn update_meta(&self, meta: Vec<u8>) -> Result<(), Error> {
+        self.with(move |core, _, now| core.update_meta(now, meta))
+            .await?
+            .map_err(Error::from)
+    }
+
+    /// Sends a user message by UDP.
+    pub async fn send_user(&self, to: SocketAddr, message: Vec<u8>) -> Result<(), Error> {
+        self.with(move |core, _, now| core.send_user(now, to, &message))
+            .await
+    }
+
+    /// A snapshot of the member table.
+    pub async fn members(&self) -> Result<Vec<Node>, Error> {
+        self.with(|core, _, _| core.members().collect()).await
+    }
+
+    /// Runs `job` on the core and the delegate inside the driver loop and returns its
+    /// result; transmits and events it causes are processed right after.
+    pub async fn with<R: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Memberlist, &mut D, Instant) -> R + Send + 'static,
+    ) -> Result<R, Error> {
+        let (reply, response) = oneshot::channel();
+        self.send(Command::Run(Box::new(move |core, delegate, now| {
+            let _ = reply.send(job(core, delegate, now));
+        })))?;
+        response.await.map_err(|_| Error::Stopped)
+    }
+
+    /// Stops the driver without leaving (peers will see this member fail).
+    pub fn shutdown(&self) {
+        let _ = self.commands.send(Command::Shutdown);
+    }
+
+    fn send(&self, command: Command<D>) -> Result<(), Error> {
+        self.commands.send(command).map_err(|_| Error::Stopped)
+    }
+}
+
+/// Binds `options.bind` (UDP and TCP), creates the core and spawns the driver loop on the
+/// current tokio runtime.
+pub async fn start<D: Delegate + Send + 'static>(
+    options: Options,
+    delegate: D,
+) -> Result<(Handle<D>, mpsc::UnboundedReceiver<Event>), Error> {
+    let (udp, listener) = bind(options.bind).await?;
+    let bound = udp.local_addr().map_err(|source| Error::Bind {
+        protocol: "udp",
+        addr: options.bind,
+        source,
+    })?;
+    // An advertised port of 0 means "the port actually bound" (binding port 0).
+    let advertise = match options.advertise {
+        Some(advertise) if advertise.port() == 0 => SocketAddr::new(advertise.ip(), bound.port()),
+        Some(advertise) => advertise,
+        None => bound,
+    };
+    let local = LocalNode {
+        name: options.name.clone(),
+        addr: advertise,
+        meta: options.meta,
+        vsn: options.vsn,
+        incarnation: options.incarnation,
+    };
+    let rng = match options.seed {
+        Some(seed) => StdRng::seed_from_u64(seed),
+        None => StdRng::from_os_rng(),
+    };
+    let tcp_timeout = options.config.tcp_timeout;
+    let mut config = options.config;
+    if options.keyring.is_some() {
+        config.packet_overhead = PACKET_OVERHEAD;
+    }
+    let core = Memberlist::new(config, local, rng, Instant::now())?;
+    let (commands, command_rx) = mpsc::unbounded_channel();
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let (stream_tx, stream_rx) = mpsc::unbounded_channel();
+    let encrypted = options.keyring.is_some();
+    info!(name = %options.name, %bound, %advertise, encrypted, "memberlist started");
+    let driver = Driver {
+        core,
+        delegate,
+        udp,
+        listener,
+        commands: command_rx,
+        events: events_tx,
+        stream_tx,
+        stream_rx,
+        streams: BTreeMap::new(),
+        inbound: 0,
+        joins: BTreeMap::new(),
+        leaves: Vec::new(),
+        tcp_timeout,
+        keyring: options.keyring,
+    };
+    let span = tracing::info_span!("memberlist", name = %options.name, addr = %advertise);
+    tokio::spawn(driver.run().instrument(span));
+    Ok((
+        Handle {
+            commands,
+            local_addr: bound,
+        },
+        events,
+    ))
+}
+
+/// UDP and TCP on the same address; with port 0, retries until both get the same port.
+async fn bind(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), Error> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Bind {
+                protocol: "tcp",
+                addr,
+                source,
+            })?;
+        let tcp_addr = listener.local_addr().map_err(|source| Error::Bind {
+            protocol: "tcp",
+            addr,
+            source,
+        })?;
+        match UdpSocket::bind(tcp_addr).await {
+            Ok(udp) => return Ok((udp, listener)),
+            Err(source) if addr.port() != 0 || attempts >= 10 => {
+                return Err(Error::Bind {
+                    protocol: "udp",
+                    addr: tcp_addr,
+                    source,
+                })
+            }
+            Err(_) => continue,
+        }
+    }
+}
+
+enum StreamCommand {
+    Write(Vec<u8>),
+    Close,
+}
+
+enum StreamEvent {
+    Data(Vec<u8>),
+    Closed,
+    Failed(String),
+}
+
+struct Driver<D> {
+    core: Memberlist,
+    delegate: D,
+    udp: UdpSocket,
+    listener: TcpListener,
+    commands: mpsc::UnboundedReceiver<Command<D>>,
+    events: mpsc::UnboundedSender<Event>,
+    stream_tx: mpsc::UnboundedSender<(StreamId, StreamEvent)>,
+    stream_rx: mpsc::UnboundedReceiver<(StreamId, StreamEvent)>,
+    streams: BTreeMap<StreamId, (mpsc::UnboundedSender<StreamCommand>, bool)>,
+    inbound: usize,
+    joins: BTreeMap<JoinId, oneshot::Sender<Result<usize, Error>>>,
+    leaves: Vec<oneshot::Sender<bool>>,
+    tcp_timeout: Duration,
+    keyring: Option<SharedKeyring>,
+}
+
+impl<D: Delegate + Send + 'static> Driver<D> {
+    async fn run(mut self) {
+        let mut buffer = vec![0u8; UDP_RECEIVE_BUFFER];
+        loop {
+            self.flush().await;
+            let deadline = match (self.core.poll_timeout(), self.delegate.poll_timeout()) {
+                (Some(core), Some(delegate)) => Some(core.min(delegate)),
+                (core, delegate) => core.or(delegate),
+            };
+            let sleep = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                command = self.commands.recv() => match command {
+                    None | Some(Command::Shutdown) => break,
+                    Some(command) => self.command(command),
+                },
+                received = self.udp.recv_from(&mut buffer) => match received {
+                    Ok((len, from)) => self.packet(from, &buffer[..len]),
+                    Err(error) => debug!(%error, "udp receive failed"),
+                },
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, from)) => self.accept(stream, from),
+                    Err(error) => debug!(%error, "tcp accept failed"),
+                },
+                Some((stream, event)) = self.stream_rx.recv() => {
+                    let input = match &event {
+                        StreamEvent::Data(bytes) => StreamInput::Data(bytes),
+                        StreamEvent::Closed => StreamInput::Closed,
+                        StreamEvent::Failed(reason) => StreamInput::Failed(reason),
+                    };
+                    self.core.handle_stream(Instant::now(), stream, input, &mut self.delegate);
+                }
+                () = sleep => {
+                    let now = Instant::now();
+                    if self.core.poll_timeout().is_some_and(|at| at <= now) {
+                        self.core.handle_timeout(now, &mut self.delegate);
+                    }
+                    if self.delegate.poll_timeout().is_some_and(|at| at <= now) {
+                        self.delegate.handle_timeout(now, &mut self.core);
+                    }
+                }
+            }
+        }
+        info!("memberlist stopped");
+    }
+
+    /// A datagram: opened with the keyring when there is one, then handed to the core.
+    fn packet(&mut self, from: SocketAddr, packet: &[u8]) {
+        trace!(peer = %from, len = packet.len(), "packet");
+        let opened;
+        let plaintext = match &self.keyring {
+            Some(keyring) => match keyring.read().decrypt_packet(packet) {
+                Ok(plaintext) => {
+                    opened = plaintext;
+                    &opened[..]
+                }
+                Err(error) => {
+                    debug!(peer = %from, %error, "dropping packet that does not decrypt");
+                    return;
+                }
+            },
+            None => packet,
+        };
+        if let Err(error) =
+            self.core
+                .handle_packet(Instant::now(), from, plaintext, &mut self.delegate)
+        {
+            debug!(peer = %from, %error, "dropping malformed packet content");
+        }
+    }
+
+    fn command(&mut self, command: Command<D>) {
+        let now = Instant::now();
+        match command {
+            Command::Join { seeds, reply } => {
+                match self.core.join(now, &seeds, &mut self.delegate) {
+                    Ok(join) => {
+                        self.joins.insert(join, reply);
+                    }
+                    Err(error) => {
+                        let _ = reply.send(Err(error.into()));
+                    }
+                }
+            }
+            Command::Leave { timeout, reply } => {
+                self.leaves.push(reply);
+                self.core.leave(now, timeout);
+            }
+            Command::Run(job) => job(&mut self.core, &mut self.delegate, now),
+            Command::Shutdown => {}
+        }
+    }
+
+    /// Performs every transmit and hands out every event, until the core (and the delegate's
+    /// event hook) produced nothing new.
+    async fn flush(&mut self) {
+        loop {
+            let mut idle = true;
+            while let Some(transmit) = self.core.poll_transmit() {
+                idle = false;
+                self.transmit(transmit).await;
+            }
+            while let Some(event) = self.core.poll_event() {
+                idle = false;
+                self.event(event);
+            }
+            if idle {
+                return;
+            }
+        }
+    }
+
+    async fn transmit(&mut self, transmit: Transmit) {
+        match transmit {
+            Transmit::Packet { to, bytes } => {
+                let bytes = match &self.keyring {
+                    Some(keyring) => keyring.read().encrypt_packet(nonce(), &bytes),
+                    None => bytes,
+                };
+                if let Err(error) = self.udp.send_to(&bytes, to).await {
+                    debug!(peer = %to, %error, "udp send failed");
+                }
+            }
+            Transmit::StreamOpen { stream, to } => {
+                let source = self.udp.local_addr().ok().map(|addr| addr.ip());
+                let commands = self.spawn_stream(stream, Connection::Dial { to, source });
+                self.streams.insert(stream, (commands, false));
+            }
+            Transmit::StreamWrite { stream, bytes } => {
+                if let Some((commands, _)) = self.streams.get(&stream) {
+                    let _ = commands.send(StreamCommand::Write(bytes));
+                }
+            }
+            Transmit::StreamClose { stream } => {
+                if let Some((commands, inbound)) = self.streams.remove(&stream) {
+                    let _ = commands.send(StreamCommand::Close);
+                    if inbound {
+                        self.inbound -= 1;
+                    }
+                }
+            }
+        }
+    }
+
+    fn event(&mut self, event: Event) {
+        match &event {
+            Event::JoinCompleted {
+                join,
+                contacted,
+                errors,
+            } => {
+                if let Some(reply) = self.joins.remove(join) {
+                    let result = if *contacted > 0 {
+                        Ok(*contacted)
+                    } else {
+                        Err(Error::JoinFailed {
+                            errors: errors.clone(),
+                        })
+                    };
+                    let _ = reply.send(result);
+                }
+            }
+            Event::LeaveCompleted { broadcast_sent } => {
+                for reply in self.leaves.drain(..) {
+                    let _ = reply.send(*broadcast_sent);
+                }
+            }
+            Event::NodeJoined(node) => {
+                info!(node = %node.name, addr = %node.addr, "member joined")
+            }
+            Event::NodeLeft(node) => info!(node = %node.name, "member left"),
+            Event::NodeFailed(node) => info!(node = %node.name, "member failed"),
+            Event::Conflict { existing, other } => {
+                warn!(node = %existing.name, mine = %existing.addr, theirs = %other.addr, "node name conflict")
+            }
+            Event::NodeUpdated(_) => {}
+        }
+        self.delegate
+            .on_event(Instant::now(), &event, &mut self.core);
+        let _ = self.events.send(event);
+    }
+
+    fn accept(&mut self, stream: TcpStream, from: SocketAddr) {
+        if self.inbound >= MAX_INBOUND_STREAMS {
+            debug!(peer = %from, "too many inbound streams, refusing");
+            return;
+        }
+        let id = self.core.handle_accept(Instant::now(), from);
+        let commands = self.spawn_stream(id, Connection::Accepted(stream));
+        self.inbound += 1;
+        self.streams.insert(id, (commands, true));
+    }
+
+    fn spawn_stream(
+        &self,
+        id: StreamId,
+        connection: Connection,
+    ) -> mpsc::UnboundedSender<StreamCommand> {
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let events = self.stream_tx.clone();
+        let timeout = self.tcp_timeout;
+        let keyring = self.keyring.clone();
+        tokio::spawn(
+            stream_task(id, connection, command_rx, events, timeout, keyring).in_current_span(),
+        );
+        commands
+    }
+}
+
+/// A fresh AES-GCM nonce from the OS RNG (the thread RNG, itself seeded from the OS, if the
+/// OS source fails).
+fn nonce() -> [u8; NONCE_SIZE] {
+    use rand::{Rng, TryRngCore};
+    let mut nonce = [0u8; NONCE_SIZE];
+    if rand::rngs::OsRng.try_fill_bytes(&mut nonce).is_err() {
+        rand::rng().fill(&mut nonce);
+    }
+    nonce
+}
+
+/// Connects to `to`, bound to `source` if it is a specific address of the same family.
+async fn dial(to: SocketAddr, source: Option<std::net::IpAddr>) -> io::Result<TcpStream> {
+    let socket = if to.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if let Some(ip) = source.filter(|ip| !ip.is_unspecified() && ip.is_ipv4() == to.is_ipv4()) {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    socket.connect(to).await
+}
+
+enum Connection {
+    /// Dial `to`, from `source` when it is a specific address of the same family (so peers
+    /// see streams come from the member's own IP, as its UDP packets do).
+    Dial {
+        to: SocketAddr,
+        source: Option<std::net::IpAddr>,
+    },
+    Accepted(TcpStream),
+}
+
+/// One TCP stream: dial if needed, then forward reads to the loop and writes from it, until
+/// the core closes it, the peer fails, the 20 MiB read cap or the deadline is hit. With a
+/// keyring, each write is sealed into one `0a` frame and reads are deframed and opened; only
+/// whole plaintext messages go to the loop, and anything not encrypted fails the stream.
+async fn stream_task(
+    id: StreamId,
+    connection: Connection,
+    mut commands: mpsc::UnboundedReceiver<StreamCommand>,
+    events: mpsc::UnboundedSender<(StreamId, StreamEvent)>,
+    timeout: Duration,
+    keyring: Option<SharedKeyring>,
+) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let stream = match connection {
+        Connection::Accepted(stream) => stream,
+        Connection::Dial { to, source } => {
+            match tokio::time::timeout_at(deadline, dial(to, source)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    let _ =
+                        events.send((id, StreamEvent::Failed(format!("dialing {to}: {error}"))));
+                    return;
+                }
+                Err(_) => {
+                    let _ = events.send((
+                        id,
+                        StreamEvent::Failed(format!("dialing {to}: timed out after {timeout:?}")),
+                    ));
+                    return;
+                }
+            }
+        }
+    };
+    let (mut reader, mut writer) = stream.into_split();
+    let mut buffer = vec![0u8; 16 * 1024];
+    let mut total = 0usize;
+    let mut eof = false;
+    // Encrypted bytes not yet forming a whole frame.
+    let mut sealed = Vec::new();
+    loop {
+        tokio::select! {
+            command = commands.recv() => match command {
+                Some(StreamCommand::Write(bytes)) => {
+                    let bytes = match &keyring {
+                        Some(keyring) => keyring.read().encrypt_stream(nonce(), &bytes),
+                        None => bytes,
+                    };
+                    if let Err(error) = writer.write_all(&bytes).await {
+                        let _ = events.send((id, StreamEvent::Failed(format!("write: {error}"))));
+                        return;
+                    }
+                }
+                Some(StreamCommand::Close) | None => {
+                    let _ = writer.shutdown().await;
+                    return;
+                }
+            },
+            read = reader.read(&mut buffer), if !eof => match read {
+                Ok(0) => {
+                    eof = true;
+                    let _ = events.send((id, StreamEvent::Closed));
+                }
+                Ok(len) => {
+                    total += len;
+                    if total > MAX_STREAM_BYTES {
+                        let _ = events.send((id, StreamEvent::Failed(format!("stream exceeded {MAX_STREAM_BYTES} bytes"))));
+                        return;
+                    }
+                    let Some(keyring) = &keyring else {
+                        if events.send((id, StreamEvent::Data(buffer[..len].to_vec()))).is_err() {
+                            return;
+                        }
+                        continue;
+                    };
+                    sealed.extend_from_slice(&buffer[..len]);
+                    loop {
+                        let opened = keyring.read().decrypt_stream(&sealed);
+                        match opened {
+                            Ok(Some((plaintext, used))) => {
+                                sealed.drain(..used);
+                                if events.send((id, StreamEvent::Data(plaintext))).is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(error) => {
+                                let _ = events.send((id, StreamEvent::Failed(error.to_string())));
+                                return;
+                            }
+                        }
+                    }
+                }
+                Err(error) => {
+                    let _ = events.send((id, StreamEvent::Failed(format!("read: {error}"))));
+                    return;
+                }
+            },
+            () = tokio::time::sleep_until(deadline + Duration::from_secs(1)) => {
+                let _ = events.send((id, StreamEvent::Failed(format!("timed out after {timeout:?}"))));
+                return;
+            }
+        }
+    }
+}

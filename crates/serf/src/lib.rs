@@ -1,0 +1,111 @@
+//! A native HashiCorp Serf member, wire-compatible with Go Serf agents.
+//!
+//! The crate is layered like Go's implementation, and every layer is sans-IO (no sockets, no
+//! clock, no global RNG: `now` and a seeded RNG come in as arguments):
+//!
+//! - [`wire`]: Go-flavoured msgpack and every memberlist and Serf message, byte for byte.
+//! - [`memberlist`]: SWIM gossip and failure detection with Lifeguard.
+//! - [`serf`]: the Serf layer on top: tags, Lamport clocks, join/leave intents and the member
+//!   status model (alive / leaving / left / failed), reaping and reconnecting, user events,
+//!   queries (with filters, acks, relays and the internal `_serf_ping` / `_serf_conflict`),
+//!   push-pull user state. [`serf::Serf`] is the whole member.
+//! - [`coordinate`]: Vivaldi network coordinates carried in ping acks (`serf rtt`).
+//!
+//! The I/O lives in thin tokio drivers: [`driver`] runs a memberlist core on one UDP socket and
+//! one TCP listener, and [`serf::driver`] runs a whole Serf member on it with an async
+//! [`serf::driver::Handle`] (`start`, `join`, `members`, `set_tags`, `user_event`, `query`,
+//! `respond`, `leave`) and a channel of [`serf::Event`]s — see its docs for the async example.
+//!
+//! Left out on purpose: encryption and key management (the driver edge is the seam; key
+//! queries are answered "encryption not enabled"), snapshots, and the agent's event
+//! coalescing.
+//!
+//! # Example
+//!
+//! A member on real sockets ([`serf::driver`]): start, join, members, tags, events, queries,
+//! leave.
+//!
+//! ```no_run
+//! use serf::serf::{driver, Config, Event, QueryParams};
+//!
+//! # async fn demo() -> Result<(), serf::serf::driver::Error> {
+//! let config = Config { node_name: "web-1".into(), ..Config::default() };
+//! let options = serf::driver::Options::new("web-1", "127.0.0.1:7946".parse().unwrap());
+//! let (member, mut events) = driver::start(config, options).await?;
+//! member.join(&["127.0.0.2:7946".parse().unwrap()], true).await?; // ignore old events
+//! for peer in member.members().await? {
+//!     println!("{} {} {} {:?}", peer.name, peer.socket_addr(), peer.status, peer.tags);
+//! }
+//! member.set_tags([("role".to_owned(), "3306".to_owned())].into()).await?;
+//! member.user_event("deploy", b"v2", false).await?;
+//! let uptime = member.query("uptime", b"", QueryParams::default()).await?;
+//! while let Some(event) = events.recv().await {
+//!     match event {
+//!         Event::Query(query) => member.respond(query.id, b"up 3 days").await?,
+//!         Event::QueryResponse { query, from, payload } if query == uptime => {
+//!             println!("{from}: {}", String::from_utf8_lossy(&payload));
+//!         }
+//!         Event::QueryDone { query } if query == uptime => break,
+//!         Event::MemberJoin(m) | Event::MemberUpdate(m) => println!("{} is {}", m.name, m.status),
+//!         _ => {}
+//!     }
+//! }
+//! member.leave().await?; // peers show `left`, not `failed`
+//! member.shutdown();
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Example (sans-IO)
+//!
+//! The application (or a driver) drives a [`serf::Serf`]: it passes in packets, stream bytes and timeouts,
+//! and sends out whatever [`serf::Serf::poll_transmit`] returns.
+//!
+//! ```
+//! use std::time::Instant;
+//! use rand::{rngs::StdRng, SeedableRng};
+//! use serf::memberlist::Transmit;
+//! use serf::serf::{Config, Event, QueryParams, Serf};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let now = Instant::now();
+//! let config = Config { node_name: "web-1".into(), ..Config::default() };
+//! let lan = serf::memberlist::Config::lan();
+//! let mut member = Serf::new(config, lan, "127.0.0.1:7946".parse()?, StdRng::seed_from_u64(7), now)?;
+//!
+//! member.join(now, &["127.0.0.2:7946".parse()?], true)?; // push-pull with a seed
+//! member.set_tags(now, [("role".to_owned(), "3306".to_owned())].into())?;
+//! member.user_event(now, "deploy", b"v2", false)?;
+//! let uptime = member.query(now, "uptime", b"", &QueryParams::default())?;
+//!
+//! while let Some(transmit) = member.poll_transmit() {
+//!     match transmit {
+//!         Transmit::Packet { to, bytes } => { /* udp.send_to(&bytes, to) */ }
+//!         _ => { /* open, write or close a TCP stream; report back with handle_stream */ }
+//!     }
+//! }
+//! while let Some(event) = member.poll_event() {
+//!     match event {
+//!         Event::Query(query) => member.respond(now, query.id, b"up 3 days")?,
+//!         Event::QueryResponse { query, from, payload } if query == uptime => { /* … */ }
+//!         Event::UserEvent(event) => println!("{} {:?}", event.name, event.payload),
+//!         _ => {}
+//!     }
+//! }
+//! for peer in member.members() {
+//!     println!("{} {} {}", peer.name, peer.socket_addr(), peer.status);
+//! }
+//! // Call handle_timeout at poll_timeout(), keep driving until Event::LeaveCompleted.
+//! member.leave(now)?;
+//! # Ok(())
+//! # }
+//! ```
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod coordinate;
+pub mod driver;
+pub mod memberlist;
+pub mod rpc;
+pub mod serf;
+pub mod wire;

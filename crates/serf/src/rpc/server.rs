@@ -1,0 +1,773 @@
+//! The RPC server: Serf's agent IPC protocol in front of any [`Backend`].
+//!
+//! One task per connection reads requests; one writer task per connection owns the socket's
+//! write half and is fed through a bounded channel, so a client that does not read only fills
+//! its own channel (its event stream then lags and loses records, like Go's 512-slot buffer)
+//! and is dropped when one write makes no progress for [`Config::write_timeout`]. Streams
+//! (`stream`, `monitor`, `query`) are tasks cancelled by `stop`, by the client's disconnect or
+//! by the server's shutdown token.
+//!
+//! Differences from Go, all in the direction of robustness: a command refused with
+//! "Authentication required" has its body consumed (Go leaves it to be misread as the next
+//! header); a bad `members-filtered` regex gets an error reply with an empty member list
+//! (Go closes the connection silently).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+use super::backend::{Backend, Event, KeyOp, LogLevel, QueryParams, QueryReply, QueryResponder};
+use super::codec::{decode, encode_into, DecodeError, FrameBuffer, FrameError};
+use super::filter::{event_matches, parse_event_filter, MemberFilter};
+use super::messages::{
+    command, errors, query_record, AuthRequest, CoordinateRequest, CoordinateResponse,
+    EventRequest, ForceLeaveRequest, HandshakeRequest, JoinRequest, JoinResponse, KeyRequest,
+    LogRecord, MemberEventRecord, MembersFilteredRequest, MembersResponse, MonitorRequest,
+    QueryEventRecord, QueryRecord, QueryRequest, RequestHeader, RespondRequest, ResponseHeader,
+    StopRequest, StreamRequest, TagsRequest, UserEventRecord,
+};
+
+/// Names of Serf's internal queries start with this.
+pub const INTERNAL_QUERY_PREFIX: &str = "_serf_";
+
+/// Event streams one connection may hold open (Go has no limit; each costs a task).
+pub const MAX_STREAMS: usize = 64;
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The `--rpc-auth` key; `None` = no authentication.
+    pub auth_key: Option<String>,
+    /// Largest single msgpack value accepted from a client; larger → disconnect.
+    pub max_frame: usize,
+    /// A client whose socket accepts no bytes of a reply for this long is disconnected.
+    pub write_timeout: Duration,
+    /// Replies and records queued per connection before stream records wait.
+    pub queue: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            auth_key: None,
+            max_frame: 1024 * 1024,
+            write_timeout: Duration::from_secs(30),
+            queue: 256,
+        }
+    }
+}
+
+/// The RPC server for one member.
+#[derive(Debug)]
+pub struct Server<B> {
+    backend: Arc<B>,
+    config: Arc<Config>,
+}
+
+impl<B> Clone for Server<B> {
+    fn clone(&self) -> Self {
+        Self {
+            backend: Arc::clone(&self.backend),
+            config: Arc::clone(&self.config),
+        }
+    }
+}
+
+impl<B: Backend> Server<B> {
+    /// A server answering for `backend`.
+    pub fn new(backend: Arc<B>, config: Config) -> Self {
+        Self {
+            backend,
+            config: Arc::new(config),
+        }
+    }
+
+    /// Accepts clients on `listener` until `shutdown` is cancelled, then closes every
+    /// connection and waits for their tasks.
+    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
+        let tasks = TaskTracker::new();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        debug!(%peer, "rpc client connected");
+                        let server = self.clone();
+                        let token = shutdown.child_token();
+                        tasks.spawn(
+                            async move { server.handle(stream, peer, token).await }
+                                .instrument(tracing::debug_span!("rpc", %peer)),
+                        );
+                    }
+                    Err(error) => {
+                        warn!(%error, "accepting an rpc client");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        tasks.close();
+        tasks.wait().await;
+        info!("rpc server stopped");
+    }
+
+    /// Serves one connection until it closes or `token` is cancelled.
+    pub async fn handle(self, stream: TcpStream, peer: SocketAddr, token: CancellationToken) {
+        let _ = stream.set_nodelay(true);
+        let (read, mut write) = stream.into_split();
+        let (out, mut out_rx) = mpsc::channel::<Outgoing>(self.config.queue);
+        let write_timeout = self.config.write_timeout;
+        let writer_token = token.clone();
+        let writer = tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    message = out_rx.recv() => message,
+                    () = writer_token.cancelled() => None,
+                };
+                let Some(message) = message else { break };
+                match tokio::time::timeout(write_timeout, write.write_all(&message.bytes)).await {
+                    Ok(Ok(())) => {
+                        if let Some(written) = message.written {
+                            let _ = written.send(());
+                        }
+                    }
+                    Ok(Err(error)) => {
+                        debug!(%error, "rpc write failed");
+                        break;
+                    }
+                    Err(_) => {
+                        debug!(timeout = ?write_timeout, "rpc client not reading, disconnecting");
+                        break;
+                    }
+                }
+            }
+            writer_token.cancel();
+            let _ = write.shutdown().await;
+        });
+        let mut connection = Connection {
+            backend: Arc::clone(&self.backend),
+            config: Arc::clone(&self.config),
+            reader: read,
+            frames: FrameBuffer::new(self.config.max_frame),
+            out,
+            token: token.child_token(),
+            version: 0,
+            authed: self.config.auth_key.is_none(),
+            streams: HashMap::new(),
+            monitor: None,
+            queries: Arc::new(Queries::default()),
+        };
+        let result = tokio::select! {
+            result = connection.run() => result,
+            () = token.cancelled() => Ok(()),
+        };
+        match result {
+            Ok(()) => debug!(%peer, "rpc client disconnected"),
+            Err(error) => debug!(%peer, %error, "closing rpc connection"),
+        }
+        // Stop the streams; the writer flushes what is queued (e.g. a final error reply) and
+        // ends once every sender is gone.
+        connection.token.cancel();
+        drop(connection);
+        let _ = writer.await;
+    }
+}
+
+/// Why a connection is closed.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error("reading: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("framing: {0}")]
+    Frame(#[from] FrameError),
+    #[error("{0}")]
+    Decode(#[from] DecodeError),
+    #[error("{0}")]
+    Protocol(String),
+    #[error("writer closed")]
+    WriterClosed,
+}
+
+/// Query responders this connection may `respond` to, by per-connection ID.
+#[derive(Debug, Default)]
+struct Queries {
+    next_id: AtomicU64,
+    pending: Mutex<HashMap<u64, Arc<dyn QueryResponder>>>,
+}
+
+impl Queries {
+    fn register(&self, responder: Arc<dyn QueryResponder>) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = tokio::time::Instant::now();
+        let mut pending = self
+            .pending
+            .lock()
+            .expect("query table lock is never poisoned");
+        pending.retain(|_, query| query.deadline() > now);
+        if responder.deadline() > now {
+            pending.insert(id, responder);
+        }
+        id
+    }
+
+    fn get(&self, id: u64) -> Option<Arc<dyn QueryResponder>> {
+        let now = tokio::time::Instant::now();
+        let pending = self
+            .pending
+            .lock()
+            .expect("query table lock is never poisoned");
+        pending
+            .get(&id)
+            .filter(|query| query.deadline() > now)
+            .cloned()
+    }
+}
+
+struct Connection<B> {
+    backend: Arc<B>,
+    config: Arc<Config>,
+    reader: OwnedReadHalf,
+    frames: FrameBuffer,
+    out: mpsc::Sender<Outgoing>,
+    /// Cancelled when the connection ends: stops every stream, monitor and query task.
+    token: CancellationToken,
+    version: i32,
+    authed: bool,
+    streams: HashMap<u64, CancellationToken>,
+    monitor: Option<(u64, CancellationToken)>,
+    queries: Arc<Queries>,
+}
+
+/// Bytes for the writer task, with an optional signal once they are written.
+#[derive(Debug)]
+struct Outgoing {
+    bytes: Vec<u8>,
+    written: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl From<Vec<u8>> for Outgoing {
+    fn from(bytes: Vec<u8>) -> Self {
+        Self {
+            bytes,
+            written: None,
+        }
+    }
+}
+
+fn reply_bytes<T: Serialize>(seq: u64, error: &str, body: Option<&T>) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(64);
+    encode_into(
+        &mut bytes,
+        &ResponseHeader {
+            seq,
+            error: error.to_owned(),
+        },
+    );
+    if let Some(body) = body {
+        encode_into(&mut bytes, body);
+    }
+    bytes
+}
+
+/// Commands whose request carries a body (used to consume it when auth refuses the command).
+fn has_body(name: &str) -> bool {
+    !matches!(
+        name,
+        command::MEMBERS | command::LEAVE | command::LIST_KEYS | command::STATS
+    )
+}
+
+impl<B: Backend> Connection<B> {
+    async fn next_frame(&mut self) -> Result<Option<Vec<u8>>, ConnectionError> {
+        let mut chunk = [0u8; 8192];
+        loop {
+            if let Some(frame) = self.frames.next_frame()? {
+                return Ok(Some(frame));
+            }
+            let n = self.reader.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.frames.extend(&chunk[..n]);
+        }
+    }
+
+    async fn body<T: serde::de::DeserializeOwned>(
+        &mut self,
+        what: &'static str,
+    ) -> Result<T, ConnectionError> {
+        match self.next_frame().await? {
+            Some(frame) => Ok(decode(what, &frame)?),
+            None => Err(ConnectionError::Protocol(format!(
+                "connection closed before the {what} body"
+            ))),
+        }
+    }
+
+    async fn send<T: Serialize>(
+        &self,
+        seq: u64,
+        error: &str,
+        body: Option<&T>,
+    ) -> Result<(), ConnectionError> {
+        self.out
+            .send(reply_bytes(seq, error, body).into())
+            .await
+            .map_err(|_| ConnectionError::WriterClosed)
+    }
+
+    async fn ok(
+        &self,
+        seq: u64,
+        result: Result<(), super::backend::BackendError>,
+    ) -> Result<(), ConnectionError> {
+        let error = result.err().map(|error| error.0).unwrap_or_default();
+        self.send::<()>(seq, &error, None).await
+    }
+
+    async fn run(&mut self) -> Result<(), ConnectionError> {
+        while let Some(frame) = self.next_frame().await? {
+            let header: RequestHeader = decode("requestHeader", &frame)?;
+            self.dispatch(header).await?;
+        }
+        Ok(())
+    }
+
+    async fn dispatch(&mut self, header: RequestHeader) -> Result<(), ConnectionError> {
+        let RequestHeader { command: name, seq } = header;
+        debug!(command = %name, seq, "rpc request");
+        if name != command::HANDSHAKE && self.version == 0 {
+            self.send::<()>(seq, errors::HANDSHAKE_REQUIRED, None)
+                .await?;
+            return Err(ConnectionError::Protocol(format!(
+                "command {name:?} before the handshake"
+            )));
+        }
+        if !self.authed && name != command::AUTH && name != command::HANDSHAKE {
+            warn!(command = %name, "rpc client sending commands before auth");
+            if is_known(&name) && has_body(&name) {
+                let _: serde::de::IgnoredAny = self.body("request body").await?;
+            }
+            return self.send::<()>(seq, errors::AUTH_REQUIRED, None).await;
+        }
+        match name.as_str() {
+            command::HANDSHAKE => {
+                let request: HandshakeRequest = self.body("handshakeRequest").await?;
+                let error = if request.version != 1 {
+                    errors::UNSUPPORTED_IPC_VERSION
+                } else if self.version != 0 {
+                    errors::DUPLICATE_HANDSHAKE
+                } else {
+                    self.version = request.version;
+                    ""
+                };
+                self.send::<()>(seq, error, None).await
+            }
+            command::AUTH => {
+                let request: AuthRequest = self.body("authRequest").await?;
+                let error = if self.config.auth_key.as_deref() == Some(request.auth_key.as_str()) {
+                    self.authed = true;
+                    ""
+                } else {
+                    errors::INVALID_AUTH_TOKEN
+                };
+                self.send::<()>(seq, error, None).await
+            }
+            command::EVENT => {
+                let request: EventRequest = self.body("eventRequest").await?;
+                let result = self
+                    .backend
+                    .user_event(request.name, request.payload, request.coalesce)
+                    .await;
+                self.ok(seq, result).await
+            }
+            command::MEMBERS => {
+                let members = self.backend.members().await;
+                self.send(seq, "", Some(&MembersResponse { members })).await
+            }
+            command::MEMBERS_FILTERED => {
+                let request: MembersFilteredRequest = self.body("membersFilteredRequest").await?;
+                match MemberFilter::new(&request.tags, &request.status, &request.name) {
+                    Ok(filter) => {
+                        let members = self
+                            .backend
+                            .members()
+                            .await
+                            .into_iter()
+                            .filter(|member| filter.matches(member))
+                            .collect();
+                        self.send(seq, "", Some(&MembersResponse { members })).await
+                    }
+                    Err(error) => {
+                        self.send(seq, &error.to_string(), Some(&MembersResponse::default()))
+                            .await
+                    }
+                }
+            }
+            command::STREAM => {
+                let request: StreamRequest = self.body("streamRequest").await?;
+                self.start_stream(seq, &request.kind).await
+            }
+            command::MONITOR => {
+                let request: MonitorRequest = self.body("monitorRequest").await?;
+                self.start_monitor(seq, &request.log_level).await
+            }
+            command::STOP => {
+                let request: StopRequest = self.body("stopRequest").await?;
+                if let Some((monitor_seq, token)) = self.monitor.take() {
+                    if monitor_seq == request.stop {
+                        token.cancel();
+                    } else {
+                        self.monitor = Some((monitor_seq, token));
+                    }
+                }
+                if let Some(token) = self.streams.remove(&request.stop) {
+                    token.cancel();
+                }
+                self.send::<()>(seq, "", None).await
+            }
+            command::FORCE_LEAVE => {
+                let request: ForceLeaveRequest = self.body("forceLeaveRequest").await?;
+                let result = self.backend.force_leave(request.node, request.prune).await;
+                self.ok(seq, result).await
+            }
+            command::JOIN => {
+                let request: JoinRequest = self.body("joinRequest").await?;
+                let (num, result) = self.backend.join(request.existing, request.replay).await;
+                let error = result.err().map(|error| error.0).unwrap_or_default();
+                let response = JoinResponse {
+                    num: i32::try_from(num).unwrap_or(i32::MAX),
+                };
+                self.send(seq, &error, Some(&response)).await
+            }
+            command::LEAVE => {
+                info!("graceful leave triggered over rpc");
+                let result = self.backend.leave().await;
+                let error = result.err().map(|error| error.0).unwrap_or_default();
+                // Let the reply reach the client before the member goes away.
+                let (written, written_rx) = tokio::sync::oneshot::channel();
+                self.out
+                    .send(Outgoing {
+                        bytes: reply_bytes::<()>(seq, &error, None),
+                        written: Some(written),
+                    })
+                    .await
+                    .map_err(|_| ConnectionError::WriterClosed)?;
+                let _ = tokio::time::timeout(self.config.write_timeout, written_rx).await;
+                self.backend.shutdown().await;
+                Ok(())
+            }
+            command::INSTALL_KEY | command::USE_KEY | command::REMOVE_KEY => {
+                let request: KeyRequest = self.body("keyRequest").await?;
+                let op = match name.as_str() {
+                    command::INSTALL_KEY => KeyOp::Install(request.key),
+                    command::USE_KEY => KeyOp::Use(request.key),
+                    _ => KeyOp::Remove(request.key),
+                };
+                let (mut response, result) = self.backend.keys(op).await;
+                response.keys = BTreeMap::new();
+                let error = result.err().map(|error| error.0).unwrap_or_default();
+                self.send(seq, &error, Some(&response)).await
+            }
+            command::LIST_KEYS => {
+                let (response, result) = self.backend.keys(KeyOp::List).await;
+                let error = result.err().map(|error| error.0).unwrap_or_default();
+                self.send(seq, &error, Some(&response)).await
+            }
+            command::TAGS => {
+                let request: TagsRequest = self.body("tagsRequest").await?;
+                let mut tags = self.backend.tags().await;
+                tags.retain(|key, _| !request.delete_tags.contains(key));
+                tags.extend(request.tags);
+                let result = self.backend.set_tags(tags).await;
+                self.ok(seq, result).await
+            }
+            command::QUERY => {
+                let request: QueryRequest = self.body("queryRequest").await?;
+                self.start_query(seq, request).await
+            }
+            command::RESPOND => {
+                let request: RespondRequest = self.body("respondRequest").await?;
+                let result = match self.queries.get(request.id) {
+                    Some(query) => query.respond(request.payload),
+                    None => Err(super::backend::BackendError::new(errors::INVALID_QUERY_ID)),
+                };
+                self.ok(seq, result).await
+            }
+            command::STATS => {
+                let stats = self.backend.stats().await;
+                self.send(seq, "", Some(&stats)).await
+            }
+            command::GET_COORDINATE => {
+                let request: CoordinateRequest = self.body("coordinateRequest").await?;
+                let coordinate = self.backend.coordinate(request.node).await;
+                let response = CoordinateResponse {
+                    ok: coordinate.is_some(),
+                    coord: coordinate.unwrap_or_default(),
+                };
+                self.send(seq, "", Some(&response)).await
+            }
+            _ => {
+                self.send::<()>(seq, errors::UNSUPPORTED_COMMAND, None)
+                    .await?;
+                Err(ConnectionError::Protocol(format!(
+                    "command {name:?} not recognized"
+                )))
+            }
+        }
+    }
+
+    async fn start_stream(&mut self, seq: u64, spec: &str) -> Result<(), ConnectionError> {
+        let Some(filters) = parse_event_filter(spec) else {
+            return self.send::<()>(seq, errors::INVALID_FILTER, None).await;
+        };
+        if self.streams.contains_key(&seq) {
+            return self.send::<()>(seq, errors::STREAM_EXISTS, None).await;
+        }
+        self.streams.retain(|_, token| !token.is_cancelled());
+        if self.streams.len() >= MAX_STREAMS {
+            let error = format!("Too many streams on one connection (limit {MAX_STREAMS})");
+            return self.send::<()>(seq, &error, None).await;
+        }
+        // Subscribe before replying so no event after the reply is missed.
+        let mut events = self.backend.subscribe_events();
+        self.send::<()>(seq, "", None).await?;
+        let token = self.token.child_token();
+        self.streams.insert(seq, token.clone());
+        let out = self.out.clone();
+        let queries = Arc::clone(&self.queries);
+        tokio::spawn(
+            async move {
+                loop {
+                    let event = tokio::select! {
+                        () = token.cancelled() => break,
+                        event = events.recv() => event,
+                    };
+                    let event = match event {
+                        Ok(event) => event,
+                        Err(broadcast::error::RecvError::Lagged(missed)) => {
+                            warn!(missed, "dropping events to a slow rpc client");
+                            continue;
+                        }
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    };
+                    if !event_matches(&filters, &event) {
+                        continue;
+                    }
+                    let bytes = match event {
+                        Event::Member { kind, members } => reply_bytes(
+                            seq,
+                            "",
+                            Some(&MemberEventRecord {
+                                event: kind.as_str().to_owned(),
+                                members,
+                            }),
+                        ),
+                        Event::User {
+                            ltime,
+                            name,
+                            payload,
+                            coalesce,
+                        } => reply_bytes(
+                            seq,
+                            "",
+                            Some(&UserEventRecord {
+                                event: "user".to_owned(),
+                                ltime,
+                                name,
+                                payload,
+                                coalesce,
+                            }),
+                        ),
+                        Event::Query {
+                            ltime,
+                            name,
+                            payload,
+                            responder,
+                        } => {
+                            let id = queries.register(responder);
+                            reply_bytes(
+                                seq,
+                                "",
+                                Some(&QueryEventRecord {
+                                    event: "query".to_owned(),
+                                    id,
+                                    ltime,
+                                    name,
+                                    payload,
+                                }),
+                            )
+                        }
+                    };
+                    tokio::select! {
+                        () = token.cancelled() => break,
+                        sent = out.send(bytes.into()) => if sent.is_err() { break },
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        Ok(())
+    }
+
+    async fn start_monitor(&mut self, seq: u64, level: &str) -> Result<(), ConnectionError> {
+        let Some(min_level) = LogLevel::parse(level) else {
+            let error = format!("Unknown log level: {}", level.to_uppercase());
+            return self.send::<()>(seq, &error, None).await;
+        };
+        if self.monitor.is_some() {
+            return self.send::<()>(seq, errors::MONITOR_EXISTS, None).await;
+        }
+        let (backlog, mut logs) = self.backend.subscribe_logs();
+        self.send::<()>(seq, "", None).await?;
+        let token = self.token.child_token();
+        self.monitor = Some((seq, token.clone()));
+        let out = self.out.clone();
+        tokio::spawn(
+            async move {
+                for line in backlog.into_iter().filter(|line| line.level >= min_level) {
+                    let bytes = reply_bytes(seq, "", Some(&LogRecord { log: line.text }));
+                    tokio::select! {
+                        () = token.cancelled() => return,
+                        sent = out.send(bytes.into()) => if sent.is_err() { return },
+                    }
+                }
+                loop {
+                    let line = tokio::select! {
+                        () = token.cancelled() => break,
+                        line = logs.recv() => line,
+                    };
+                    let line = match line {
+                        Ok(line) => line,
+                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    };
+                    if line.level < min_level {
+                        continue;
+                    }
+                    let bytes = reply_bytes(seq, "", Some(&LogRecord { log: line.text }));
+                    tokio::select! {
+                        () = token.cancelled() => break,
+                        sent = out.send(bytes.into()) => if sent.is_err() { break },
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        Ok(())
+    }
+
+    async fn start_query(
+        &mut self,
+        seq: u64,
+        request: QueryRequest,
+    ) -> Result<(), ConnectionError> {
+        // The agent reserves the internal prefix, except for the plain `_serf_ping`.
+        if request.name.starts_with(INTERNAL_QUERY_PREFIX)
+            && (request.name != "_serf_ping" || !request.payload.is_empty())
+        {
+            let error = format!("Queries cannot contain the '{INTERNAL_QUERY_PREFIX}' prefix");
+            return self.send::<()>(seq, &error, None).await;
+        }
+        let params = QueryParams {
+            name: request.name,
+            payload: request.payload,
+            filter_nodes: request.filter_nodes,
+            filter_tags: request.filter_tags,
+            request_ack: request.request_ack,
+            relay_factor: request.relay_factor,
+            timeout: u64::try_from(request.timeout)
+                .ok()
+                .filter(|nanos| *nanos > 0)
+                .map(Duration::from_nanos),
+        };
+        let mut handle = match self.backend.query(params).await {
+            Ok(handle) => handle,
+            Err(error) => return self.send::<()>(seq, &error.0, None).await,
+        };
+        self.send::<()>(seq, "", None).await?;
+        let out = self.out.clone();
+        let token = self.token.child_token();
+        tokio::spawn(
+            async move {
+                let deadline = tokio::time::sleep_until(handle.deadline);
+                tokio::pin!(deadline);
+                let mut replies_open = true;
+                loop {
+                    let record = tokio::select! {
+                        () = token.cancelled() => return,
+                        () = &mut deadline => QueryRecord {
+                            kind: query_record::DONE.to_owned(),
+                            ..QueryRecord::default()
+                        },
+                        reply = handle.replies.recv(), if replies_open => match reply {
+                            Some(QueryReply::Ack(from)) => QueryRecord {
+                                kind: query_record::ACK.to_owned(),
+                                from,
+                                payload: Vec::new(),
+                            },
+                            Some(QueryReply::Response { from, payload }) => QueryRecord {
+                                kind: query_record::RESPONSE.to_owned(),
+                                from,
+                                payload,
+                            },
+                            None => {
+                                replies_open = false;
+                                continue;
+                            }
+                        },
+                    };
+                    let done = record.kind == query_record::DONE;
+                    let bytes = reply_bytes(seq, "", Some(&record));
+                    tokio::select! {
+                        () = token.cancelled() => return,
+                        sent = out.send(bytes.into()) => if sent.is_err() { return },
+                    }
+                    if done {
+                        return;
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        Ok(())
+    }
+}
+
+fn is_known(name: &str) -> bool {
+    matches!(
+        name,
+        command::HANDSHAKE
+            | command::AUTH
+            | command::EVENT
+            | command::FORCE_LEAVE
+            | command::JOIN
+            | command::MEMBERS
+            | command::MEMBERS_FILTERED
+            | command::STREAM
+            | command::STOP
+            | command::MONITOR
+            | command::LEAVE
+            | command::INSTALL_KEY
+            | command::USE_KEY
+            | command::REMOVE_KEY
+            | command::LIST_KEYS
+            | command::TAGS
+            | command::QUERY
+            | command::RESPOND
+            | command::STATS
+            | command::GET_COORDINATE
+    )
+}

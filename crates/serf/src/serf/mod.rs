@@ -1,0 +1,534 @@
+//! The Serf layer on top of memberlist: Lamport clocks, member status and intents, user
+//! events, queries, push-pull user state, reaping and reconnecting (serf/serf/*.go).
+//!
+//! Everything here is sans-IO: time comes in as `now`, randomness as an RNG argument, and
+//! effects go out as values.
+
+mod config;
+pub mod driver;
+mod event;
+mod internal;
+mod keys;
+mod lamport;
+mod layer;
+mod member;
+mod push_pull;
+mod query;
+mod state;
+
+pub use config::{Config, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, USER_EVENT_SIZE_HARD_LIMIT};
+pub use keys::{KeyOperation, KeyReport};
+pub use lamport::{LamportClock, LamportTime};
+pub use member::{Member, MemberStatus, NodeInfo};
+pub use query::{
+    default_query_timeout, should_process, Filter, QueryHandle, QueryParams, ResponderId,
+};
+
+pub use state::Lifecycle;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use crate::memberlist::{
+    self, JoinId, LocalNode, Memberlist, StreamId, StreamInput, Transmit, Vsn, META_MAX_SIZE,
+};
+use crate::wire::serf as wire;
+use crate::wire::DecodeError;
+use state::SerfState;
+
+/// A user event (`serf event`), as delivered to the application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserEvent {
+    /// Event Lamport time.
+    pub ltime: LamportTime,
+    /// Event name.
+    pub name: String,
+    /// Opaque payload.
+    pub payload: Vec<u8>,
+    /// The sender allows coalescing events of the same name.
+    pub coalesce: bool,
+}
+
+/// A query from a member (possibly ourselves) addressed to us; answer with `respond(id, …)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Query {
+    /// Pass to `respond`.
+    pub id: ResponderId,
+    /// Query Lamport time.
+    pub ltime: LamportTime,
+    /// Query name.
+    pub name: String,
+    /// Opaque payload.
+    pub payload: Vec<u8>,
+    /// The member that sent it.
+    pub source_node: String,
+    /// Answers after this are refused.
+    pub deadline: Instant,
+}
+
+/// What the Serf layer tells the application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A member joined or came back (`member-join`).
+    MemberJoin(Member),
+    /// A member left gracefully (`member-leave`).
+    MemberLeave(Member),
+    /// A member failed (`member-failed`).
+    MemberFailed(Member),
+    /// A member's tags, address or versions changed (`member-update`).
+    MemberUpdate(Member),
+    /// A failed or left member was forgotten (`member-reap`).
+    MemberReap(Member),
+    /// A user event, delivered once.
+    UserEvent(UserEvent),
+    /// A query addressed to us.
+    Query(Query),
+    /// A member acknowledged one of our queries.
+    QueryAck {
+        /// Which query.
+        query: QueryHandle,
+        /// The member.
+        from: String,
+    },
+    /// A member answered one of our queries.
+    QueryResponse {
+        /// Which query.
+        query: QueryHandle,
+        /// The member.
+        from: String,
+        /// Its answer.
+        payload: Vec<u8>,
+    },
+    /// One of our queries reached its timeout; nothing more will arrive for it.
+    QueryDone {
+        /// Which query.
+        query: QueryHandle,
+    },
+    /// A [`Serf::join`] finished. With `contacted > 0` we are in the cluster and our join
+    /// intent is being gossiped.
+    JoinCompleted {
+        /// Which join.
+        join: JoinId,
+        /// Seeds that completed a push-pull.
+        contacted: usize,
+        /// Seeds that failed, and why.
+        errors: Vec<(SocketAddr, String)>,
+    },
+    /// A [`Serf::leave`] finished: the leave intent and memberlist's leave went out and the
+    /// propagation delay passed. The member should stop now.
+    LeaveCompleted,
+    /// Another node claims our name and most members side with it (`_serf_conflict`): the
+    /// Serf layer has shut down (as Go's Serf does) and ignores further input. Stop the member
+    /// (`driver::Handle::shutdown`, or stop driving a [`Serf`]) and pick another name.
+    NameConflict {
+        /// Our name.
+        name: String,
+        /// The other node's address.
+        other: SocketAddr,
+        /// Members that answered the conflict query.
+        responses: usize,
+        /// Members that know our name at our address.
+        matching: usize,
+    },
+}
+
+/// Why a Serf command was refused. Unless a variant says otherwise, nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// A configuration value out of range.
+    #[error("invalid serf config {field}={value}: {reason}")]
+    Config {
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The encoded tags do not fit in node meta.
+    #[error("encoded length of tags {tags:?} is {len} bytes, above the limit of {limit} bytes")]
+    TagsTooLarge {
+        /// The tags given.
+        tags: BTreeMap<String, String>,
+        /// Their encoded length.
+        len: usize,
+        /// The limit (512).
+        limit: usize,
+    },
+    /// A user event above the size limit.
+    #[error("user event {name:?} is {len} bytes {stage}, above the {kind} limit of {limit} bytes")]
+    UserEventTooLarge {
+        /// Event name.
+        name: String,
+        /// Size measured.
+        len: usize,
+        /// `"before encoding"` (name + payload) or `"after encoding"`.
+        stage: &'static str,
+        /// `"configured"` or `"sane"` (the 9 KiB hard cap).
+        kind: &'static str,
+        /// The limit.
+        limit: usize,
+    },
+    /// A query whose encoding exceeds `query_size_limit`.
+    #[error("query {name:?} is {len} bytes encoded, above the limit of {limit} bytes")]
+    QueryTooLarge {
+        /// Query name.
+        name: String,
+        /// Encoded length.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Queries need Serf protocol 4 or later.
+    #[error("queries need serf protocol 4 or later, this member speaks {protocol_version}")]
+    QueriesNotSupported {
+        /// The configured protocol version.
+        protocol_version: u8,
+    },
+    /// `respond` with an id that is unknown or expired.
+    #[error("no pending query matching id {}", id.0)]
+    UnknownQuery {
+        /// The id given.
+        id: ResponderId,
+    },
+    /// `respond` twice to the same query.
+    #[error("response to query {} already sent", id.0)]
+    ResponseAlreadySent {
+        /// The id given.
+        id: ResponderId,
+    },
+    /// `respond` after the query's deadline.
+    #[error("response to query {} is past the deadline", id.0)]
+    ResponsePastDeadline {
+        /// The id given.
+        id: ResponderId,
+    },
+    /// A response whose encoding exceeds `query_response_size_limit`.
+    #[error("response is {len} bytes encoded, above the limit of {limit} bytes")]
+    ResponseTooLarge {
+        /// Encoded length.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The command needs a running member; this one is leaving, left or shut down.
+    #[error("serf is {state:?}; {command} needs it alive")]
+    NotAlive {
+        /// The refused command.
+        command: &'static str,
+        /// Our lifecycle state.
+        state: Lifecycle,
+    },
+    /// memberlist refused the command.
+    #[error(transparent)]
+    Memberlist(#[from] memberlist::Error),
+}
+
+/// A native Serf member: memberlist plus the Serf layer, as one sans-IO state machine.
+///
+/// Feed it packets, stream bytes and timeouts; pull transmits and events. Commands (`join`,
+/// `leave`, `set_tags`, `user_event`, `query`, `respond`) take the current time. For a member
+/// on real sockets, see [`driver`].
+#[derive(Debug)]
+pub struct Serf {
+    memberlist: Memberlist,
+    state: SerfState,
+    events: VecDeque<Event>,
+}
+
+impl Serf {
+    /// Starts a member named `config.node_name` advertising `addr` (UDP and TCP). It knows
+    /// only itself until [`join`](Self::join) or until someone joins it.
+    pub fn new(
+        config: Config,
+        memberlist_config: memberlist::Config,
+        addr: SocketAddr,
+        mut rng: StdRng,
+        now: Instant,
+    ) -> Result<Self, Error> {
+        let mut local = LocalNode::new(config.node_name.clone(), addr);
+        (local.meta, local.vsn) = validate(&config)?;
+        let state_rng = StdRng::from_rng(&mut rng);
+        let retransmit_mult = memberlist_config.retransmit_mult;
+        let memberlist = Memberlist::new(memberlist_config, local, rng, now)?;
+        let state = SerfState::new(config, state_rng, retransmit_mult, now);
+        let mut serf = Self {
+            memberlist,
+            state,
+            events: VecDeque::new(),
+        };
+        serf.pump(now);
+        Ok(serf)
+    }
+
+    /// Handles one UDP datagram (already decrypted).
+    pub fn handle_packet(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        packet: &[u8],
+    ) -> Result<(), DecodeError> {
+        if self.state.lifecycle == Lifecycle::Shutdown {
+            return Ok(());
+        }
+        self.state.enter(now, &self.memberlist);
+        let result = self
+            .memberlist
+            .handle_packet(now, from, packet, &mut self.state);
+        self.pump(now);
+        result
+    }
+
+    /// The driver accepted a TCP connection from `from`.
+    pub fn handle_accept(&mut self, now: Instant, from: SocketAddr) -> StreamId {
+        self.state.enter(now, &self.memberlist);
+        let stream = self.memberlist.handle_accept(now, from);
+        self.pump(now);
+        stream
+    }
+
+    /// Bytes, EOF or failure on a stream.
+    pub fn handle_stream(&mut self, now: Instant, stream: StreamId, input: StreamInput<'_>) {
+        self.state.enter(now, &self.memberlist);
+        self.memberlist
+            .handle_stream(now, stream, input, &mut self.state);
+        self.pump(now);
+    }
+
+    /// Runs everything due at `now` (memberlist timers, reaping, reconnects, query
+    /// deadlines, leave phases).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.state.lifecycle == Lifecycle::Shutdown {
+            return;
+        }
+        self.state.enter(now, &self.memberlist);
+        self.memberlist.handle_timeout(now, &mut self.state);
+        self.pump(now);
+        self.state.handle_own_timeout(now, &mut self.memberlist);
+        self.pump(now);
+    }
+
+    /// The next transmit for the driver.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.memberlist.poll_transmit()
+    }
+
+    /// The next event for the application.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) is due next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.state.lifecycle == Lifecycle::Shutdown {
+            return None;
+        }
+        [self.memberlist.poll_timeout(), self.state.own_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Joins the cluster through `seeds` (a push-pull with each). With `ignore_old`, user
+    /// events older than what the seeds report are not delivered (the agent's default,
+    /// i.e. without `-replay`). Completion comes as [`Event::JoinCompleted`].
+    pub fn join(
+        &mut self,
+        now: Instant,
+        seeds: &[SocketAddr],
+        ignore_old: bool,
+    ) -> Result<JoinId, Error> {
+        let join = self
+            .state
+            .join(now, &mut self.memberlist, seeds, ignore_old);
+        self.pump(now);
+        join
+    }
+
+    /// Leaves gracefully: gossips our leave intent (so others report us `left`, not
+    /// `failed`), waits until it went out (at most `broadcast_timeout`), then memberlist's
+    /// leave, then `leave_propagate_delay`. Keep driving the member until
+    /// [`Event::LeaveCompleted`].
+    pub fn leave(&mut self, now: Instant) -> Result<(), Error> {
+        let result = self.state.leave(now, &mut self.memberlist);
+        self.pump(now);
+        result
+    }
+
+    /// Replaces our tags; they reach other members as new node meta.
+    pub fn set_tags(&mut self, now: Instant, tags: BTreeMap<String, String>) -> Result<(), Error> {
+        let result = self.state.set_tags(now, &mut self.memberlist, tags);
+        self.pump(now);
+        result
+    }
+
+    /// Sends a user event to the cluster (and delivers it here too, as Go does).
+    pub fn user_event(
+        &mut self,
+        now: Instant,
+        name: &str,
+        payload: &[u8],
+        coalesce: bool,
+    ) -> Result<(), Error> {
+        let result = self.state.user_event(now, name, payload, coalesce);
+        self.pump(now);
+        result
+    }
+
+    /// Sends a query; acks and responses come as [`Event::QueryAck`] and
+    /// [`Event::QueryResponse`] with the returned handle, then [`Event::QueryDone`] at the
+    /// timeout. We process our own query too (Go does): expect our own answer.
+    pub fn query(
+        &mut self,
+        now: Instant,
+        name: &str,
+        payload: &[u8],
+        params: &QueryParams,
+    ) -> Result<QueryHandle, Error> {
+        let handle = self
+            .state
+            .start_query(now, &mut self.memberlist, name, payload, params);
+        self.pump(now);
+        handle
+    }
+
+    /// Sets the gossip keyring the key queries change (the driver that encrypts with it
+    /// must share it); `None` answers them as an unencrypted Go member does.
+    pub fn set_keyring(&mut self, keyring: Option<crate::wire::crypto::SharedKeyring>) {
+        self.state.keyring = keyring;
+    }
+
+    /// Answers a query delivered as [`Event::Query`] (once, before its deadline).
+    pub fn respond(&mut self, now: Instant, id: ResponderId, payload: &[u8]) -> Result<(), Error> {
+        self.state.enter(now, &self.memberlist);
+        let result = self.state.respond(id, payload.to_vec());
+        self.pump(now);
+        result
+    }
+
+    /// Every member Serf knows, ourselves included (failed and left ones until reaped).
+    pub fn members(&self) -> impl Iterator<Item = &Member> {
+        self.state.members.iter()
+    }
+
+    /// One member by name.
+    pub fn member(&self, name: &str) -> Option<&Member> {
+        self.state.members.get(name)
+    }
+
+    /// Ourselves.
+    pub fn local_member(&self) -> &Member {
+        self.state
+            .members
+            .get(&self.state.config.node_name)
+            .expect("memberlist reports the local node at construction")
+    }
+
+    /// Our lifecycle state.
+    pub fn lifecycle(&self) -> Lifecycle {
+        self.state.lifecycle
+    }
+
+    /// Our Vivaldi coordinate (`None` with coordinates disabled).
+    pub fn coordinate(&self) -> Option<&crate::coordinate::Coordinate> {
+        self.state
+            .coordinates
+            .as_ref()
+            .map(|client| client.coordinate())
+    }
+
+    /// The last coordinate seen for `node` (ours included).
+    pub fn cached_coordinate(&self, node: &str) -> Option<&crate::coordinate::Coordinate> {
+        self.state.coordinate_cache.get(node)
+    }
+
+    /// Estimated round trip to `node`, from the coordinates.
+    pub fn estimated_rtt(&self, node: &str) -> Option<std::time::Duration> {
+        self.state.estimated_rtt(node)
+    }
+
+    /// The three Lamport clocks: member, event, query.
+    pub fn clocks(&self) -> (LamportTime, LamportTime, LamportTime) {
+        self.state.clocks()
+    }
+
+    /// The memberlist core underneath (read-only).
+    pub fn memberlist(&self) -> &Memberlist {
+        &self.memberlist
+    }
+
+    /// The Serf configuration in use (tags reflect `set_tags`).
+    pub fn config(&self) -> &Config {
+        &self.state.config
+    }
+
+    /// The default query timeout for the current cluster size.
+    pub fn default_query_timeout(&self) -> std::time::Duration {
+        self.state.default_query_timeout(&self.memberlist)
+    }
+
+    fn pump(&mut self, now: Instant) {
+        self.state.pump(now, &mut self.memberlist);
+        self.events.extend(self.state.events.drain(..));
+    }
+}
+
+/// Checks a config and returns the node meta and protocol versions it implies.
+fn validate(config: &Config) -> Result<(Vec<u8>, Vsn), Error> {
+    if config.node_name.is_empty() {
+        return Err(Error::Config {
+            field: "node_name",
+            value: String::new(),
+            reason: "must not be empty",
+        });
+    }
+    if !(PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION_MAX).contains(&config.protocol_version) {
+        return Err(Error::Config {
+            field: "protocol_version",
+            value: config.protocol_version.to_string(),
+            reason: "must be in 2..=5",
+        });
+    }
+    if config.user_event_size_limit > USER_EVENT_SIZE_HARD_LIMIT {
+        return Err(Error::Config {
+            field: "user_event_size_limit",
+            value: config.user_event_size_limit.to_string(),
+            reason: "must be at most 9216 bytes",
+        });
+    }
+    let meta = encode_meta(&config.tags, config.protocol_version);
+    if meta.len() > META_MAX_SIZE {
+        return Err(Error::TagsTooLarge {
+            tags: config.tags.clone(),
+            len: meta.len(),
+            limit: META_MAX_SIZE,
+        });
+    }
+    // memberlist protocol 2 for every serf version (Go's ProtocolVersionMap).
+    let vsn = Vsn([
+        1,
+        5,
+        2,
+        PROTOCOL_VERSION_MIN,
+        PROTOCOL_VERSION_MAX,
+        config.protocol_version,
+    ]);
+    Ok((meta, vsn))
+}
+
+/// Tags as node meta for a Serf protocol version: `ff` + msgpack map from protocol 3 on,
+/// the bare `role` tag before.
+fn encode_meta(tags: &BTreeMap<String, String>, protocol_version: u8) -> Vec<u8> {
+    if protocol_version < 3 {
+        tags.get("role").cloned().unwrap_or_default().into_bytes()
+    } else {
+        wire::encode_tags(tags)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,196 @@
+//! The tokio driver with two native members on loopback: join, meta update, user messages,
+//! graceful leave, and the delegate hooks.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serf::driver::{self, Handle, Options};
+use serf::memberlist::{Delegate, Event, Memberlist, NodeState, META_MAX_SIZE};
+use testkit::{free_port, loopback};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+#[derive(Default, Clone)]
+struct Recorder {
+    messages: Arc<Mutex<Vec<Vec<u8>>>>,
+    hooked_events: Arc<Mutex<usize>>,
+    ticks: Arc<Mutex<usize>>,
+    next_tick: Option<Instant>,
+}
+
+impl Delegate for Recorder {
+    fn notify_user_msg(&mut self, message: &[u8]) {
+        self.messages.lock().expect("lock").push(message.to_vec());
+    }
+
+    fn on_event(&mut self, _now: Instant, _event: &Event, _memberlist: &mut Memberlist) {
+        *self.hooked_events.lock().expect("lock") += 1;
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.next_tick
+    }
+
+    fn handle_timeout(&mut self, now: Instant, memberlist: &mut Memberlist) {
+        *self.ticks.lock().expect("lock") += 1;
+        assert!(memberlist.num_members() >= 1);
+        self.next_tick = Some(now + Duration::from_millis(50));
+    }
+}
+
+async fn start(
+    name: &str,
+    ip: u8,
+    delegate: Recorder,
+) -> (Handle<Recorder>, UnboundedReceiver<Event>) {
+    let ip = loopback(ip);
+    let mut options = Options::new(name, SocketAddr::from((ip, free_port(ip))));
+    options.seed = Some(u64::from(ip.octets()[3]));
+    driver::start(options, delegate)
+        .await
+        .expect("starting a member")
+}
+
+async fn next_matching(
+    events: &mut UnboundedReceiver<Event>,
+    what: &str,
+    matches: impl Fn(&Event) -> bool,
+) -> Event {
+    let wait = async {
+        while let Some(event) = events.recv().await {
+            if matches(&event) {
+                return event;
+            }
+        }
+        panic!("event stream ended while waiting for {what}");
+    };
+    tokio::time::timeout(testkit::DEADLINE, wait)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_native_members_join_update_message_and_leave() {
+    let recorder_a = Recorder {
+        next_tick: Some(Instant::now()),
+        ..Recorder::default()
+    };
+    let (a, mut events_a) = start("drv-a", 61, recorder_a.clone()).await;
+    let (b, _events_b) = start("drv-b", 62, Recorder::default()).await;
+
+    assert_eq!(b.join(&[a.local_addr()]).await.expect("join"), 1);
+    next_matching(
+        &mut events_a,
+        "a sees b join",
+        |event| matches!(event, Event::NodeJoined(node) if node.name == "drv-b"),
+    )
+    .await;
+
+    b.update_meta(b"v2".to_vec()).await.expect("small meta");
+    let updated = next_matching(
+        &mut events_a,
+        "a sees b's new meta",
+        |event| matches!(event, Event::NodeUpdated(node) if node.name == "drv-b"),
+    )
+    .await;
+    let Event::NodeUpdated(node) = updated else {
+        unreachable!("matched above")
+    };
+    assert_eq!(node.meta, b"v2");
+    let error = b
+        .update_meta(vec![0; META_MAX_SIZE + 1])
+        .await
+        .expect_err("meta too large");
+    assert_eq!(
+        error.to_string(),
+        "node meta is 513 bytes, above the limit of 512 bytes"
+    );
+
+    b.send_user(a.local_addr(), b"hello".to_vec())
+        .await
+        .expect("driver running");
+    testkit::eventually(testkit::DEADLINE, "a receives the user message", || {
+        recorder_a
+            .messages
+            .lock()
+            .expect("lock")
+            .contains(&b"hello".to_vec())
+            .then_some(())
+    });
+
+    assert!(b
+        .leave(Duration::from_secs(5))
+        .await
+        .expect("driver running"));
+    assert!(
+        b.leave(Duration::from_secs(5))
+            .await
+            .expect("driver running"),
+        "a second leave answers at once"
+    );
+    next_matching(
+        &mut events_a,
+        "a sees b leave",
+        |event| matches!(event, Event::NodeLeft(node) if node.name == "drv-b"),
+    )
+    .await;
+    let members = a.members().await.expect("driver running");
+    let b_state = members
+        .iter()
+        .find(|node| node.name == "drv-b")
+        .map(|node| node.state);
+    assert_eq!(b_state, Some(NodeState::Left));
+    assert!(*recorder_a.hooked_events.lock().expect("lock") >= 3);
+    assert!(*recorder_a.ticks.lock().expect("lock") >= 1);
+    b.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_to_nobody_fails_with_the_reason() {
+    let (a, _events) = start("drv-c", 63, Recorder::default()).await;
+    let nobody = SocketAddr::from((loopback(64), free_port(loopback(64))));
+    let error = a.join(&[nobody]).await.expect_err("nobody listens");
+    let text = error.to_string();
+    assert!(
+        text.contains("join failed") && text.contains(&nobody.to_string()),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_both_ports_is_survived() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (a, _events) = start("drv-g", 65, Recorder::default()).await;
+    let target = a.local_addr();
+    let udp = tokio::net::UdpSocket::bind((loopback(66), 0))
+        .await
+        .expect("binding a udp socket");
+    for packet in [
+        &b""[..],
+        &[0xff; 3],
+        &[0x07, 0xff, 0x00],
+        &[0x0c, 1, 2, 3, 4, 5],
+        &[0x09, 0x82],
+    ] {
+        udp.send_to(packet, target).await.expect("sending garbage");
+    }
+    // A stream with garbage gets an error reply and is closed.
+    let mut stream = tokio::net::TcpStream::connect(target)
+        .await
+        .expect("connecting");
+    stream.write_all(&[0xee, 0, 1, 2]).await.expect("writing");
+    let mut reply = Vec::new();
+    tokio::time::timeout(testkit::DEADLINE, stream.read_to_end(&mut reply))
+        .await
+        .expect("the member closes a garbage stream")
+        .expect("reading the reply");
+    // A stream that stalls mid-message does not block others.
+    let mut stalled = tokio::net::TcpStream::connect(target)
+        .await
+        .expect("connecting");
+    stalled.write_all(&[0x06, 0x83]).await.expect("writing");
+    let (b, _events_b) = start("drv-h", 67, Recorder::default()).await;
+    assert_eq!(b.join(&[target]).await.expect("join after garbage"), 1);
+    drop(stalled);
+}

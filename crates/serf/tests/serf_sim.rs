@@ -1,0 +1,710 @@
+//! Deterministic simulation of several native Serf members on a virtual network and clock:
+//! joins, intents, user events, queries, leave, failure, tags, late joiners, reaping.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serf::memberlist::{self, StreamId, StreamInput, Transmit};
+use serf::serf::{Config, Event, MemberStatus, QueryParams, Serf};
+
+const HOP: Duration = Duration::from_millis(1);
+
+enum Delivery {
+    Packet {
+        to: usize,
+        from: SocketAddr,
+        bytes: Vec<u8>,
+    },
+    Data {
+        to: usize,
+        stream: StreamId,
+        bytes: Vec<u8>,
+    },
+    Closed {
+        to: usize,
+        stream: StreamId,
+    },
+    Failed {
+        to: usize,
+        stream: StreamId,
+    },
+}
+
+/// N members, a FIFO network with a fixed one-hop delay, a virtual clock.
+struct Sim {
+    now: Instant,
+    nodes: Vec<Option<Serf>>,
+    addrs: Vec<SocketAddr>,
+    names: Vec<String>,
+    events: Vec<Vec<Event>>,
+    queue: VecDeque<(Instant, Delivery)>,
+    streams: HashMap<(usize, StreamId), (usize, StreamId)>,
+    seed: u64,
+    starts: u64,
+    /// Pairs of members that cannot reach each other (both directions).
+    partitioned: HashSet<(usize, usize)>,
+}
+
+fn addr(index: usize) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, index as u8 + 1)), 7946)
+}
+
+impl Sim {
+    fn new(seed: u64) -> Self {
+        Self {
+            now: Instant::now(),
+            nodes: Vec::new(),
+            addrs: Vec::new(),
+            names: Vec::new(),
+            events: Vec::new(),
+            queue: VecDeque::new(),
+            streams: HashMap::new(),
+            seed,
+            starts: 0,
+            partitioned: HashSet::new(),
+        }
+    }
+
+    fn config(name: &str) -> Config {
+        Config {
+            node_name: name.to_owned(),
+            ..Config::default()
+        }
+    }
+
+    /// Adds (or restarts, for an existing name) a member.
+    fn start(&mut self, config: Config) -> usize {
+        let index = match self.names.iter().position(|name| *name == config.node_name) {
+            Some(index) => index,
+            None => self.add_slot(&config.node_name),
+        };
+        self.boot(index, config)
+    }
+
+    /// Adds a member at a new address even if its name is taken (a name conflict).
+    fn start_impostor(&mut self, config: Config) -> usize {
+        let index = self.add_slot(&config.node_name);
+        self.boot(index, config)
+    }
+
+    fn add_slot(&mut self, name: &str) -> usize {
+        self.names.push(name.to_owned());
+        self.addrs.push(addr(self.names.len() - 1));
+        self.nodes.push(None);
+        self.events.push(Vec::new());
+        self.names.len() - 1
+    }
+
+    fn boot(&mut self, index: usize, config: Config) -> usize {
+        self.starts += 1;
+        let rng = StdRng::seed_from_u64(self.seed * 1000 + self.starts);
+        let mut ml = memberlist::Config::lan();
+        ml.push_pull_interval = Duration::from_secs(30);
+        let serf = Serf::new(config, ml, self.addrs[index], rng, self.now)
+            .unwrap_or_else(|error| panic!("seed {}: start: {error}", self.seed));
+        self.nodes[index] = Some(serf);
+        index
+    }
+
+    fn node(&mut self, index: usize) -> &mut Serf {
+        self.nodes[index].as_mut().expect("node is running")
+    }
+
+    fn kill(&mut self, index: usize) {
+        self.nodes[index] = None;
+        self.streams
+            .retain(|(a, _), (b, _)| *a != index && *b != index);
+    }
+
+    fn cut(&self, a: usize, b: usize) -> bool {
+        self.partitioned.contains(&(a.min(b), a.max(b)))
+    }
+
+    fn index_of(&self, to: SocketAddr) -> Option<usize> {
+        self.addrs.iter().position(|a| *a == to)
+    }
+
+    fn collect(&mut self) {
+        for index in 0..self.nodes.len() {
+            while let Some(transmit) = self.nodes[index].as_mut().and_then(Serf::poll_transmit) {
+                self.route(index, transmit);
+            }
+            if let Some(node) = self.nodes[index].as_mut() {
+                while let Some(event) = node.poll_event() {
+                    self.events[index].push(event);
+                }
+            }
+        }
+    }
+
+    fn route(&mut self, from: usize, transmit: Transmit) {
+        let at = self.now + HOP;
+        match transmit {
+            Transmit::Packet { to, bytes } => {
+                if let Some(to) = self.index_of(to).filter(|to| !self.cut(from, *to)) {
+                    let from = self.addrs[from];
+                    self.queue
+                        .push_back((at, Delivery::Packet { to, from, bytes }));
+                }
+            }
+            Transmit::StreamOpen { stream, to } => {
+                let target = self
+                    .index_of(to)
+                    .filter(|i| self.nodes[*i].is_some() && !self.cut(from, *i));
+                match target {
+                    Some(target) => {
+                        let from_addr = self.addrs[from];
+                        let now = self.now;
+                        let accepted = self.node(target).handle_accept(now, from_addr);
+                        self.streams.insert((from, stream), (target, accepted));
+                        self.streams.insert((target, accepted), (from, stream));
+                    }
+                    None => self
+                        .queue
+                        .push_back((at, Delivery::Failed { to: from, stream })),
+                }
+            }
+            Transmit::StreamWrite { stream, bytes } => {
+                if let Some(&(to, stream)) = self.streams.get(&(from, stream)) {
+                    self.queue
+                        .push_back((at, Delivery::Data { to, stream, bytes }));
+                }
+            }
+            Transmit::StreamClose { stream } => {
+                if let Some((to, other)) = self.streams.remove(&(from, stream)) {
+                    self.streams.remove(&(to, other));
+                    self.queue
+                        .push_back((at, Delivery::Closed { to, stream: other }));
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, delivery: Delivery) {
+        let now = self.now;
+        match delivery {
+            Delivery::Packet { to, from, bytes } => {
+                if let Some(node) = self.nodes[to].as_mut() {
+                    let _ = node.handle_packet(now, from, &bytes);
+                }
+            }
+            Delivery::Data { to, stream, bytes } => {
+                if let Some(node) = self.nodes[to].as_mut() {
+                    node.handle_stream(now, stream, StreamInput::Data(&bytes));
+                }
+            }
+            Delivery::Closed { to, stream } => {
+                if let Some(node) = self.nodes[to].as_mut() {
+                    node.handle_stream(now, stream, StreamInput::Closed);
+                }
+            }
+            Delivery::Failed { to, stream } => {
+                if let Some(node) = self.nodes[to].as_mut() {
+                    node.handle_stream(now, stream, StreamInput::Failed("connection refused"));
+                }
+            }
+        }
+    }
+
+    /// Runs the network and timers for `duration` of virtual time.
+    fn run(&mut self, duration: Duration) {
+        let end = self.now + duration;
+        loop {
+            self.collect();
+            let next_delivery = self.queue.front().map(|(at, _)| *at);
+            let next_timer = self
+                .nodes
+                .iter()
+                .flatten()
+                .filter_map(Serf::poll_timeout)
+                .min();
+            let Some(next) = [next_delivery, next_timer].into_iter().flatten().min() else {
+                break;
+            };
+            if next > end {
+                break;
+            }
+            self.now = self.now.max(next);
+            while self.queue.front().is_some_and(|(at, _)| *at <= self.now) {
+                let (_, delivery) = self.queue.pop_front().expect("front exists");
+                self.deliver(delivery);
+            }
+            let now = self.now;
+            for node in self.nodes.iter_mut().flatten() {
+                if node.poll_timeout().is_some_and(|at| at <= now) {
+                    node.handle_timeout(now);
+                }
+            }
+        }
+        self.now = end;
+        self.collect();
+    }
+
+    fn join(&mut self, index: usize, seed: usize, ignore_old: bool) {
+        let now = self.now;
+        let seed_addr = self.addrs[seed];
+        self.node(index)
+            .join(now, &[seed_addr], ignore_old)
+            .unwrap_or_else(|error| panic!("seed {}: join: {error}", self.seed));
+    }
+
+    fn status(&self, at: usize, of: &str) -> Option<MemberStatus> {
+        self.nodes[at].as_ref()?.member(of).map(|m| m.status)
+    }
+
+    fn user_events(&self, at: usize) -> Vec<(String, Vec<u8>)> {
+        self.events[at]
+            .iter()
+            .filter_map(|event| match event {
+                Event::UserEvent(e) => Some((e.name.clone(), e.payload.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn cluster(&mut self, names: &[&str]) {
+        for name in names {
+            self.start(Self::config(name));
+        }
+        for index in 1..names.len() {
+            self.join(index, 0, true);
+        }
+        self.run(Duration::from_secs(3));
+        for at in 0..names.len() {
+            for name in names {
+                assert_eq!(
+                    self.status(at, name),
+                    Some(MemberStatus::Alive),
+                    "seed {}: {} sees {name}",
+                    self.seed,
+                    names[at]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn members_join_and_see_each_other_alive() {
+    let mut sim = Sim::new(1);
+    sim.cluster(&["a", "b", "c"]);
+    let joins = sim.events[1]
+        .iter()
+        .filter(|e| matches!(e, Event::JoinCompleted { contacted: 1, .. }))
+        .count();
+    assert_eq!(joins, 1);
+    // Everyone's member clock moved past the join intents.
+    assert!(sim.node(0).clocks().0 .0 >= 2);
+}
+
+#[test]
+fn user_event_is_delivered_exactly_once_everywhere() {
+    let mut sim = Sim::new(2);
+    sim.cluster(&["a", "b", "c"]);
+    let now = sim.now;
+    sim.node(1)
+        .user_event(now, "deploy", b"v1", false)
+        .expect("event fits");
+    sim.run(Duration::from_secs(5));
+    for at in 0..3 {
+        assert_eq!(
+            sim.user_events(at),
+            [("deploy".to_owned(), b"v1".to_vec())],
+            "member {at}"
+        );
+    }
+    // Too large: a clear error naming the event.
+    let payload = vec![0u8; 600];
+    let error = sim
+        .node(0)
+        .user_event(now, "big", &payload, false)
+        .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "user event \"big\" is 603 bytes before encoding, above the configured limit of 512 bytes"
+    );
+}
+
+#[test]
+fn query_collects_acks_and_responses_and_filters_by_tag() {
+    let mut sim = Sim::new(3);
+    let mut c = Sim::config("c");
+    c.tags.insert("role".to_owned(), "3306".to_owned());
+    sim.start(Sim::config("a"));
+    sim.start(Sim::config("b"));
+    sim.start(c);
+    sim.join(1, 0, true);
+    sim.join(2, 0, true);
+    sim.run(Duration::from_secs(3));
+    let now = sim.now;
+    let params = QueryParams {
+        request_ack: true,
+        ..QueryParams::default()
+    };
+    let handle = sim
+        .node(0)
+        .query(now, "uptime", b"", &params)
+        .expect("query fits");
+    sim.run(Duration::from_millis(500));
+    // Everyone (the sender included) got the query once; b and c answer.
+    for at in 0..3 {
+        let queries: Vec<_> = sim.events[at]
+            .iter()
+            .filter_map(|e| match e {
+                Event::Query(q) => Some(q.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(queries.len(), 1, "member {at}: {queries:?}");
+        if at > 0 {
+            let now = sim.now;
+            let answer = format!("up from {at}");
+            sim.node(at)
+                .respond(now, queries[0].id, answer.as_bytes())
+                .expect("in time");
+            let again = sim
+                .node(at)
+                .respond(now, queries[0].id, b"again")
+                .unwrap_err();
+            assert!(again.to_string().contains("already sent"), "{again}");
+        }
+    }
+    sim.run(Duration::from_secs(4));
+    let mut acks = BTreeMap::new();
+    let mut responses = BTreeMap::new();
+    let mut done = 0;
+    for event in &sim.events[0] {
+        match event {
+            Event::QueryAck { query, from } if *query == handle => {
+                *acks.entry(from.clone()).or_insert(0) += 1;
+            }
+            Event::QueryResponse {
+                query,
+                from,
+                payload,
+            } if *query == handle => {
+                responses.insert(from.clone(), String::from_utf8_lossy(payload).into_owned());
+            }
+            Event::QueryDone { query } if *query == handle => done += 1,
+            _ => {}
+        }
+    }
+    let everyone: BTreeMap<String, i32> =
+        ["a", "b", "c"].iter().map(|n| (n.to_string(), 1)).collect();
+    assert_eq!(acks, everyone);
+    assert_eq!(
+        responses.into_iter().collect::<Vec<_>>(),
+        [
+            ("b".to_owned(), "up from 1".to_owned()),
+            ("c".to_owned(), "up from 2".to_owned())
+        ]
+    );
+    assert_eq!(done, 1);
+
+    // A tag filter: only c processes it.
+    let params = QueryParams {
+        request_ack: true,
+        filter_tags: [("role".to_owned(), "^3306$".to_owned())]
+            .into_iter()
+            .collect(),
+        ..QueryParams::default()
+    };
+    let now = sim.now;
+    let handle = sim
+        .node(0)
+        .query(now, "whoami", b"", &params)
+        .expect("query fits");
+    sim.run(Duration::from_secs(4));
+    let got: HashSet<usize> = (0..3)
+        .filter(|at| {
+            sim.events[*at]
+                .iter()
+                .any(|e| matches!(e, Event::Query(q) if q.name == "whoami"))
+        })
+        .collect();
+    assert_eq!(got, HashSet::from([2]));
+    let acked: Vec<_> = sim.events[0]
+        .iter()
+        .filter_map(|e| match e {
+            Event::QueryAck { query, from } if *query == handle => Some(from.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acked, ["c"]);
+}
+
+#[test]
+fn internal_ping_query_is_acked_but_not_shown_to_the_application() {
+    let mut sim = Sim::new(4);
+    sim.cluster(&["a", "b"]);
+    let now = sim.now;
+    let params = QueryParams {
+        request_ack: true,
+        ..QueryParams::default()
+    };
+    let handle = sim
+        .node(0)
+        .query(now, "_serf_ping", b"", &params)
+        .expect("query fits");
+    sim.run(Duration::from_secs(4));
+    let acks: Vec<_> = sim.events[0]
+        .iter()
+        .filter_map(|e| match e {
+            Event::QueryAck { query, from } if *query == handle => Some(from.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acks.len(), 2, "{acks:?}");
+    assert!(!sim.events[1].iter().any(|e| matches!(e, Event::Query(_))));
+}
+
+#[test]
+fn graceful_leave_is_left_and_a_kill_is_failed_and_both_come_back() {
+    let mut sim = Sim::new(5);
+    sim.cluster(&["a", "b", "c"]);
+    let now = sim.now;
+    sim.node(1).leave(now).expect("alive");
+    sim.run(Duration::from_secs(3));
+    assert!(sim.events[1].contains(&Event::LeaveCompleted));
+    assert_eq!(sim.node(1).lifecycle(), serf::serf::Lifecycle::Left);
+    assert_eq!(sim.node(1).local_member().status, MemberStatus::Left);
+    assert_eq!(sim.status(0, "b"), Some(MemberStatus::Left));
+    assert_eq!(sim.status(2, "b"), Some(MemberStatus::Left));
+    sim.kill(1);
+    sim.kill(2);
+    sim.run(Duration::from_secs(15));
+    assert_eq!(sim.status(0, "c"), Some(MemberStatus::Failed));
+    assert!(sim.events[0]
+        .iter()
+        .any(|e| matches!(e, Event::MemberFailed(m) if m.name == "c")));
+    // Both restart with their old names and rejoin: alive again.
+    sim.start(Sim::config("b"));
+    sim.start(Sim::config("c"));
+    sim.join(1, 0, true);
+    sim.join(2, 0, true);
+    sim.run(Duration::from_secs(5));
+    assert_eq!(sim.status(0, "b"), Some(MemberStatus::Alive));
+    assert_eq!(sim.status(0, "c"), Some(MemberStatus::Alive));
+    assert_eq!(sim.status(1, "c"), Some(MemberStatus::Alive));
+}
+
+#[test]
+fn tag_change_propagates_as_an_update() {
+    let mut sim = Sim::new(6);
+    sim.cluster(&["a", "b"]);
+    let now = sim.now;
+    let tags: BTreeMap<String, String> = [("role".to_owned(), "web".to_owned())]
+        .into_iter()
+        .collect();
+    sim.node(1).set_tags(now, tags.clone()).expect("small tags");
+    sim.run(Duration::from_secs(2));
+    assert_eq!(sim.node(0).member("b").map(|m| m.tags.clone()), Some(tags));
+    assert!(sim.events[0]
+        .iter()
+        .any(|e| matches!(e, Event::MemberUpdate(m) if m.name == "b")));
+    let huge: BTreeMap<String, String> = [("k".to_owned(), "v".repeat(600))].into_iter().collect();
+    let error = sim.node(1).set_tags(now, huge).unwrap_err();
+    assert!(
+        error.to_string().contains("above the limit of 512 bytes"),
+        "{error}"
+    );
+}
+
+#[test]
+fn late_joiner_does_not_replay_old_events_unless_asked() {
+    let mut sim = Sim::new(7);
+    sim.cluster(&["a", "b"]);
+    let now = sim.now;
+    sim.node(0)
+        .user_event(now, "deploy", b"v1", false)
+        .expect("event fits");
+    sim.run(Duration::from_secs(3));
+    assert_eq!(sim.user_events(1).len(), 1);
+    let late = sim.start(Sim::config("late"));
+    sim.join(late, 0, true);
+    let replay = sim.start(Sim::config("replay"));
+    sim.join(replay, 1, false);
+    sim.run(Duration::from_secs(3));
+    assert_eq!(sim.status(late, "a"), Some(MemberStatus::Alive));
+    assert_eq!(sim.user_events(late), [], "ignore-old joiner");
+    assert_eq!(
+        sim.user_events(replay),
+        [("deploy".to_owned(), b"v1".to_vec())],
+        "replaying joiner"
+    );
+    // A new event after the join reaches the late joiner.
+    let now = sim.now;
+    sim.node(1)
+        .user_event(now, "deploy", b"v2", false)
+        .expect("event fits");
+    sim.run(Duration::from_secs(3));
+    assert_eq!(
+        sim.user_events(late),
+        [("deploy".to_owned(), b"v2".to_vec())]
+    );
+    assert_eq!(sim.user_events(0).len(), 2);
+}
+
+#[test]
+fn failed_member_is_reaped_after_the_reconnect_timeout() {
+    let mut sim = Sim::new(8);
+    for name in ["a", "b"] {
+        let mut config = Sim::config(name);
+        config.reconnect_timeout = Duration::from_secs(60);
+        config.reap_interval = Duration::from_secs(5);
+        sim.start(config);
+    }
+    sim.join(1, 0, true);
+    sim.run(Duration::from_secs(3));
+    sim.kill(1);
+    sim.run(Duration::from_secs(20));
+    assert_eq!(sim.status(0, "b"), Some(MemberStatus::Failed));
+    sim.run(Duration::from_secs(40));
+    assert_eq!(
+        sim.status(0, "b"),
+        Some(MemberStatus::Failed),
+        "not before 60 s"
+    );
+    sim.run(Duration::from_secs(15));
+    assert_eq!(sim.status(0, "b"), None);
+    assert!(sim.events[0]
+        .iter()
+        .any(|e| matches!(e, Event::MemberReap(m) if m.name == "b")));
+}
+
+#[test]
+fn coordinates_give_an_rtt_estimate() {
+    let mut sim = Sim::new(9);
+    sim.cluster(&["a", "b"]);
+    sim.run(Duration::from_secs(30));
+    let estimate = sim
+        .node(0)
+        .estimated_rtt("b")
+        .expect("b's coordinate is cached");
+    // One hop each way is 2 ms.
+    assert!(estimate < Duration::from_millis(10), "{estimate:?}");
+}
+
+#[test]
+fn name_conflict_shuts_down_the_member_the_cluster_does_not_know() {
+    let mut sim = Sim::new(10);
+    sim.cluster(&["a", "b", "c"]);
+    let impostor = sim.start_impostor(Sim::config("b"));
+    sim.join(impostor, 0, true);
+    sim.run(Duration::from_secs(10));
+    let conflict = sim.events[impostor]
+        .iter()
+        .find(|e| matches!(e, Event::NameConflict { .. }))
+        .cloned();
+    let Some(Event::NameConflict {
+        name,
+        other,
+        matching,
+        ..
+    }) = conflict
+    else {
+        panic!(
+            "seed 10: no name conflict at the impostor: {:?}",
+            sim.events[impostor]
+        );
+    };
+    assert_eq!((name.as_str(), other, matching), ("b", sim.addrs[1], 0));
+    assert_eq!(
+        sim.node(impostor).lifecycle(),
+        serf::serf::Lifecycle::Shutdown
+    );
+    // The original keeps its name and its place.
+    assert!(!sim.events[1]
+        .iter()
+        .any(|e| matches!(e, Event::NameConflict { .. })));
+    assert_eq!(sim.node(1).lifecycle(), serf::serf::Lifecycle::Alive);
+    assert_eq!(sim.status(0, "b"), Some(MemberStatus::Alive));
+    assert_eq!(
+        sim.node(0).member("b").map(|m| m.socket_addr()),
+        Some(sim.addrs[1])
+    );
+}
+
+#[test]
+fn respond_refuses_late_unknown_and_oversized_answers() {
+    let mut sim = Sim::new(11);
+    sim.cluster(&["a", "b"]);
+    let now = sim.now;
+    let params = QueryParams {
+        timeout: Some(Duration::from_secs(1)),
+        ..QueryParams::default()
+    };
+    sim.node(0)
+        .query(now, "slow", b"", &params)
+        .expect("query fits");
+    // Gossip goes out every 200 ms.
+    sim.run(Duration::from_millis(300));
+    let id = sim.events[1]
+        .iter()
+        .find_map(|e| match e {
+            Event::Query(q) => Some(q.id),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("b got the query: {:?}", sim.events[1]));
+    let now = sim.now;
+    let error = sim.node(1).respond(now, id, &[0u8; 1100]).unwrap_err();
+    assert!(
+        error.to_string().contains("above the limit of 1024 bytes"),
+        "{error}"
+    );
+    sim.run(Duration::from_millis(1100));
+    let now = sim.now;
+    let error = sim.node(1).respond(now, id, b"late").unwrap_err();
+    assert!(error.to_string().contains("past the deadline"), "{error}");
+    sim.run(Duration::from_secs(2));
+    let now = sim.now;
+    let error = sim.node(1).respond(now, id, b"later").unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .starts_with("no pending query matching id"),
+        "{error}"
+    );
+    let big_query = vec![0u8; 1100];
+    let error = sim
+        .node(0)
+        .query(now, "big", &big_query, &params)
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("above the limit of 1024 bytes"),
+        "{error}"
+    );
+}
+
+#[test]
+fn reconnect_brings_back_members_failed_by_a_partition() {
+    let partition_then_heal = |reconnect_interval: Duration| {
+        let mut sim = Sim::new(12);
+        for name in ["a", "b"] {
+            let mut config = Sim::config(name);
+            config.reconnect_interval = reconnect_interval;
+            sim.start(config);
+        }
+        sim.join(1, 0, true);
+        sim.run(Duration::from_secs(3));
+        sim.partitioned.insert((0, 1));
+        sim.run(Duration::from_secs(20));
+        assert_eq!(sim.status(0, "b"), Some(MemberStatus::Failed));
+        assert_eq!(sim.status(1, "a"), Some(MemberStatus::Failed));
+        sim.partitioned.clear();
+        sim.run(Duration::from_secs(65));
+        (sim.status(0, "b"), sim.status(1, "a"))
+    };
+    // Nobody probes failed members: without reconnects they stay failed after the heal.
+    let failed = Some(MemberStatus::Failed);
+    assert_eq!(
+        partition_then_heal(Duration::from_secs(3600)),
+        (failed, failed)
+    );
+    // Serf's reconnect (every 30 s, probability failed/alive = 1) joins them again.
+    let alive = Some(MemberStatus::Alive);
+    assert_eq!(partition_then_heal(Duration::from_secs(30)), (alive, alive));
+}

@@ -1,0 +1,216 @@
+//! `amb-serf connect`: the consumer-side ambassador. Listens on one port per role and forwards
+//! each new connection to a live provider of that role in the Serf cluster, following the
+//! cluster's membership events (see [`crate::consumer`]).
+//!
+//! Order of events, as in `run`:
+//! 1. parse the roles and flags (a mistake is a [`UsageError`], exit 2);
+//! 2. bind every listener;
+//! 3. start the Serf member (tagged `role=connect` unless `--tag role=…`), follow its events;
+//! 4. serve until SIGTERM or SIGINT (or `serf leave` over RPC);
+//! 5. leave the cluster;
+//! 6. stop accepting, drain open connections; 5 and 6 within `--drain-timeout`, then exit 0.
+//!    A second signal exits at once.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use proxy::{CancellationToken, Proxy, TaskTracker};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::run::{drain, parse_duration, raise_open_file_limit, Signals};
+use super::UsageError;
+use crate::consumer::{self, ConsumeArgs, Consumer};
+use crate::member::{self, MemberArgs};
+use crate::metrics;
+use crate::registry::{self, Registry, RegistryArgs};
+
+/// Flags of `amb-serf connect`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Each ROLE is served on its LISTEN_PORT (default: the role itself when it is a number): every new
+connection goes to a live member advertising role=ROLE that is not health=critical, at its
+`service` tag address if it has one, else its gossip IP and the role port. Least outstanding
+connections wins, ties at random. PORT=ROLE is accepted too (the port first, as in --forward).
+
+Examples:
+  docker run -d --link serf_1:serf_1 -p 3306:3306 amb-serf connect 3306
+  amb-serf connect 6379 web=8080 --join 10.0.0.2:7946
+  AMB_CONNECT=3306,80=web amb-serf connect")]
+pub(crate) struct Args {
+    /// Role to consume and the local port to serve it on (repeatable; AMB_CONNECT takes a
+    /// comma-separated list).
+    #[arg(
+        value_name = "ROLE[=LISTEN_PORT]",
+        env = "AMB_CONNECT",
+        value_delimiter = ','
+    )]
+    roles: Vec<String>,
+
+    #[command(flatten)]
+    consume: ConsumeArgs,
+
+    #[command(flatten)]
+    member: MemberArgs,
+
+    /// Serf (the default) or etcd.
+    #[command(flatten)]
+    registry: RegistryArgs,
+
+    /// Address every listener binds.
+    #[arg(long, env = "AMB_LISTEN_ADDR", default_value = "0.0.0.0")]
+    listen_addr: IpAddr,
+
+    /// Time allowed to resolve and connect to one provider (e.g. 5s, 500ms).
+    #[arg(long, env = "AMB_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    connect_timeout: Duration,
+
+    /// Concurrent connections; past it new clients are closed at once and counted.
+    #[arg(long, env = "AMB_MAX_CONNECTIONS", default_value_t = 100_000)]
+    max_connections: usize,
+
+    /// On SIGTERM/SIGINT, how long leaving and then draining open connections may take.
+    #[arg(long, env = "AMB_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+
+    /// Serve /healthz (200 while every role has a provider) and Prometheus /metrics here (off
+    /// unless given).
+    #[arg(long, env = "AMB_METRICS_ADDR", value_name = "HOST:PORT")]
+    metrics_addr: Option<SocketAddr>,
+}
+
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    let specs = consumer::parse_specs(&args.roles)?;
+    if specs.is_empty() {
+        return Err(UsageError(
+            "connect: no role given: name one or more ROLE[=LISTEN_PORT] (or set AMB_CONNECT)"
+                .to_owned(),
+        )
+        .into());
+    }
+    let mut tags = args.member.tags()?;
+    tags.entry(registrar::tags::ROLE.to_owned())
+        .or_insert_with(|| "connect".to_owned());
+    let registry = args.registry.registry(std::env::vars())?;
+    let seeds = match registry {
+        Registry::Serf => args.member.gossip.seeds(std::env::vars())?,
+        Registry::Etcd(_) => Vec::new(),
+    };
+    raise_open_file_limit();
+    let mut signals = Signals::new().context("installing signal handlers")?;
+
+    let config = proxy::Config {
+        listen_addr: args.listen_addr,
+        connect_timeout: args.connect_timeout,
+        max_connections: args.max_connections,
+        ..proxy::Config::default()
+    };
+    let mut proxy = Proxy::bind(&[], &config).await?;
+    // Our own node is never a provider to us in Serf; with etcd we register nothing, so a
+    // provider on a host of the same name is still one.
+    let local = match registry {
+        Registry::Serf => args.member.gossip.node_name(),
+        Registry::Etcd(_) => String::new(),
+    };
+    let consumer = Consumer::new(&local, &specs);
+    let bound = consumer.bind(&mut proxy, &specs, args.consume.policy())?;
+    let stats = proxy.stats();
+    let metrics_listener = match args.metrics_addr {
+        Some(addr) => Some(
+            metrics::bind(addr)
+                .await
+                .with_context(|| format!("binding --metrics-addr {addr}"))?,
+        ),
+        None => None,
+    };
+
+    // With etcd there is no member: providers come from the watch of the prefix.
+    let member = match &registry {
+        Registry::Serf => {
+            Some(member::start(&args.member, tags, seeds, member::Extras::default()).await?)
+        }
+        Registry::Etcd(_) => None,
+    };
+    let node = member
+        .as_ref()
+        .map_or_else(|| args.member.gossip.node_name(), |m| m.name().to_owned());
+    let shutdown = CancellationToken::new();
+    let (lifecycle_tx, lifecycle) = watch::channel(metrics::Lifecycle::Running);
+    let metrics_stop = CancellationToken::new();
+    if let Some(listener) = metrics_listener {
+        let observed = Arc::new(metrics::Observed {
+            stats: Arc::clone(&stats),
+            health: consumer.health(),
+            lifecycle,
+            members: member_statuses(member.as_ref()),
+        });
+        tokio::spawn(metrics::serve(listener, observed, metrics_stop.clone()));
+    }
+    let source = match (registry, &member) {
+        (Registry::Etcd(etcd), _) => {
+            let source = format!("the etcd watch of {}", etcd.prefix.all());
+            tokio::spawn(registry::follow(consumer, etcd, shutdown.clone()));
+            source
+        }
+        (Registry::Serf, Some(member)) => {
+            tokio::spawn(consumer.follow(member.clone(), shutdown.clone()));
+            "serf events".to_owned()
+        }
+        (Registry::Serf, None) => unreachable!("a Serf registry always starts a member"),
+    };
+    let tasks = TaskTracker::new();
+    proxy.spawn(&tasks, &shutdown);
+    for (spec, addr) in &bound {
+        println!(
+            "connect {addr} -> role={} (providers from {source})",
+            spec.role
+        );
+    }
+    info!(roles = bound.len(), %node, "ready");
+
+    let stop_requested = async {
+        match &member {
+            Some(member) => member.stop_requested().await,
+            None => std::future::pending().await,
+        }
+    };
+    let reason = tokio::select! {
+        signal = signals.recv() => signal,
+        () = stop_requested => "serf leave (RPC)",
+    };
+    // As `run`: leave, then stop accepting and drain, all within the drain timeout.
+    let deadline = tokio::time::Instant::now() + args.drain_timeout;
+    info!(%reason, "shutting down: leaving the cluster, then draining");
+    lifecycle_tx.send_replace(metrics::Lifecycle::Leaving);
+    let mut second = None;
+    if let Some(member) = &member {
+        tokio::select! {
+            result = member.leave(args.drain_timeout) => match result {
+                Ok(()) => info!("left the cluster, peers show `left`"),
+                Err(error) => warn!(error = %format!("{error:#}"), "leaving failed, peers will see us fail"),
+            },
+            signal = signals.recv() => second = Some(signal),
+        }
+    }
+    drain(&shutdown, &tasks, &stats, deadline, &mut signals, second).await;
+    metrics_stop.cancel();
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if let Some(member) = member {
+        let _ = tokio::time::timeout(left.max(Duration::from_millis(100)), member.shutdown()).await;
+    }
+    Ok(())
+}
+
+/// The member's view of every member's status, for `/metrics` (none with etcd).
+fn member_statuses(member: Option<&member::Member>) -> metrics::MembersFn {
+    let member = member.cloned();
+    Arc::new(move || {
+        let member = member.clone();
+        Box::pin(async move {
+            let members = member?.members().await.ok()?;
+            Some(members.iter().map(|m| m.status.to_string()).collect())
+        })
+    })
+}

@@ -1,0 +1,561 @@
+//! `amb-serf run`: forward linked ports and advertise them in Serf, health-gated.
+//!
+//! Order of events:
+//! 1. parse the link environment and flags; a mistake (a malformed link variable, a bad
+//!    `--tag`, a tag set over Serf's meta limit) is a [`UsageError`], exit 2;
+//! 2. bind every listener (and `--metrics-addr`): a busy port fails here, before anything is
+//!    advertised;
+//! 3. probe the backend once, start the Serf member ([`crate::member`]) with the tags for that
+//!    health, join through the Serf link or `--join` in the background (none: a cluster of one);
+//! 4. serve: the health loop re-probes every `--health-interval` and the advertiser applies
+//!    `registrar::tags::desired` on every change (`role` withdrawn while critical); event
+//!    handlers run with `AMB_BACKEND_HOST`/`AMB_BACKEND_PORT`;
+//! 5. on SIGTERM/SIGINT (or `serf leave` over RPC): stop the health loop, leave the cluster
+//!    (peers show `left`, consumers stop routing here) while the forwarders still serve;
+//! 6. stop accepting, drain open connections; steps 5 and 6 together take at most
+//!    `--drain-timeout`, then exit 0. A second signal exits at once.
+//!
+//! With `--registry etcd://…` (or an `ETCD_PORT_2379_TCP` link) step 3 starts no Serf member but
+//! an etcd registrar fed by the same health channel ([`crate::registry`]), and step 5 revokes
+//! its lease instead of leaving; the rest is identical.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use proxy::link_env::{self, ForwardSpec, Host};
+use proxy::{CancellationToken, Proxy, TaskTracker};
+use registrar::tags::Health;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::UsageError;
+use crate::consumer::{self, ConsumeArgs, Consumer};
+use crate::member::{self, MemberArgs};
+use crate::registry::{self, Advertiser, Registry, RegistryArgs};
+use crate::{advertisement, health, metrics};
+
+/// Flags of `amb-serf run`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Forwards come from Docker link variables (<ALIAS>_PORT_<port>_<TCP|UDP>=tcp://ADDR:PORT, set by
+`--link backend:alias` or by hand for a remote host) and from --forward; the local port is the
+linked port. <ALIAS>_ENV_* variables are never read.
+
+The member joins the Serf cluster through the Serf link (SERF_1_PORT_7946_TCP) or --join, and
+advertises role=<first link's first port> (NAME or --role overrides), ports=<port/proto,...>,
+health=passing|critical (role withdrawn while the backend refuses connections) and, with
+--service-addr, service=HOST:PORT. Event handlers also get AMB_BACKEND_HOST/AMB_BACKEND_PORT.
+
+Examples:
+  docker run -d --link mysql:mysql --link serf_1:serf_1 -p 3306:3306 amb-serf
+  docker run -d -e REDIS_PORT_6379_TCP=tcp://192.168.1.52:6379 -p 6379:6379 amb-serf
+  amb-serf run --forward 3306=mysql:3306 --join serf_1:7946 --metrics-addr 0.0.0.0:9090
+  amb-serf run --event-handler 'user:create_db=mysql -h \"$AMB_BACKEND_HOST\" -e \"create database $(cat)\"'
+  AMB_FORWARD=3306=mysql:3306,8080=web:80 amb-serf")]
+pub(crate) struct Args {
+    /// Add or override a forward: LISTEN=HOST:PORT, with /udp for UDP; HOST may be a container
+    /// name (resolved per connection). Repeatable; AMB_FORWARD takes a comma-separated list.
+    #[arg(
+        long = "forward",
+        env = "AMB_FORWARD",
+        value_name = "LISTEN=HOST:PORT[/udp]",
+        value_delimiter = ','
+    )]
+    forwards: Vec<String>,
+
+    /// Address every listener binds.
+    #[arg(long, env = "AMB_LISTEN_ADDR", default_value = "0.0.0.0")]
+    listen_addr: IpAddr,
+
+    /// Time allowed to resolve and connect to an upstream (e.g. 5s, 500ms).
+    #[arg(long, env = "AMB_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    connect_timeout: Duration,
+
+    /// Concurrent connections (TCP connections plus UDP sessions); past it new clients are
+    /// closed at once and counted.
+    #[arg(long, env = "AMB_MAX_CONNECTIONS", default_value_t = 100_000)]
+    max_connections: usize,
+
+    /// On SIGTERM/SIGINT, how long open connections may take to finish.
+    #[arg(long, env = "AMB_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+
+    /// A UDP session idle this long (no datagram either way) is closed.
+    #[arg(long, env = "AMB_UDP_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    udp_idle_timeout: Duration,
+
+    /// TCP keepalive on both sides of every connection: idle time before the first probe
+    /// (probes then every third of it, three unanswered close the connection); 0 turns it off.
+    #[arg(long, env = "AMB_TCP_KEEPALIVE", default_value = "30s", value_parser = parse_duration)]
+    tcp_keepalive: Duration,
+
+    /// TCP_USER_TIMEOUT on both sides: data unacknowledged this long closes the connection
+    /// (the client sees a reset); 0 keeps the kernel default (~15 min of retransmissions).
+    #[arg(long, env = "AMB_TCP_USER_TIMEOUT", default_value = "0", value_parser = parse_duration)]
+    tcp_user_timeout: Duration,
+    /// The `role` tag's value (default: the first link's first port, e.g. 3306).
+    #[arg(long, env = "NAME")]
+    role: Option<String>,
+
+    /// HOST:PORT consumers on other hosts should dial (the Docker host's IP and the published
+    /// port); advertised as the `service` tag.
+    #[arg(long, env = "AMB_SERVICE_ADDR", value_name = "HOST:PORT")]
+    service_addr: Option<String>,
+
+    /// How often to check that the backend accepts a TCP connection; 0 turns checking off
+    /// (the backend is then always advertised as passing).
+    #[arg(long, env = "AMB_HEALTH_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    health_interval: Duration,
+
+    /// The backend to health-check (default: the first link's first TCP target).
+    #[arg(long, env = "AMB_HEALTH_TARGET", value_name = "HOST:PORT")]
+    health_target: Option<proxy::Target>,
+
+    /// Serve /healthz and Prometheus /metrics on this address (off unless given).
+    #[arg(long, env = "AMB_METRICS_ADDR", value_name = "HOST:PORT")]
+    metrics_addr: Option<SocketAddr>,
+
+    /// The Serf member: name, gossip address, where to join, tags, RPC, event handlers.
+    #[command(flatten)]
+    member: MemberArgs,
+
+    /// Serf (the default) or etcd.
+    #[command(flatten)]
+    registry: RegistryArgs,
+
+    /// Also consume ROLE[=LISTEN_PORT] from the cluster in this process, as `amb-serf connect`
+    /// does (repeatable; an ambassador that serves one service and uses another).
+    #[arg(
+        long = "connect",
+        env = "AMB_CONNECT",
+        value_delimiter = ',',
+        value_name = "ROLE[=PORT]"
+    )]
+    connect: Vec<String>,
+
+    /// How `--connect` picks and retries providers.
+    #[command(flatten)]
+    consume: ConsumeArgs,
+}
+
+pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    let serf_link = args.member.gossip.serf_link.clone();
+    let options = link_env::Options {
+        serf_link: serf_link.clone(),
+        forwards: args.forwards.clone(),
+    };
+    // `vars_os`, not `vars`: an unrelated non-UTF-8 variable must not abort the ambassador, and a
+    // non-UTF-8 link variable still reaches the parser (lossily) and is reported there.
+    let vars: Vec<(String, String)> = std::env::vars_os()
+        .map(|(name, value)| {
+            (
+                name.to_string_lossy().into_owned(),
+                value.to_string_lossy().into_owned(),
+            )
+        })
+        .collect();
+    let registry = args.registry.registry(vars.iter().cloned())?;
+    let vars = match &registry {
+        // The etcd link names the registry, not a backend to forward.
+        Registry::Etcd(etcd) if etcd.from_link => vars
+            .into_iter()
+            .filter(|(name, _)| !is_etcd_link_var(name))
+            .collect(),
+        _ => vars,
+    };
+    let specs = link_env::parse(vars.iter().cloned(), &options)
+        .map_err(|error| UsageError(error.to_string()))?;
+    let consume_specs = consumer::parse_specs(&args.connect)?;
+    let seeds = match registry {
+        Registry::Serf => args.member.gossip.seeds(vars)?,
+        Registry::Etcd(_) => Vec::new(),
+    };
+    let advertisement = advertisement::build(
+        &specs,
+        &args.forwards,
+        args.role.clone(),
+        args.service_addr.clone(),
+        advertisement::user_tags(
+            args.member.tags()?,
+            &args
+                .member
+                .tags
+                .iter()
+                .map(|(key, _)| key.as_str())
+                .collect::<Vec<_>>(),
+        ),
+    );
+    if let Some(addr) = &advertisement.service_addr {
+        advertisement::check_service_addr(addr).map_err(UsageError)?;
+    }
+    advertisement
+        .validate()
+        .map_err(|error| UsageError(error.to_string()))?;
+    if matches!(registry, Registry::Etcd(_)) && advertisement.role.is_none() {
+        return Err(UsageError(
+            "--registry etcd: nothing to register: no link, no --forward and no --role/NAME"
+                .to_owned(),
+        )
+        .into());
+    }
+    // The backend handlers are told about, and (unless --health-target) the one health-checked.
+    let backend = advertisement::health_target(&specs, &args.forwards, None);
+    let health_check = args
+        .health_target
+        .clone()
+        .or_else(|| backend.clone())
+        .filter(|_| !args.health_interval.is_zero())
+        .map(|target| health::Check {
+            target,
+            interval: args.health_interval,
+            timeout: args.health_interval.min(args.connect_timeout),
+        });
+    raise_open_file_limit();
+    let mut signals = Signals::new().context("installing signal handlers")?;
+
+    let config = proxy::Config {
+        listen_addr: args.listen_addr,
+        connect_timeout: args.connect_timeout,
+        max_connections: args.max_connections,
+        udp_idle_timeout: args.udp_idle_timeout,
+        liveness: proxy::Liveness {
+            keepalive: Some(args.tcp_keepalive).filter(|idle| !idle.is_zero()),
+            user_timeout: Some(args.tcp_user_timeout).filter(|timeout| !timeout.is_zero()),
+        },
+    };
+    let mut proxy = Proxy::bind(&specs, &config).await?;
+    // `--connect`: consumer listeners on the same forwarder (limits, counters, drain).
+    let consumer = if consume_specs.is_empty() {
+        None
+    } else {
+        // Our own node is never a provider to us in Serf; with etcd we register under our name.
+        let consumer = Consumer::new(&args.member.gossip.node_name(), &consume_specs);
+        let bound = consumer.bind(&mut proxy, &consume_specs, args.consume.policy())?;
+        Some((consumer, bound))
+    };
+    let stats = proxy.stats();
+    let metrics_listener = match args.metrics_addr {
+        Some(addr) => Some(
+            metrics::bind(addr)
+                .await
+                .with_context(|| format!("binding --metrics-addr {addr}"))?,
+        ),
+        None => None,
+    };
+    print_summary(&proxy, &specs);
+    if let Some((_, bound)) = &consumer {
+        for (spec, addr) in bound {
+            println!(
+                "connect {addr} -> role={} (providers from the cluster)",
+                spec.role
+            );
+        }
+    }
+
+    // The backend's health before the first advertisement, so the first tags are right.
+    let initial = match &health_check {
+        Some(check) => {
+            let (initial, error) = check.probe().await;
+            health::log_transition(&check.target, initial, error.as_deref());
+            initial
+        }
+        None if args.health_interval.is_zero() => {
+            info!("health checks off (--health-interval 0): health=passing");
+            Health::Passing
+        }
+        None => {
+            info!("no TCP forward to health-check (--health-target sets one): health=passing");
+            Health::Passing
+        }
+    };
+    let (health_tx, health_rx) = watch::channel(initial);
+    let (lifecycle_tx, lifecycle_rx) = watch::channel(metrics::Lifecycle::Starting);
+
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    proxy.spawn(&tasks, &shutdown);
+
+    let handler_env = match &backend {
+        Some(target) => vec![
+            ("AMB_BACKEND_HOST".to_owned(), target.host.to_string()),
+            ("AMB_BACKEND_PORT".to_owned(), target.port.to_string()),
+        ],
+        None => Vec::new(),
+    };
+    let initial_tags = registrar::tags::desired(&advertisement, initial);
+    let mut advertiser = match &registry {
+        Registry::Serf => Advertiser::Serf(
+            member::start(
+                &args.member,
+                initial_tags.clone(),
+                seeds,
+                member::Extras { handler_env },
+            )
+            .await?,
+        ),
+        Registry::Etcd(etcd) => {
+            if !args.member.event_handlers.is_empty() {
+                warn!("--event-handler needs Serf events; ignored with --registry etcd");
+            }
+            let local_ip = registry::local_ip(
+                args.member.gossip.advertise.map(|addr| addr.ip()),
+                args.listen_addr,
+                etcd,
+            );
+            let role = advertisement.role.as_deref().expect("checked above");
+            etcd.register(
+                role,
+                &args.member.gossip.node_name(),
+                &registry::registration(&advertisement, local_ip),
+                health_rx.clone(),
+            )
+        }
+    };
+    if let Some((consumer, _)) = consumer {
+        match (&registry, &advertiser) {
+            (Registry::Etcd(etcd), _) => {
+                tokio::spawn(registry::follow(consumer, etcd.clone(), shutdown.clone()));
+            }
+            (Registry::Serf, Advertiser::Serf(member)) => {
+                tokio::spawn(consumer.follow(member.clone(), shutdown.clone()));
+            }
+            (Registry::Serf, _) => unreachable!("a Serf registry always starts a member"),
+        }
+    }
+    lifecycle_tx.send_replace(metrics::Lifecycle::Running);
+    info!(
+        node = advertiser.name(),
+        forwards = specs.len(),
+        role = advertisement.role.as_deref().unwrap_or(""),
+        "ready"
+    );
+
+    // Health → tags, until we leave.
+    let advertising = CancellationToken::new();
+    let background = TaskTracker::new();
+    if let Some(check) = health_check {
+        background.spawn(health::run_checks(check, health_tx, advertising.clone()));
+    }
+    // The etcd registrar follows `health_rx` itself; Serf tags are applied here.
+    let serf_member = match &advertiser {
+        Advertiser::Serf(member) => Some(member.clone()),
+        Advertiser::Etcd { .. } => None,
+    };
+    if let Some(tag_member) = serf_member.clone() {
+        background.spawn(health::advertise(
+            advertisement,
+            Some(initial_tags),
+            health_rx.clone(),
+            move |tags| {
+                let member = tag_member.clone();
+                let tags = advertisement::with_current_extras(tags, member.tags());
+                async move { member.set_tags(tags).await.map_err(|e| format!("{e:#}")) }
+            },
+            advertising.clone(),
+        ));
+    }
+    let metrics_stop = CancellationToken::new();
+    if let Some(listener) = metrics_listener {
+        let members: metrics::MembersFn = Arc::new(move || {
+            let member = serf_member.clone();
+            Box::pin(async move {
+                let members = member?.members().await.ok()?;
+                Some(members.iter().map(|m| m.status.to_string()).collect())
+            })
+        });
+        let observed = Arc::new(metrics::Observed {
+            stats: Arc::clone(&stats),
+            health: health_rx,
+            lifecycle: lifecycle_rx,
+            members,
+        });
+        tokio::spawn(metrics::serve(listener, observed, metrics_stop.clone()));
+    }
+
+    let reason = tokio::select! {
+        signal = signals.recv() => signal,
+        () = advertiser.stop_requested() => "serf leave (RPC)",
+    };
+    // Everything from here must finish within the drain timeout.
+    let deadline = tokio::time::Instant::now() + args.drain_timeout;
+    info!(%reason, "shutting down: leaving the cluster (or deregistering), then draining");
+    lifecycle_tx.send_replace(metrics::Lifecycle::Leaving);
+    advertising.cancel();
+    background.close();
+    background.wait().await;
+
+    // Leave first: peers show `left` and consumers stop sending new clients while the
+    // forwarders still serve; only then stop accepting and drain.
+    let mut second = None;
+    tokio::select! {
+        result = advertiser.withdraw(args.drain_timeout) => match result {
+            Ok(done) => info!("{done}"),
+            Err(error) => warn!(error = %format!("{error:#}"), "leaving failed, peers will see us fail"),
+        },
+        signal = signals.recv() => second = Some(signal),
+    }
+    drain(&shutdown, &tasks, &stats, deadline, &mut signals, second).await;
+    metrics_stop.cancel();
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if tokio::time::timeout(left.max(Duration::from_millis(100)), advertiser.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("the member did not stop in time, exiting anyway");
+    }
+    Ok(())
+}
+
+/// A Docker link variable of the `etcd` alias (`ETCD_PORT…`, `ETCD_NAME`, `ETCD_ENV_…`).
+fn is_etcd_link_var(name: &str) -> bool {
+    name == "ETCD_NAME" || name.starts_with("ETCD_PORT") || name.starts_with("ETCD_ENV_")
+}
+
+/// The one-screen summary on stdout: one line per forward, or why there is none.
+fn print_summary(proxy: &Proxy, specs: &[ForwardSpec]) {
+    if specs.is_empty() {
+        println!(
+            "nothing to forward: no link variables (<ALIAS>_PORT_<port>_TCP) and no --forward; \
+             serving until signalled"
+        );
+        return;
+    }
+    for (spec, addr) in proxy.bound() {
+        let resolved = match spec.target.host {
+            Host::Name(_) => ", resolved per connection",
+            Host::Ip(_) => "",
+        };
+        println!(
+            "forward {} {addr} -> {} ({}{resolved})",
+            spec.protocol, spec.target, spec.origin
+        );
+    }
+}
+
+/// Stops accepting (every listener closes) and waits for open connections until `deadline`, or
+/// until a second signal — one that already arrived while leaving (`second`) ends it at once.
+pub(crate) async fn drain(
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+    stats: &proxy::Stats,
+    deadline: tokio::time::Instant,
+    signals: &mut Signals,
+    second: Option<&'static str>,
+) {
+    shutdown.cancel();
+    tasks.close();
+    if let Some(signal) = second {
+        warn!(%signal, "second signal, exiting now");
+        return;
+    }
+    let open = stats.active.load(Ordering::Relaxed);
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    info!(open, timeout = ?left, "stopped accepting, draining");
+    tokio::select! {
+        () = tasks.wait() => info!("drained"),
+        () = tokio::time::sleep_until(deadline) => {
+            let open = stats.active.load(Ordering::Relaxed);
+            warn!(open, "drain timed out, closing open connections");
+        }
+        second = signals.recv() => warn!(signal = second, "second signal, exiting now"),
+    }
+}
+
+/// SIGTERM and SIGINT as one stream.
+pub(crate) struct Signals {
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl Signals {
+    pub(crate) fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    pub(crate) async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
+        }
+    }
+}
+
+/// Raises the soft open-file limit to the hard limit: each forwarded connection takes two
+/// descriptors, and the usual soft limit (1024) would cap the proxy at ~500 connections.
+#[allow(unsafe_code)]
+pub(crate) fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the valid, exclusively borrowed `limit`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let before = limit.rlim_cur;
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit reads one valid rlimit; raising the soft limit up to the hard
+        // limit needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
+            tracing::debug!(
+                from = before,
+                to = limit.rlim_max,
+                "raised the open-file limit"
+            );
+        }
+    }
+}
+
+/// `5s`, `500ms`, `2m`, or a bare number of seconds.
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (e.g. 5s, 500ms, 2m)"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => number,
+        "ms" => number / 1000.0,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?} (use ms, s, m or h)"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        for (text, expected) in [
+            ("5s", Duration::from_secs(5)),
+            ("500ms", Duration::from_millis(500)),
+            ("2m", Duration::from_secs(120)),
+            ("10", Duration::from_secs(10)),
+            ("1.5s", Duration::from_millis(1500)),
+        ] {
+            assert_eq!(parse_duration(text), Ok(expected), "{text}");
+        }
+        for text in ["", "s", "5x", "-1s", "fast"] {
+            assert!(parse_duration(text).is_err(), "{text}");
+        }
+    }
+}

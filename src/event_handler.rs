@@ -1,0 +1,419 @@
+//! Serf event handlers, as `serf agent -event-handler` runs them (serf/cmd/serf/command/agent
+//! event_handler.go, invoke.go): `[type[:name][,type…]=]command`, run with `/bin/sh -c` (or, in
+//! an image without a shell, split on whitespace and run directly), one at a time in event order.
+//!
+//! The environment carries `SERF_EVENT`, `SERF_SELF_NAME`, `SERF_SELF_ROLE`, `SERF_TAG_<TAG>`,
+//! `SERF_USER_EVENT`/`SERF_USER_LTIME` or `SERF_QUERY_NAME`/`SERF_QUERY_LTIME`, plus whatever the
+//! caller adds (the ambassador adds `AMB_BACKEND_HOST`/`AMB_BACKEND_PORT`). Stdin is the payload
+//! (with a newline added, as Go does) or, for member events, one `name\taddr\trole\ttags` line
+//! per member. A query handler's output (first 8 KiB) is the query's response.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+use tracing::{debug, warn};
+
+/// How much handler output is kept (Go's `maxBufSize`).
+const MAX_OUTPUT: usize = 8 * 1024;
+/// A handler running longer than this is logged as slow (Go's `warnSlow`).
+const WARN_SLOW: Duration = Duration::from_secs(1);
+
+/// The event kinds a handler can subscribe to.
+const KINDS: [&str; 8] = [
+    "member-join",
+    "member-leave",
+    "member-failed",
+    "member-update",
+    "member-reap",
+    "user",
+    "query",
+    "*",
+];
+
+/// One `type[:name]` filter of a handler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Filter {
+    kind: String,
+    name: Option<String>,
+}
+
+/// One configured handler: the events it takes and its command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Handler {
+    filters: Vec<Filter>,
+    command: String,
+}
+
+/// A handler specification that is not valid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct HandlerSpecError {
+    spec: String,
+    reason: String,
+}
+
+impl fmt::Display for HandlerSpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "event handler {:?}: {}", self.spec, self.reason)
+    }
+}
+
+impl std::error::Error for HandlerSpecError {}
+
+impl Handler {
+    /// Parses `[type[:name][,…]=]command` as `serf agent -event-handler` does.
+    pub(crate) fn parse(spec: &str) -> Result<Self, HandlerSpecError> {
+        let error = |reason: String| HandlerSpecError {
+            spec: spec.to_owned(),
+            reason,
+        };
+        let (filter, command) = match spec.split_once('=') {
+            Some((filter, command)) => (filter, command),
+            None => ("", spec),
+        };
+        if command.trim().is_empty() {
+            return Err(error("no command".into()));
+        }
+        let filter = if filter.is_empty() { "*" } else { filter };
+        let mut filters = Vec::new();
+        for part in filter.split(',') {
+            let (kind, name) = match part.split_once(':') {
+                Some((kind @ ("user" | "query"), name)) => (kind, Some(name.to_owned())),
+                _ => (part, None),
+            };
+            if !KINDS.contains(&kind) {
+                return Err(error(format!(
+                    "unknown event type {kind:?} (expected one of {})",
+                    KINDS.join(", ")
+                )));
+            }
+            filters.push(Filter {
+                kind: kind.to_owned(),
+                name: name.filter(|name| !name.is_empty()),
+            });
+        }
+        Ok(Self {
+            filters,
+            command: command.to_owned(),
+        })
+    }
+
+    fn wants(&self, event: &HandlerEvent) -> bool {
+        self.filters.iter().any(|filter| {
+            filter.kind == "*"
+                || (filter.kind == event.kind()
+                    && match (&filter.name, event) {
+                        (None, _) => true,
+                        (Some(want), HandlerEvent::User { name, .. })
+                        | (Some(want), HandlerEvent::Query { name, .. }) => want == name,
+                        (Some(_), HandlerEvent::Member { .. }) => false,
+                    })
+        })
+    }
+}
+
+/// A member as a handler sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct HandlerMember {
+    pub(crate) name: String,
+    pub(crate) addr: String,
+    pub(crate) tags: BTreeMap<String, String>,
+}
+
+/// An event to hand to the handlers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum HandlerEvent {
+    /// `member-join`, `member-leave`, `member-failed`, `member-update`, `member-reap`.
+    Member {
+        kind: &'static str,
+        members: Vec<HandlerMember>,
+    },
+    /// A user event.
+    User {
+        name: String,
+        ltime: u64,
+        payload: Vec<u8>,
+    },
+    /// A query; the output of the handlers that take it is the response.
+    Query {
+        name: String,
+        ltime: u64,
+        payload: Vec<u8>,
+    },
+}
+
+impl HandlerEvent {
+    fn kind(&self) -> &str {
+        match self {
+            Self::Member { kind, .. } => kind,
+            Self::User { .. } => "user",
+            Self::Query { .. } => "query",
+        }
+    }
+}
+
+/// Who we are, for `SERF_SELF_*` and `SERF_TAG_*`, plus extra environment.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SelfInfo {
+    pub(crate) name: String,
+    pub(crate) tags: BTreeMap<String, String>,
+    pub(crate) extra_env: Vec<(String, String)>,
+}
+
+/// Runs every handler that wants `event`, one after the other. Returns the output of the last
+/// handler that produced any (the response, for a query). Failures are logged, not returned:
+/// a broken handler must not stop the member.
+pub(crate) async fn dispatch(
+    handlers: &[Handler],
+    me: &SelfInfo,
+    event: &HandlerEvent,
+) -> Option<Vec<u8>> {
+    let mut response = None;
+    for handler in handlers.iter().filter(|handler| handler.wants(event)) {
+        match invoke(&handler.command, me, event).await {
+            Ok(output) => {
+                if !output.is_empty() {
+                    response = Some(output);
+                }
+            }
+            Err(error) => warn!(command = %handler.command, %error, "event handler failed"),
+        }
+    }
+    response
+}
+
+async fn invoke(command: &str, me: &SelfInfo, event: &HandlerEvent) -> std::io::Result<Vec<u8>> {
+    let mut process = if Path::new("/bin/sh").exists() {
+        let mut process = Command::new("/bin/sh");
+        process.arg("-c").arg(command);
+        process
+    } else {
+        let mut words = command.split_whitespace();
+        let program = words.next().unwrap_or_default();
+        let mut process = Command::new(program);
+        process.args(words);
+        process
+    };
+    process
+        .env("SERF_EVENT", event.kind())
+        .env("SERF_SELF_NAME", &me.name)
+        .env(
+            "SERF_SELF_ROLE",
+            me.tags.get("role").map(String::as_str).unwrap_or(""),
+        );
+    for (tag, value) in &me.tags {
+        process.env(format!("SERF_TAG_{}", sanitize(tag)), value);
+    }
+    for (key, value) in &me.extra_env {
+        process.env(key, value);
+    }
+    let stdin = match event {
+        HandlerEvent::Member { members, .. } => member_lines(members),
+        HandlerEvent::User {
+            name,
+            ltime,
+            payload,
+        } => {
+            process
+                .env("SERF_USER_EVENT", name)
+                .env("SERF_USER_LTIME", ltime.to_string());
+            with_newline(payload)
+        }
+        HandlerEvent::Query {
+            name,
+            ltime,
+            payload,
+        } => {
+            process
+                .env("SERF_QUERY_NAME", name)
+                .env("SERF_QUERY_LTIME", ltime.to_string());
+            with_newline(payload)
+        }
+    };
+    process
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = process.spawn()?;
+    let mut child_stdin = child.stdin.take().expect("stdin was piped");
+    let writer = tokio::spawn(async move {
+        // A handler that does not read its stdin is fine: ignore a broken pipe.
+        let _ = child_stdin.write_all(&stdin).await;
+    });
+    let mut stdout = child.stdout.take().expect("stdout was piped");
+    let mut stderr = child.stderr.take().expect("stderr was piped");
+    let collect = async {
+        let mut output = Vec::new();
+        let mut errors = Vec::new();
+        let mut limited_out = (&mut stdout).take(MAX_OUTPUT as u64);
+        let mut limited_err = (&mut stderr).take(MAX_OUTPUT as u64);
+        let (out, err) = tokio::join!(
+            limited_out.read_to_end(&mut output),
+            limited_err.read_to_end(&mut errors),
+        );
+        out?;
+        err?;
+        // Drain whatever is left so the handler never blocks on a full pipe.
+        tokio::io::copy(&mut stdout, &mut tokio::io::sink()).await?;
+        tokio::io::copy(&mut stderr, &mut tokio::io::sink()).await?;
+        Ok::<_, std::io::Error>((output, errors))
+    };
+    tokio::pin!(collect);
+    let (output, errors) = tokio::select! {
+        result = &mut collect => result?,
+        () = tokio::time::sleep(WARN_SLOW) => {
+            warn!(%command, slow = ?WARN_SLOW, "event handler slow");
+            collect.await?
+        }
+    };
+    let status = child.wait().await?;
+    let _ = writer.await;
+    debug!(%command, event = event.kind(), output = %String::from_utf8_lossy(&output), "event handler done");
+    if !status.success() {
+        return Err(std::io::Error::other(format!(
+            "{status}: {}",
+            String::from_utf8_lossy(&errors).trim()
+        )));
+    }
+    Ok(output)
+}
+
+fn sanitize(tag: &str) -> String {
+    tag.to_uppercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn with_newline(payload: &[u8]) -> Vec<u8> {
+    let mut stdin = payload.to_vec();
+    if stdin.last().is_some_and(|&last| last != b'\n') {
+        stdin.push(b'\n');
+    }
+    stdin
+}
+
+fn member_lines(members: &[HandlerMember]) -> Vec<u8> {
+    let clean = |value: &str| value.replace('\t', "\\t").replace('\n', "\\n");
+    let mut out = String::new();
+    for member in members {
+        let tags: Vec<String> = member
+            .tags
+            .iter()
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect();
+        out.push_str(&format!(
+            "{}\t{}\t{}\t{}\n",
+            clean(&member.name),
+            member.addr,
+            clean(member.tags.get("role").map(String::as_str).unwrap_or("")),
+            clean(&tags.join(","))
+        ));
+    }
+    out.into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(spec: &str) -> Vec<(String, Option<String>)> {
+        Handler::parse(spec)
+            .unwrap()
+            .filters
+            .into_iter()
+            .map(|f| (f.kind, f.name))
+            .collect()
+    }
+
+    #[test]
+    fn parses_specs_as_serf_agent() {
+        assert_eq!(parsed("echo hi"), vec![("*".into(), None)]);
+        assert_eq!(
+            parsed("user:deploy=./deploy.sh"),
+            vec![("user".into(), Some("deploy".into()))]
+        );
+        assert_eq!(
+            parsed("member-join,member-leave=./x a=b"),
+            vec![("member-join".into(), None), ("member-leave".into(), None)]
+        );
+        assert_eq!(
+            Handler::parse("user:deploy=./x a=b").unwrap().command,
+            "./x a=b"
+        );
+        let error = Handler::parse("member-joined=x").unwrap_err();
+        assert!(error.to_string().contains("\"member-joined\""), "{error}");
+        assert!(Handler::parse("user=").is_err());
+    }
+
+    #[test]
+    fn filters_by_kind_and_name() {
+        let user = HandlerEvent::User {
+            name: "deploy".into(),
+            ltime: 1,
+            payload: vec![],
+        };
+        assert!(Handler::parse("user:deploy=x").unwrap().wants(&user));
+        assert!(!Handler::parse("user:other=x").unwrap().wants(&user));
+        assert!(!Handler::parse("query=x").unwrap().wants(&user));
+        assert!(Handler::parse("x").unwrap().wants(&user));
+    }
+
+    #[tokio::test]
+    async fn runs_with_serf_environment_and_stdin() {
+        let handlers = [Handler::parse(
+            "user:create_db=printf '%s|%s|%s|%s|%s|' \"$SERF_EVENT\" \"$SERF_USER_EVENT\" \"$SERF_SELF_ROLE\" \"$SERF_TAG_SERVICE_ADDR\" \"$AMB_BACKEND_PORT\"; cat",
+        )
+        .unwrap()];
+        let me = SelfInfo {
+            name: "amb".into(),
+            tags: BTreeMap::from([
+                ("role".into(), "3306".into()),
+                ("service-addr".into(), "10.0.0.1:3306".into()),
+            ]),
+            extra_env: vec![("AMB_BACKEND_PORT".into(), "3306".into())],
+        };
+        let event = HandlerEvent::User {
+            name: "create_db".into(),
+            ltime: 4,
+            payload: b"wordpress".to_vec(),
+        };
+        let output = dispatch(&handlers, &me, &event).await.unwrap();
+        assert_eq!(
+            String::from_utf8(output).unwrap(),
+            "user|create_db|3306|10.0.0.1:3306|3306|wordpress\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn member_events_get_one_line_per_member_and_failures_are_contained() {
+        let handlers = [
+            Handler::parse("member-join=cat").unwrap(),
+            Handler::parse("member-join=exit 3").unwrap(),
+        ];
+        let event = HandlerEvent::Member {
+            kind: "member-join",
+            members: vec![HandlerMember {
+                name: "a\tb".into(),
+                addr: "127.0.0.1".into(),
+                tags: BTreeMap::from([("role".into(), "web".into()), ("dc".into(), "x".into())]),
+            }],
+        };
+        let output = dispatch(&handlers, &SelfInfo::default(), &event).await;
+        assert_eq!(
+            String::from_utf8(output.unwrap()).unwrap(),
+            "a\\tb\t127.0.0.1\tweb\tdc=x,role=web\n"
+        );
+    }
+}

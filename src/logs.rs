@@ -1,0 +1,121 @@
+//! Log lines for `serf monitor`: a tracing [`Layer`] that formats each event the way a Go agent
+//! logs (`2006/01/02 15:04:05 [INFO] target: message key=value`) into the process-wide
+//! [`LogRing`], which every member's RPC server streams from. `main` installs it next to the fmt
+//! layer, with its own filter (DEBUG and above, so `serf monitor -log-level debug` has lines).
+
+use std::fmt::Write as _;
+use std::sync::{Arc, OnceLock};
+
+use serf::rpc::agent::LogRing;
+use serf::rpc::{LogLevel, LogLine};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::layer::{Context, Layer};
+
+/// The process-wide ring.
+pub(crate) fn ring() -> Arc<LogRing> {
+    static RING: OnceLock<Arc<LogRing>> = OnceLock::new();
+    Arc::clone(RING.get_or_init(Default::default))
+}
+
+/// Feeds [`ring`].
+pub(crate) struct MonitorLayer {
+    ring: Arc<LogRing>,
+}
+
+impl MonitorLayer {
+    pub(crate) fn new() -> Self {
+        Self { ring: ring() }
+    }
+}
+
+impl<S: Subscriber> Layer<S> for MonitorLayer {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let level = match *event.metadata().level() {
+            Level::TRACE => LogLevel::Trace,
+            Level::DEBUG => LogLevel::Debug,
+            Level::INFO => LogLevel::Info,
+            Level::WARN => LogLevel::Warn,
+            Level::ERROR => LogLevel::Err,
+        };
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        let target = event.metadata().target();
+        let target = target.split("::").next().unwrap_or(target);
+        let text = format!(
+            "{} [{}] {target}: {}{}",
+            timestamp(std::time::SystemTime::now()),
+            level.as_str(),
+            fields.message,
+            fields.rest
+        );
+        self.ring.push(LogLine { level, text });
+    }
+}
+
+#[derive(Default)]
+struct Fields {
+    message: String,
+    rest: String,
+}
+
+impl Visit for Fields {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            let _ = write!(self.message, "{value:?}");
+        } else {
+            let _ = write!(self.rest, " {}={value:?}", field.name());
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.message.push_str(value);
+        } else {
+            let _ = write!(self.rest, " {}={value}", field.name());
+        }
+    }
+}
+
+/// `YYYY/MM/DD hh:mm:ss` in UTC, Go's `log.LstdFlags` layout.
+fn timestamp(now: std::time::SystemTime) -> String {
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|since| since.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's days-to-civil.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}/{month:02}/{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn timestamps_in_go_layout() {
+        let check = |secs: u64, expected: &str| {
+            assert_eq!(
+                super::timestamp(UNIX_EPOCH + Duration::from_secs(secs)),
+                expected
+            );
+        };
+        check(0, "1970/01/01 00:00:00");
+        check(951_782_400, "2000/02/29 00:00:00");
+        check(1_800_000_000 + 3_723, "2027/01/15 09:02:03");
+    }
+}

@@ -1,0 +1,161 @@
+//! `amb-serf`: a Docker ambassador that forwards linked ports and advertises them in Serf.
+//!
+//! `main` parses flags, installs the tracing subscriber, runs one command and maps its error to
+//! an exit code: 2 for bad usage or configuration ([`cmd::UsageError`]), 1 for a runtime failure.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod advertisement;
+mod cmd;
+mod consumer;
+mod event_handler;
+mod health;
+mod logs;
+mod member;
+mod metrics;
+mod registry;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "amb-serf",
+    version,
+    about = "Docker ambassador: forwards linked ports and advertises them in a Serf cluster",
+    long_about = None,
+    after_help = "Examples:\n  \
+        docker run -d --link mysql:mysql --link serf_1:serf_1 -p 3306:3306 amb-serf\n  \
+        amb-serf run --forward 3306=mysql:3306 --join serf_1:7946"
+)]
+struct Cli {
+    /// Log level or filter (also RUST_LOG), e.g. `info` or `serf=debug,info`.
+    #[arg(long, env = "AMB_LOG_LEVEL", global = true)]
+    log_level: Option<String>,
+
+    /// Log output format.
+    #[arg(long, env = "AMB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Forward linked ports and advertise them (the default command).
+    Run(Box<cmd::run::Args>),
+    /// List the members of a Serf cluster (like `serf members`), optionally watching changes.
+    Members(cmd::members::Args),
+    /// Print the address of a live, healthy member that advertises a role.
+    Resolve(cmd::resolve::Args),
+    /// A plain Serf-compatible agent (like `serf agent`), e.g. to seed a cluster.
+    Agent(cmd::agent::Args),
+    /// Exit 0 if a running amb-serf's /healthz answers 200 (for Docker's HEALTHCHECK).
+    Health(cmd::health::Args),
+    /// Serve roles advertised in the cluster on local ports, following membership live.
+    Connect(cmd::connect::Args),
+}
+
+fn init_tracing(level: Option<&str>, format: LogFormat) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
+    let filter = match level {
+        Some(level) => EnvFilter::new(level),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
+        LogFormat::Json => fmt.json().with_filter(filter).boxed(),
+    };
+    // `serf monitor` has its own level filter; keep DEBUG and above of our own code for it.
+    let monitor = logs::MonitorLayer::new().with_filter(EnvFilter::new(
+        "info,serf=debug,amb_serf=debug,proxy=debug,registrar=debug",
+    ));
+    tracing_subscriber::registry()
+        .with(fmt)
+        .with(monitor)
+        .init();
+}
+
+/// Parses the command line. With no subcommand, `amb-serf [FLAGS]` is `amb-serf run [FLAGS]`, so
+/// `docker run … amb-serf --forward 3306=mysql:3306` works as users expect.
+fn parse_cli() -> (Cli, Command) {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let first = Cli::try_parse_from(&args);
+    if let Ok(Cli {
+        command: Some(_), ..
+    }) = &first
+    {
+        let mut cli = first.expect("matched Ok above");
+        let command = cli.command.take().expect("matched Some above");
+        return (cli, command);
+    }
+    if let Err(error) = &first {
+        use clap::error::ErrorKind;
+        let asked_for_output = matches!(
+            error.kind(),
+            ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+        );
+        // A first word that is not a flag was meant as a subcommand: report that error.
+        let names_a_subcommand = args
+            .get(1)
+            .and_then(|arg| arg.to_str())
+            .is_some_and(|arg| !arg.starts_with('-'));
+        if asked_for_output || names_a_subcommand {
+            error.exit();
+        }
+    }
+    let mut with_run = args;
+    with_run.insert(1.min(with_run.len()), "run".into());
+    let mut cli = Cli::parse_from(with_run);
+    let command = cli.command.take().expect("`run` was inserted");
+    (cli, command)
+}
+
+fn main() -> ExitCode {
+    let (cli, command) = parse_cli();
+    init_tracing(cli.log_level.as_deref(), cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("amb-serf: starting the runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match command {
+            Command::Run(args) => cmd::run::run(*args).await,
+            Command::Members(args) => cmd::members::run(args).await,
+            Command::Resolve(args) => cmd::resolve::run(args).await,
+            Command::Agent(args) => cmd::agent::run(args).await,
+            Command::Health(args) => cmd::health::run(args).await,
+            Command::Connect(args) => cmd::connect::run(args).await,
+        }
+    });
+    // Do not wait for blocking work (a DNS lookup of a connection cut by the drain timeout).
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("amb-serf: {error:#}");
+            if error.downcast_ref::<cmd::UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}

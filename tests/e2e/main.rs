@@ -1,0 +1,14 @@
+//! End-to-end tests: the `amb-serf` binary against real peers on loopback.
+
+mod agent;
+mod ambassador;
+mod connect;
+mod docker;
+mod encryption;
+mod etcd;
+mod faults;
+mod health;
+mod proxy;
+mod rpc_cli;
+mod soak;
+mod support;
