@@ -55,18 +55,38 @@ pub fn loopback(n: u8) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 0, n)
 }
 
-/// A port that is free for both TCP and UDP on `ip` right now (bound to `:0`, then released).
+/// A port that is free for both TCP and UDP on `ip` right now, for a process a test starts.
+///
+/// Ports come from below the kernel's ephemeral range, so the outbound connections of a busy
+/// suite can never take one between this call and the child's bind (the race that binding `:0`
+/// and releasing it has), and from a per-process cursor, so two tests never get the same port.
 pub fn free_port(ip: Ipv4Addr) -> u16 {
-    loop {
-        let tcp = TcpListener::bind((ip, 0)).expect("binding a loopback port");
-        let port = tcp
-            .local_addr()
-            .expect("bound socket has an address")
-            .port();
-        if UdpSocket::bind((ip, port)).is_ok() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::OnceLock;
+
+    const LOW: u32 = 10_000;
+    static HIGH: OnceLock<u32> = OnceLock::new();
+    static CURSOR: AtomicU32 = AtomicU32::new(0);
+    let high = *HIGH.get_or_init(|| {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range");
+        let ephemeral_low = range
+            .ok()
+            .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+            .unwrap_or(32_768);
+        ephemeral_low.clamp(LOW + 1_000, 65_536)
+    });
+    let span = high - LOW;
+    // Different test binaries start at different places, spread by their PID.
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let offset = CURSOR.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (start + offset) % span) as u16;
+        let free = TcpListener::bind((ip, port)).is_ok() && UdpSocket::bind((ip, port)).is_ok();
+        if free {
             return port;
         }
     }
+    panic!("no free port for TCP and UDP on {ip} below the ephemeral range");
 }
 
 /// Whether a TCP connection to `addr` succeeds now.
