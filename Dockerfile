@@ -9,6 +9,8 @@
 ARG RUST_IMAGE=rust:1-bookworm
 
 FROM ${RUST_IMAGE} AS build
+# The cargo profile: `release` (fat LTO) for users; the tests pass `docker-test` (Cargo.toml).
+ARG CARGO_PROFILE=release
 # Marks this stage's (dangling) cache images, so they can be pruned by label.
 LABEL amb-serf.stage=build
 WORKDIR /src
@@ -33,15 +35,15 @@ RUN set -eu; \
     done; \
     # The host triple, built explicitly so RUSTFLAGS (crt-static) skip build scripts and proc macros.
     rustc -vV | sed -n 's/^host: //p' > /target-triple; \
-    cargo build --release --locked --target "$(cat /target-triple)" --bin amb-serf
+    cargo build --profile "$CARGO_PROFILE" --locked --target "$(cat /target-triple)" --bin amb-serf
 
 # 2. The real sources. Touch them: the stubs above are newer than the files COPY brings in.
 COPY . .
 RUN set -eu; \
     find src crates -name '*.rs' -exec touch {} +; \
     triple="$(cat /target-triple)"; \
-    cargo build --release --locked --target "$triple" --bin amb-serf; \
-    bin="target/$triple/release/amb-serf"; \
+    cargo build --profile "$CARGO_PROFILE" --locked --target "$triple" --bin amb-serf; \
+    bin="target/$triple/$CARGO_PROFILE/amb-serf"; \
     if readelf -l "$bin" | grep -q 'program interpreter'; then echo "error: $bin is not static" >&2; exit 1; fi; \
     "$bin" --version; \
     mkdir -p /out/usr/local/bin /out/etc; \
