@@ -9,10 +9,10 @@
 //!    many connections, host not allowed) is [`Failure::Server`]: critical;
 //! 2. send a Handshake Response 41 for `--health-mysql-user` with an empty password, offering
 //!    the server's own auth plugin (an empty password needs no scramble for any of them);
-//! 3. read the answer: OK means we are logged in (send `COM_QUIT`); an access-denied ERR means
-//!    the server is up and authenticating (a failed login is not a blocking connect error); an
-//!    auth-switch request is answered with an empty password again; any other ERR (too many
-//!    connections, shutting down) is critical.
+//! 3. read the answer: OK means we are logged in (send `COM_QUIT`); an ERR that refuses the
+//!    login (access denied, account locked …) means the server is up and authenticating (a
+//!    failed login is not a blocking connect error); an auth-switch request is answered with an
+//!    empty password again; any other ERR (too many connections, shutting down) is critical.
 //!
 //! [`Login`] is the sans-IO core (packets in, bytes to send and a verdict out); [`talk`] is the
 //! I/O shell that the health loop bounds with its timeout. Facts from the MySQL client/server
@@ -41,10 +41,13 @@ const CHARSET_UTF8: u8 = 33;
 /// `COM_QUIT`.
 const COM_QUIT: u8 = 0x01;
 
-/// Error codes that mean "the server is up and checked our credentials": the check user need
-/// not exist. `ER_DBACCESS_DENIED_ERROR`, `ER_ACCESS_DENIED_ERROR`,
-/// `ER_ACCESS_DENIED_NO_PASSWORD_ERROR`.
-const ACCESS_DENIED: [u16; 3] = [1044, 1045, 1698];
+/// Error codes that refuse the login itself: the server is up and checked our credentials
+/// (the check user need not exist, may be locked or need TLS). Access denied (1044, 1045,
+/// 1698), auth method not supported (1251), password expired (1862); MySQL's account locked
+/// (3118) and secure transport required (3159); MariaDB's user blocked after password errors
+/// (4150) and account locked (4151). Only login errors arrive here, so the two servers'
+/// differing codes above 3000 cannot be confused with anything else.
+const LOGIN_REFUSED: [u16; 9] = [1044, 1045, 1251, 1698, 1862, 3118, 3159, 4150, 4151];
 
 /// Why the server is not healthy (or not MySQL).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,7 +79,7 @@ pub(crate) enum Outcome {
     LoggedIn,
     /// The server refused the check user: it is up and authenticating.
     Refused {
-        /// The access-denied error code.
+        /// The error code (one of [`LOGIN_REFUSED`]).
         code: u16,
         /// The server's message.
         message: String,
@@ -316,7 +319,7 @@ impl Login {
                 Some(0xFF) => {
                     self.state = State::Done;
                     let (code, message) = parse_err(packet.payload)?;
-                    if ACCESS_DENIED.contains(&code) {
+                    if LOGIN_REFUSED.contains(&code) {
                         Ok(Reply::Done {
                             send: None,
                             outcome: Outcome::Refused { code, message },

@@ -301,3 +301,24 @@ fn garbage_never_panics() {
         let _ = next_packet(&bytes);
     }
 }
+
+#[test]
+fn refusals_of_the_login_are_up_other_errors_are_not() {
+    for (code, up) in [
+        (1044, true),
+        (1045, true),
+        (1698, true),
+        (4151, true), // MariaDB: account locked
+        (3159, true), // MySQL: secure transport required
+        (1040, false),
+        (1053, false),
+        (1129, false),
+        (1226, false), // user resource limit reached
+    ] {
+        let mut login = Login::new("amb_serf_check");
+        let greeting = greeting("5.5.5-10.11.19-MariaDB", MARIADB, "mysql_native_password");
+        login.handle_packet(packet(0, &greeting)).unwrap();
+        let reply = login.handle_packet(packet(2, &err(code, Some("28000"), "no")));
+        assert_eq!(reply.is_ok(), up, "{code}: {reply:?}");
+    }
+}
