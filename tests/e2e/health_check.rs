@@ -116,9 +116,13 @@ fn tcp_probes_get_the_host_blocked() {
         "{}",
         ambassador.log()
     );
-    let error = eventually(DEADLINE, "the host blocked by MariaDB", || {
-        query_through(host, 3306).err()
+    // Polling with logins would reset the host's count each time one succeeds: wait for the
+    // server to count enough probes that gave up before authenticating, then log in once.
+    let blocking = u64::from(MAX_CONNECT_ERRORS) + 1;
+    eventually(DEADLINE, "probes aborted before authentication", || {
+        (mariadb.status("Aborted_connects_preauth")? >= blocking).then_some(())
     });
+    let error = query_through(host, 3306).expect_err("the host is blocked");
     assert!(
         error.contains("is blocked because of many connection errors"),
         "{error}\n{}",

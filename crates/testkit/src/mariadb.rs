@@ -59,10 +59,14 @@ impl Mariadb {
 
     fn start_at(addr: SocketAddr, host: Option<netns::Host>, max_connect_errors: u32) -> Self {
         let dir = tempfile::tempdir().expect("creating a temp dir");
+        // A tmpdir of its own: two servers bootstrapping at once collide on temp table names
+        // in a shared /tmp ("Unknown table 'mysql.tmp_user_sys'").
+        std::fs::create_dir(dir.path().join("tmp")).expect("creating the server's tmpdir");
         let mut install = Command::new(require("mariadb-install-db"));
         install
             .arg("--no-defaults")
             .arg(format!("--datadir={}", dir.path().join("data").display()))
+            .arg(format!("--tmpdir={}", dir.path().join("tmp").display()))
             .args([
                 "--user=root",
                 "--auth-root-authentication-method=normal",
@@ -71,7 +75,8 @@ impl Mariadb {
         let output = run_with_timeout(&mut install, Duration::from_secs(60));
         assert!(
             output.status.success(),
-            "mariadb-install-db: {}",
+            "mariadb-install-db: {}{}",
+            String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
         if let Some(host) = &host {
@@ -108,6 +113,7 @@ impl Mariadb {
             format!("--datadir={}", dir.join("data").display()),
             format!("--socket={}", dir.join("mysqld.sock").display()),
             format!("--pid-file={}", dir.join("mysqld.pid").display()),
+            format!("--tmpdir={}", dir.join("tmp").display()),
             format!("--bind-address={}", addr.ip()),
             format!("--port={}", addr.port()),
             format!("--max-connect-errors={max_connect_errors}"),
