@@ -133,6 +133,40 @@ fn tcp_probes_get_the_host_blocked() {
         "tcp sees nothing wrong: {:?}",
         member_line(Some(host), RPC, "amb-db")
     );
+
+    // The mysql check reads the server's ERR in place of the greeting: critical, and why.
+    let forward = format!("3307={}", mariadb.addr);
+    let rpc = "127.0.0.1:7374";
+    let mysql = Ambassador::start_command_in(
+        host,
+        &[],
+        &[
+            "run",
+            "--listen-addr",
+            LISTEN,
+            "--bind",
+            "127.0.0.1:7947",
+            "--rpc-addr",
+            rpc,
+            "--node",
+            "amb-db-2",
+            "--forward",
+            &forward,
+            "--health-check",
+            "mysql",
+        ],
+    );
+    eventually(DEADLINE, "health=critical without a role", || {
+        critical(Some(host), rpc, "amb-db-2").then_some(())
+    });
+    assert!(
+        mysql.log().contains("mysql error 1129: Host '")
+            && mysql
+                .log()
+                .contains("is blocked because of many connection errors"),
+        "{}",
+        mysql.log()
+    );
 }
 
 /// `auto` on port 3306 is the mysql check: many probes later (five times what blocks the host
