@@ -134,6 +134,16 @@ impl Check {
     }
 }
 
+/// Bytes from the server as text fit for a log line: lossy UTF-8, no control characters, at
+/// most `max` characters.
+fn printable(bytes: &[u8], max: usize) -> String {
+    String::from_utf8_lossy(bytes)
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(max)
+        .collect()
+}
+
 /// Reads what the server sends next onto `buffer`; the server closing first is an error
 /// that says when (`mid-handshake`).
 async fn read_more(stream: &mut TcpStream, buffer: &mut Vec<u8>, when: &str) -> Result<(), String> {

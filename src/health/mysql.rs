@@ -26,6 +26,9 @@ use tokio::net::TcpStream;
 /// Packets larger than this are not part of a handshake: the greeting is about 100 bytes.
 const MAX_PACKET: usize = 64 * 1024;
 
+/// Server text (messages, the version) in a log line is cut at this many characters.
+const MAX_TEXT: usize = 300;
+
 /// How many auth-switch requests we answer before giving up (servers send at most one).
 const MAX_SWITCHES: u8 = 2;
 
@@ -206,12 +209,7 @@ pub(crate) fn parse_err(payload: &[u8]) -> Result<(u16, String), Failure> {
     if cursor.bytes.first() == Some(&b'#') && cursor.bytes.len() >= 6 {
         cursor.take(6)?;
     }
-    let message: String = String::from_utf8_lossy(cursor.bytes)
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(300)
-        .collect();
-    Ok((code, message))
+    Ok((code, super::printable(cursor.bytes, MAX_TEXT)))
 }
 
 /// Parses the Initial Handshake packet (protocol 10), or the ERR packet sent in its place.
@@ -233,7 +231,7 @@ pub(crate) fn parse_greeting(payload: &[u8]) -> Result<Greeting, Failure> {
         bytes: &payload[1..],
         what: "the greeting",
     };
-    let server_version = cursor.nul_string();
+    let server_version = super::printable(cursor.nul_string().as_bytes(), MAX_TEXT);
     cursor.take(4)?; // connection id
     cursor.take(8)?; // auth-plugin-data part 1
     cursor.take(1)?; // filler

@@ -48,22 +48,13 @@ pub(crate) fn verdict(received: &[u8]) -> Option<Result<&'static str, Failure>> 
             )))
         });
     };
-    let line = printable(&received[..end]);
+    let line = super::printable(&received[..end], MAX_LINE);
     Some(match line.split_at_checked(1) {
         Some(("+", "PONG")) => Ok("PONG"),
         Some(("-", error)) if error.starts_with("NOAUTH") => Ok("up, needs AUTH (NOAUTH)"),
         Some(("-", error)) => Err(Failure::Server(error.to_owned())),
         _ => Err(Failure::Protocol(format!("{line:?} in reply to PING"))),
     })
-}
-
-/// `bytes` as text fit for a log line: lossy UTF-8 without control characters, bounded.
-fn printable(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes)
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(MAX_LINE)
-        .collect()
 }
 
 /// Sends `PING` and `QUIT` and reads until the verdict. The caller bounds it with a timeout.

@@ -15,9 +15,11 @@ use crate::support::{eventually, free_port, loopback, run_to_exit, Ambassador, D
 
 /// Low, so that the tcp check gets the host blocked within a second.
 const MAX_CONNECT_ERRORS: u32 = 3;
-/// Fast probes, a dozen within a few seconds; also each probe's time limit, which a busy
-/// machine must not exceed (a probe cut off mid-handshake is a connect error too).
+/// Fast probes: a dozen within a few seconds.
 const INTERVAL: &str = "200ms";
+/// The mysql check's interval is also each probe's time limit, and a probe cut off
+/// mid-handshake is a connect error like any other: generous for a busy machine.
+const MYSQL_INTERVAL: &str = "500ms";
 
 /// Inside the simulated host, where the ambassador serves and answers RPC.
 const LISTEN: &str = "127.0.0.1";
@@ -94,8 +96,6 @@ fn mariadb_behind_ambassador(extra: &[&str]) -> Option<(Net, Mariadb, Ambassador
         "amb-db",
         "--forward",
         &forward,
-        "--health-interval",
-        INTERVAL,
     ];
     args.extend_from_slice(extra);
     let ambassador = Ambassador::start_command_in(&host, &[], &args);
@@ -106,7 +106,8 @@ fn mariadb_behind_ambassador(extra: &[&str]) -> Option<(Net, Mariadb, Ambassador
 /// by MariaDB, and the tcp check does not even notice.
 #[test]
 fn tcp_probes_get_the_host_blocked() {
-    let Some((net, mariadb, ambassador)) = mariadb_behind_ambassador(&["--health-check", "tcp"])
+    let Some((net, mariadb, ambassador)) =
+        mariadb_behind_ambassador(&["--health-check", "tcp", "--health-interval", INTERVAL])
     else {
         return;
     };
@@ -169,12 +170,14 @@ fn tcp_probes_get_the_host_blocked() {
     );
 }
 
-/// `auto` on port 3306 is the mysql check: many probes later (five times what blocks the host
+/// `auto` on port 3306 is the mysql check: many probes later (four times what blocks the host
 /// with tcp) a real client still gets through, tags stay passing; the server stopping
 /// withdraws the role and its return restores it.
 #[test]
 fn the_mysql_check_never_gets_the_host_blocked() {
-    let Some((net, mut mariadb, ambassador)) = mariadb_behind_ambassador(&[]) else {
+    let Some((net, mut mariadb, ambassador)) =
+        mariadb_behind_ambassador(&["--health-interval", MYSQL_INTERVAL])
+    else {
         return;
     };
     let host = net.host(0);
@@ -184,8 +187,15 @@ fn the_mysql_check_never_gets_the_host_blocked() {
         "auto picks mysql on 3306:\n{}",
         ambassador.log()
     );
-    let probes = 5 * u64::from(MAX_CONNECT_ERRORS);
-    eventually(DEADLINE, "many mysql probes", || {
+    let probes = 4 * u64::from(MAX_CONNECT_ERRORS);
+    eventually(3 * DEADLINE, "many mysql probes", || {
+        let preauth = mariadb.status("Aborted_connects_preauth")?;
+        assert_eq!(
+            preauth,
+            0,
+            "a probe ended before authenticating:\n{}",
+            ambassador.log()
+        );
         (mariadb.status("Access_denied_errors")? >= probes).then_some(())
     });
     assert_eq!(
@@ -216,6 +226,61 @@ fn the_mysql_check_never_gets_the_host_blocked() {
         passing(Some(host), RPC, "amb-db", "3306").then_some(())
     });
     assert_eq!(query_through(host, 3306), Ok("42".to_owned()));
+}
+
+/// With an existing passwordless check user the probe logs in and quits: the server counts
+/// neither an aborted connect nor an aborted client, and logs nothing.
+#[test]
+fn a_check_user_that_exists_logs_in_and_quits_without_a_trace() {
+    let mariadb = Mariadb::start(loopback(1), MAX_CONNECT_ERRORS);
+    let created = mariadb.sql("CREATE USER 'monitor'@'%'");
+    assert!(created.status.success(), "{created:?}");
+    const COUNTERS: [&str; 3] = [
+        "Aborted_connects",
+        "Aborted_clients",
+        "Access_denied_errors",
+    ];
+    let counters = || COUNTERS.map(|counter| (counter, mariadb.status(counter)));
+    let before = counters();
+    // Every status query is a connection too (over the socket): count them out.
+    let mut queries = 0;
+    let connections = mariadb.status("Connections").expect("Connections");
+    let listen = free_port(loopback(1));
+    let forward = format!("{listen}={}", mariadb.addr);
+    let ambassador = Ambassador::start(
+        &[],
+        &[
+            "--forward",
+            &forward,
+            "--health-check",
+            "mysql",
+            "--health-mysql-user",
+            "monitor",
+            "--health-interval",
+            MYSQL_INTERVAL,
+        ],
+    );
+    eventually(3 * DEADLINE, "a dozen probes", || {
+        queries += 1;
+        (mariadb.status("Connections")? >= connections + queries + 12).then_some(())
+    });
+    assert_eq!(
+        counters(),
+        before,
+        "{}\n{}",
+        ambassador.log(),
+        mariadb.log()
+    );
+    let log = mariadb.log();
+    assert!(
+        !log.contains("Aborted connection") && !log.contains("Access denied"),
+        "{log}"
+    );
+    assert!(
+        !ambassador.log().contains("backend down"),
+        "{}",
+        ambassador.log()
+    );
 }
 
 #[test]
