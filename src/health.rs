@@ -1,9 +1,11 @@
 //! Backend health for `amb-serf run`: a probe loop and the advertiser that turns health into
 //! tags.
 //!
-//! - [`run_checks`] probes the backend (`proxy::health::probe`: does it accept a TCP connection
-//!   now?) every interval and publishes [`Health`] on a `watch` channel; transitions are logged
-//!   (warn when it goes down, info when it comes back).
+//! - [`run_checks`] probes the backend every interval with the check `--health-check` chose
+//!   ([`Kind`]: `tcp` connects and closes, [`mysql`] logs in politely and quits, [`redis`]
+//!   sends `PING`; `auto` picks by the backend's port) and publishes [`Health`] on a `watch`
+//!   channel; transitions are logged (warn when it goes down, info when it comes back). A
+//!   probe never outlives its timeout.
 //! - [`advertise`] watches that channel and applies `registrar::tags::desired(&ad, health)`
 //!   through a tag sink (the Serf member's `set_tags`) whenever the desired set changes, so a
 //!   critical backend withdraws `role` and sets `health=critical`. A failed `set_tags` is
@@ -12,37 +14,182 @@
 //! Both loops stop on their cancellation token; `run` stops them before leaving the cluster,
 //! so no tag update races the leave.
 
+mod mysql;
+mod redis;
+
 use std::collections::BTreeMap;
+use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
 use proxy::Target;
 use registrar::tags::{desired, Advertisement, Health};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// How long to wait before retrying a tag update that failed.
 const RETRY_TAGS: Duration = Duration::from_secs(1);
 
-/// What to probe, how often, and how long a probe may take.
+/// The `--health-check` flag: how to check the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Kind {
+    /// `mysql` on port 3306, `redis` on 6379, `tcp` otherwise.
+    Auto,
+    /// Connect and close: the backend accepts connections.
+    Tcp,
+    /// Read the greeting, log in as --health-mysql-user (access denied is healthy), quit.
+    Mysql,
+    /// `PING`, expect `+PONG`, `QUIT`.
+    Redis,
+}
+
+impl Kind {
+    /// The check to run against a backend on `port`: `auto` picks by the well-known port.
+    pub(crate) fn resolve(self, port: u16) -> Self {
+        match (self, port) {
+            (Self::Auto, 3306) => Self::Mysql,
+            (Self::Auto, 6379) => Self::Redis,
+            (Self::Auto, _) => Self::Tcp,
+            (kind, _) => kind,
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Tcp => "tcp",
+            Self::Mysql => "mysql",
+            Self::Redis => "redis",
+        })
+    }
+}
+
+/// What to probe, how, how often, and how long a probe may take.
 #[derive(Debug, Clone)]
 pub(crate) struct Check {
     /// The backend to probe.
     pub(crate) target: Target,
+    /// The check, resolved (never [`Kind::Auto`]).
+    pub(crate) kind: Kind,
+    /// The user the `mysql` check logs in as.
+    pub(crate) mysql_user: String,
     /// Time between probes.
     pub(crate) interval: Duration,
-    /// Time one probe may take (resolve and connect).
+    /// Time one probe may take, all of it: resolve, connect and the exchange.
     pub(crate) timeout: Duration,
 }
 
 impl Check {
-    /// Probes once now.
+    /// Probes once now: the health and, when critical, why.
     pub(crate) async fn probe(&self) -> (Health, Option<String>) {
-        match proxy::health::probe(&self.target, self.timeout).await {
-            Ok(_) => (Health::Passing, None),
-            Err(error) => (Health::Critical, Some(error.to_string())),
+        let start = Instant::now();
+        let result = match self.kind {
+            Kind::Tcp | Kind::Auto => proxy::health::probe(&self.target, self.timeout)
+                .await
+                .map(|_| "connected".to_owned())
+                .map_err(|error| error.to_string()),
+            Kind::Mysql | Kind::Redis => self.converse().await,
+        };
+        match result {
+            Ok(note) => {
+                let took = start.elapsed();
+                debug!(backend = %self.target, check = %self.kind, %note, ?took, "backend passes");
+                (Health::Passing, None)
+            }
+            Err(error) => (Health::Critical, Some(error)),
         }
+    }
+
+    /// Connects and runs the protocol exchange, all within the timeout; then waits (within
+    /// what is left of it) for the server to close first, so it sees an orderly goodbye.
+    async fn converse(&self) -> Result<String, String> {
+        let deadline = Instant::now() + self.timeout;
+        let mut stream = proxy::tcp::connect(&self.target, self.timeout)
+            .await
+            .map_err(|error| error.to_string())?;
+        let talk = async {
+            match self.kind {
+                Kind::Mysql => mysql::talk(&mut stream, &self.mysql_user).await,
+                _ => redis::talk(&mut stream).await,
+            }
+        };
+        let verdict = tokio::time::timeout_at(deadline, talk)
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "{} check: no answer within {:?}",
+                    self.kind, self.timeout
+                ))
+            })?;
+        let mut rest = [0u8; 256];
+        let _ = tokio::time::timeout_at(deadline, async {
+            while matches!(stream.read(&mut rest).await, Ok(n) if n > 0) {}
+        })
+        .await;
+        Ok(verdict)
+    }
+}
+
+/// Bytes from the server as text fit for a log line: lossy UTF-8, no control characters, at
+/// most `max` characters.
+fn printable(bytes: &[u8], max: usize) -> String {
+    String::from_utf8_lossy(bytes)
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(max)
+        .collect()
+}
+
+/// Reads what the server sends next onto `buffer`; the server closing first is an error
+/// that says when (`mid-handshake`).
+async fn read_more(stream: &mut TcpStream, buffer: &mut Vec<u8>, when: &str) -> Result<(), String> {
+    let mut chunk = [0u8; 1024];
+    let n = stream
+        .read(&mut chunk)
+        .await
+        .map_err(|error| format!("reading from the server: {error}"))?;
+    if n == 0 {
+        return Err(format!("the server closed the connection {when}"));
+    }
+    buffer.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
+/// Writes all of `bytes` to the server.
+async fn write(stream: &mut TcpStream, bytes: &[u8]) -> Result<(), String> {
+    stream
+        .write_all(bytes)
+        .await
+        .map_err(|error| format!("writing to the server: {error}"))
+}
+
+/// Logs the check chosen for `target` (once, at startup).
+pub(crate) fn log_choice(requested: Kind, check: &Check) {
+    let why = if requested == Kind::Auto {
+        "auto: by the backend's port"
+    } else {
+        "--health-check"
+    };
+    match check.kind {
+        Kind::Mysql => info!(
+            backend = %check.target,
+            check = %check.kind,
+            user = %check.mysql_user,
+            interval = ?check.interval,
+            "health check chosen ({why})"
+        ),
+        _ => info!(
+            backend = %check.target,
+            check = %check.kind,
+            interval = ?check.interval,
+            "health check chosen ({why})"
+        ),
     }
 }
 
@@ -268,6 +415,8 @@ mod tests {
                 host: Host::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST)),
                 port: addr.port(),
             },
+            kind: Kind::Tcp,
+            mysql_user: String::new(),
             interval: Duration::from_millis(50),
             timeout: Duration::from_secs(2),
         };
@@ -288,5 +437,53 @@ mod tests {
             .unwrap();
         shutdown.cancel();
         task.await.unwrap();
+    }
+
+    #[test]
+    fn auto_picks_by_the_backend_port() {
+        for (kind, port, expected) in [
+            (Kind::Auto, 3306, Kind::Mysql),
+            (Kind::Auto, 6379, Kind::Redis),
+            (Kind::Auto, 5432, Kind::Tcp),
+            (Kind::Auto, 33060, Kind::Tcp),
+            (Kind::Tcp, 3306, Kind::Tcp),
+            (Kind::Mysql, 13306, Kind::Mysql),
+            (Kind::Redis, 16379, Kind::Redis),
+        ] {
+            assert_eq!(kind.resolve(port), expected, "{kind} on {port}");
+        }
+    }
+
+    /// A backend that accepts and never says a word: the protocol checks give up within
+    /// their timeout (never hang), and say so.
+    #[tokio::test]
+    async fn a_silent_backend_is_critical_within_the_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        for kind in [Kind::Mysql, Kind::Redis] {
+            let check = Check {
+                target: Target {
+                    host: Host::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+                    port,
+                },
+                kind,
+                mysql_user: "amb_serf_check".into(),
+                interval: Duration::from_millis(300),
+                timeout: Duration::from_millis(300),
+            };
+            let start = std::time::Instant::now();
+            let (health, error) = check.probe().await;
+            assert_eq!(health, Health::Critical, "{kind}");
+            let error = error.unwrap_or_default();
+            assert!(error.contains("no answer within 300ms"), "{kind}: {error}");
+            assert!(start.elapsed() < Duration::from_secs(10), "{kind}");
+        }
+        held.abort();
     }
 }

@@ -106,11 +106,9 @@ fn parse_cli() -> (Cli, Command) {
             error.kind(),
             ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
         );
-        // A first word that is not a flag was meant as a subcommand: report that error.
-        let names_a_subcommand = args
-            .get(1)
-            .and_then(|arg| arg.to_str())
-            .is_some_and(|arg| !arg.starts_with('-'));
+        // A first word that is not a flag (nor a global flag's value) was meant as a
+        // subcommand: report that error (e.g. a bad AMB_* value for `… --log-format json run`).
+        let names_a_subcommand = first_word(&args).is_some_and(|arg| !arg.starts_with('-'));
         if asked_for_output || names_a_subcommand {
             error.exit();
         }
@@ -120,6 +118,23 @@ fn parse_cli() -> (Cli, Command) {
     let mut cli = Cli::parse_from(with_run);
     let command = cli.command.take().expect("`run` was inserted");
     (cli, command)
+}
+
+/// The first argument after the global flags and their values (`--log-level info`).
+fn first_word(args: &[std::ffi::OsString]) -> Option<&str> {
+    const GLOBALS_WITH_VALUE: [&str; 2] = ["--log-level", "--log-format"];
+    let mut words = args.iter().skip(1).filter_map(|arg| arg.to_str());
+    while let Some(word) = words.next() {
+        if GLOBALS_WITH_VALUE.contains(&word) {
+            words.next();
+        } else if !GLOBALS_WITH_VALUE
+            .iter()
+            .any(|flag| word.starts_with(&format!("{flag}=")))
+        {
+            return Some(word);
+        }
+    }
+    None
 }
 
 fn main() -> ExitCode {
@@ -157,5 +172,32 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_word;
+
+    #[track_caller]
+    fn check(args: &[&str], expected: Option<&str>) {
+        let args: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+        assert_eq!(first_word(&args), expected, "{args:?}");
+    }
+
+    #[test]
+    fn the_first_word_skips_global_flags_and_their_values() {
+        check(&["amb-serf"], None);
+        check(&["amb-serf", "run"], Some("run"));
+        check(&["amb-serf", "--log-format", "json", "run"], Some("run"));
+        check(
+            &["amb-serf", "--log-level=debug", "members"],
+            Some("members"),
+        );
+        check(&["amb-serf", "--log-format", "json"], None);
+        check(
+            &["amb-serf", "--forward", "3306=mysql:3306"],
+            Some("--forward"),
+        );
     }
 }

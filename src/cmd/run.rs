@@ -47,7 +47,7 @@ linked port. <ALIAS>_ENV_* variables are never read.
 
 The member joins the Serf cluster through the Serf link (SERF_1_PORT_7946_TCP) or --join, and
 advertises role=<first link's first port> (NAME or --role overrides), ports=<port/proto,...>,
-health=passing|critical (role withdrawn while the backend refuses connections) and, with
+health=passing|critical (role withdrawn while the backend fails its --health-check) and, with
 --service-addr, service=HOST:PORT. Event handlers also get AMB_BACKEND_HOST/AMB_BACKEND_PORT.
 
 Examples:
@@ -106,10 +106,27 @@ pub(crate) struct Args {
     #[arg(long, env = "AMB_SERVICE_ADDR", value_name = "HOST:PORT")]
     service_addr: Option<String>,
 
-    /// How often to check that the backend accepts a TCP connection; 0 turns checking off
-    /// (the backend is then always advertised as passing).
+    /// How often to check the backend (see --health-check); 0 turns checking off (the backend
+    /// is then always advertised as passing).
     #[arg(long, env = "AMB_HEALTH_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     health_interval: Duration,
+
+    /// How to check the backend: tcp (it accepts a connection), mysql (greeting, a login
+    /// attempt, quit: no connect errors on the server), redis (PING → +PONG), or auto: mysql
+    /// when the backend's port is 3306, redis on 6379, tcp otherwise.
+    #[arg(
+        long,
+        env = "AMB_HEALTH_CHECK",
+        value_enum,
+        default_value_t = health::Kind::Auto,
+        value_name = "KIND"
+    )]
+    health_check: health::Kind,
+
+    /// The user the mysql check logs in as, without a password; it need not exist (access
+    /// denied counts as up). With an existing passwordless user the login succeeds.
+    #[arg(long, env = "AMB_HEALTH_MYSQL_USER", default_value = "amb_serf_check")]
+    health_mysql_user: String,
 
     /// The backend to health-check (default: the first link's first TCP target).
     #[arg(long, env = "AMB_HEALTH_TARGET", value_name = "HOST:PORT")]
@@ -210,7 +227,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         .or_else(|| backend.clone())
         .filter(|_| !args.health_interval.is_zero())
         .map(|target| health::Check {
+            kind: args.health_check.resolve(target.port),
             target,
+            mysql_user: args.health_mysql_user.clone(),
             interval: args.health_interval,
             timeout: args.health_interval.min(args.connect_timeout),
         });
@@ -259,6 +278,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     // The backend's health before the first advertisement, so the first tags are right.
     let initial = match &health_check {
         Some(check) => {
+            health::log_choice(args.health_check, check);
             let (initial, error) = check.probe().await;
             health::log_transition(&check.target, initial, error.as_deref());
             initial

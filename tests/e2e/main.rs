@@ -8,6 +8,7 @@ mod encryption;
 mod etcd;
 mod faults;
 mod health;
+mod health_check;
 mod proxy;
 mod rpc_cli;
 mod soak;

@@ -6,13 +6,16 @@
 //! - [`free_port`], [`loopback`]: addresses on the loopback range only.
 //! - [`require`]: the path of a peer binary (`serf`, `etcd`, `redis-server`, …); a missing peer
 //!   is a test failure, never a skip (the README's test command installs them).
-//! - [`SerfAgent`], [`Etcd`], [`Redis`]: real peers from Debian's packages, on loopback or
-//!   (`start_in`) in a simulated host of a [`netns::Net`].
+//! - [`SerfAgent`], [`Etcd`], [`Redis`], [`Mariadb`]: real peers from Debian's packages, on
+//!   loopback or (`start_in`) in a simulated host of a [`netns::Net`].
 //! - [`netns`]: several hosts on one machine (network namespaces, veth pairs, a bridge) with
 //!   partitions and packet loss, for fault-injection tests.
 #![deny(missing_docs)]
 
+mod mariadb;
 pub mod netns;
+
+pub use mariadb::{Mariadb, APP_PASSWORD, APP_USER, HOST_NAME};
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::unix::process::CommandExt;
