@@ -161,10 +161,7 @@ fn start_connect(serf_1: &SerfAgent, node: &str, extra: &[&str]) -> (Ambassador,
 
 /// Whether one line of the log contains every needle.
 fn logged(connect: &Ambassador, needles: &[&str]) -> bool {
-    connect
-        .log()
-        .lines()
-        .any(|line| needles.iter().all(|needle| line.contains(needle)))
+    connect.lines_with(needles) > 0
 }
 
 fn wait_provider_added(connect: &Ambassador, node: &str) {

@@ -126,6 +126,14 @@ impl Ambassador {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// How many lines of its log contain every one of `needles`.
+    pub(crate) fn lines_with(&self, needles: &[&str]) -> usize {
+        self.log()
+            .lines()
+            .filter(|line| needles.iter().all(|needle| line.contains(needle)))
+            .count()
+    }
+
     /// Its process ID.
     pub(crate) fn pid(&self) -> u32 {
         self.child.pid()
