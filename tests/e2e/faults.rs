@@ -11,6 +11,10 @@
 //!   `amb-serf run` on a third host) or [`Via::Connect`] (that forward as a provider, and the
 //!   `connect` consumer on the client's host).
 //!
+//! The mid-transfer cuts share [`Transfer`] (a client streaming checked bytes through an echo
+//! backend). With two providers ([`EchoProvider`]), cutting one's host mid-transfer must error
+//! its client and leave every new client to the other.
+//!
 //! Scenario 3 (serf_1 restarted empty) is covered on loopback by `ambassador.rs`
 //! (`joins_when_serf_starts_later_and_again_after_it_restarts`).
 //!
