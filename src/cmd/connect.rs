@@ -20,7 +20,7 @@ use proxy::{CancellationToken, Proxy, TaskTracker};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::run::{drain, parse_duration, raise_open_file_limit, Signals};
+use super::run::{drain, parse_duration, raise_open_file_limit, LivenessArgs, Signals};
 use super::UsageError;
 use crate::consumer::{self, ConsumeArgs, Consumer};
 use crate::member::{self, MemberArgs};
@@ -67,6 +67,9 @@ pub(crate) struct Args {
     #[arg(long, env = "AMB_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     connect_timeout: Duration,
 
+    #[command(flatten)]
+    liveness: LivenessArgs,
+
     /// Concurrent connections; past it new clients are closed at once and counted.
     #[arg(long, env = "AMB_MAX_CONNECTIONS", default_value_t = 100_000)]
     max_connections: usize,
@@ -105,6 +108,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         listen_addr: args.listen_addr,
         connect_timeout: args.connect_timeout,
         max_connections: args.max_connections,
+        liveness: args.liveness.liveness(),
         ..proxy::Config::default()
     };
     let mut proxy = Proxy::bind(&[], &config).await?;

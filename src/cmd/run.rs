@@ -88,15 +88,9 @@ pub(crate) struct Args {
     #[arg(long, env = "AMB_UDP_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     udp_idle_timeout: Duration,
 
-    /// TCP keepalive on both sides of every connection: idle time before the first probe
-    /// (probes then every third of it, three unanswered close the connection); 0 turns it off.
-    #[arg(long, env = "AMB_TCP_KEEPALIVE", default_value = "30s", value_parser = parse_duration)]
-    tcp_keepalive: Duration,
+    #[command(flatten)]
+    liveness: LivenessArgs,
 
-    /// TCP_USER_TIMEOUT on both sides: data unacknowledged this long closes the connection
-    /// (the client sees a reset); 0 keeps the kernel default (~15 min of retransmissions).
-    #[arg(long, env = "AMB_TCP_USER_TIMEOUT", default_value = "0", value_parser = parse_duration)]
-    tcp_user_timeout: Duration,
     /// The `role` tag's value (default: the first link's first port, e.g. 3306).
     #[arg(long, env = "NAME")]
     role: Option<String>,
@@ -241,10 +235,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         connect_timeout: args.connect_timeout,
         max_connections: args.max_connections,
         udp_idle_timeout: args.udp_idle_timeout,
-        liveness: proxy::Liveness {
-            keepalive: Some(args.tcp_keepalive).filter(|idle| !idle.is_zero()),
-            user_timeout: Some(args.tcp_user_timeout).filter(|timeout| !timeout.is_zero()),
-        },
+        liveness: args.liveness.liveness(),
     };
     let mut proxy = Proxy::bind(&specs, &config).await?;
     // `--connect`: consumer listeners on the same forwarder (limits, counters, drain).
@@ -507,6 +498,32 @@ impl Signals {
     }
 }
 
+/// How forwarded TCP connections notice a peer that went silent (`run` and `connect`).
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct LivenessArgs {
+    /// TCP keepalive on both sides of every connection: idle time before the first probe
+    /// (probes then every third of it, three unanswered close the connection); 0 turns it off.
+    #[arg(long, env = "AMB_TCP_KEEPALIVE", default_value = "30s", value_parser = parse_duration)]
+    tcp_keepalive: Duration,
+
+    /// TCP_USER_TIMEOUT on both sides: data unacknowledged this long closes the connection
+    /// (the client sees a reset); 0 keeps the kernel default (~15 min of retransmissions).
+    /// Off by default: the kernel also applies it to a peer that keeps its receive window
+    /// closed (a client that stops reading), so set it above the longest such stall.
+    #[arg(long, env = "AMB_TCP_USER_TIMEOUT", default_value = "0", value_parser = parse_duration)]
+    tcp_user_timeout: Duration,
+}
+
+impl LivenessArgs {
+    /// The forwarders' setting (a zero duration is off).
+    pub(crate) fn liveness(&self) -> proxy::Liveness {
+        proxy::Liveness {
+            keepalive: Some(self.tcp_keepalive).filter(|idle| !idle.is_zero()),
+            user_timeout: Some(self.tcp_user_timeout).filter(|timeout| !timeout.is_zero()),
+        }
+    }
+}
+
 /// Raises the soft open-file limit to the hard limit: each forwarded connection takes two
 /// descriptors, and the usual soft limit (1024) would cap the proxy at ~500 connections.
 #[allow(unsafe_code)]
@@ -560,7 +577,8 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_duration;
+    use super::{parse_duration, LivenessArgs};
+    use clap::Parser;
     use std::time::Duration;
 
     #[test]
@@ -577,5 +595,38 @@ mod tests {
         for text in ["", "s", "5x", "-1s", "fast"] {
             assert!(parse_duration(text).is_err(), "{text}");
         }
+    }
+
+    #[test]
+    fn liveness_defaults_to_keepalive_only_and_zero_turns_either_off() {
+        #[derive(Debug, Parser)]
+        struct Cli {
+            #[command(flatten)]
+            liveness: LivenessArgs,
+        }
+        let check = |flags: &[&str], keepalive: Option<u64>, user_timeout: Option<u64>| {
+            let argv = std::iter::once("test").chain(flags.iter().copied());
+            let liveness = Cli::try_parse_from(argv)
+                .expect("valid flags")
+                .liveness
+                .liveness();
+            assert_eq!(
+                liveness.keepalive,
+                keepalive.map(Duration::from_secs),
+                "{flags:?}"
+            );
+            assert_eq!(
+                liveness.user_timeout,
+                user_timeout.map(Duration::from_secs),
+                "{flags:?}"
+            );
+        };
+        check(&[], Some(30), None);
+        check(
+            &["--tcp-user-timeout", "3s", "--tcp-keepalive", "2s"],
+            Some(2),
+            Some(3),
+        );
+        check(&["--tcp-keepalive", "0"], None, None);
     }
 }

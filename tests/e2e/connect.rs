@@ -89,25 +89,7 @@ impl Provider {
         assert_eq!(read_reply(&mut stream).unwrap(), b"+OK");
         let vars = [("SERF_1_PORT_7946_TCP", format!("tcp://{}", serf_1.bind))];
         let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let port = free_port(loopback(1));
-        let forward = format!("{port}={}", redis.addr);
-        let service = format!("127.0.0.1:{port}");
-        let gossip = SocketAddr::from((loopback(1), free_port(loopback(1)))).to_string();
-        let args = [
-            "--forward",
-            &forward,
-            "--role",
-            ROLE,
-            "--service-addr",
-            &service,
-            "--node",
-            node,
-            "--bind",
-            &gossip,
-            "--rpc-addr",
-            "127.0.0.1:0",
-        ];
-        let ambassador = Ambassador::start_on(loopback(1), &vars, &args);
+        let ambassador = Ambassador::start_provider(ROLE, node, redis.addr, &vars, &[]);
         Self { ambassador, redis }
     }
 }
@@ -161,10 +143,7 @@ fn start_connect(serf_1: &SerfAgent, node: &str, extra: &[&str]) -> (Ambassador,
 
 /// Whether one line of the log contains every needle.
 fn logged(connect: &Ambassador, needles: &[&str]) -> bool {
-    connect
-        .log()
-        .lines()
-        .any(|line| needles.iter().all(|needle| line.contains(needle)))
+    connect.lines_with(needles) > 0
 }
 
 fn wait_provider_added(connect: &Ambassador, node: &str) {

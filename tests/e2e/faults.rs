@@ -11,6 +11,10 @@
 //!   `amb-serf run` on a third host) or [`Via::Connect`] (that forward as a provider, and the
 //!   `connect` consumer on the client's host).
 //!
+//! The mid-transfer cuts share [`Transfer`] (a client streaming checked bytes through an echo
+//! backend). With two providers ([`EchoProvider`]), cutting one's host mid-transfer must error
+//! its client and leave every new client to the other.
+//!
 //! Scenario 3 (serf_1 restarted empty) is covered on loopback by `ambassador.rs`
 //! (`joins_when_serf_starts_later_and_again_after_it_restarts`).
 //!
@@ -189,37 +193,51 @@ impl Subject for AmbassadorMember {
     }
 }
 
-/// A `connect ROLE` consumer on `host`, joined to that host's agent (gossip on 7947 beside it),
-/// serving the role on `<host ip>:ROLE`; returns it and the address clients dial.
+/// `amb-serf connect ROLE` on `host` with `extra` flags: a member gossiping on
+/// `<host ip>:gossip_port` that joins `join`, serving the role on `<host ip>:ROLE`; returns it
+/// and the address clients dial.
+fn connect_on(
+    host: &Host,
+    role: u16,
+    join: SocketAddr,
+    gossip_port: u16,
+    extra: &[&str],
+) -> (Ambassador, SocketAddr) {
+    let role_arg = role.to_string();
+    let join = join.to_string();
+    let bind = format!("{}:{gossip_port}", host.ip);
+    let listen = host.ip.to_string();
+    let mut args = vec![
+        "connect",
+        &role_arg,
+        "--join",
+        &join,
+        "--node",
+        "consumer",
+        "--bind",
+        &bind,
+        // Beside the host's agent, if it has one (its RPC is on 7373).
+        "--rpc-addr",
+        "127.0.0.1:7374",
+        "--listen-addr",
+        &listen,
+    ];
+    args.extend_from_slice(extra);
+    let consumer = Ambassador::start_command_in(host, &[], &args);
+    (consumer, SocketAddr::from((host.ip, role)))
+}
+
+/// A `connect ROLE` consumer on host `index`, joined to that host's agent (gossip on 7947 beside
+/// it), serving the role on `<host ip>:ROLE`; returns it and the address clients dial.
 fn consumer_on(net: &Net, index: usize, role: u16) -> (Ambassador, SocketAddr) {
     let host = net.host(index);
-    let role_arg = role.to_string();
-    let join = format!("{}:{GOSSIP_PORT}", host.ip);
-    let bind = format!("{}:7947", host.ip);
-    let listen = host.ip.to_string();
-    let consumer = Ambassador::start_command_in(
+    connect_on(
         host,
-        &[],
-        &[
-            "connect",
-            &role_arg,
-            "--join",
-            &join,
-            "--node",
-            "consumer",
-            "--bind",
-            &bind,
-            "--rpc-addr",
-            "127.0.0.1:7374",
-            "--listen-addr",
-            &listen,
-            "--connect-timeout",
-            "2s",
-            "--wait-for-target",
-            "1s",
-        ],
-    );
-    (consumer, SocketAddr::from((host.ip, role)))
+        role,
+        SocketAddr::from((host.ip, GOSSIP_PORT)),
+        7947,
+        &["--connect-timeout", "2s", "--wait-for-target", "1s"],
+    )
 }
 
 /// Starts the subject on host `index` (joining host 0's agent).
@@ -434,32 +452,17 @@ impl Via {
                 let bind = format!("{}:{GOSSIP_PORT}", proxy_host.ip);
                 args.extend(["--role", &role, "--node", "provider", "--bind", &bind]);
                 let provider = Ambassador::start_in(proxy_host, &[], &args);
-                let join = format!("{}:{GOSSIP_PORT}", proxy_host.ip);
-                let client_bind = format!("{}:{GOSSIP_PORT}", client_host.ip);
-                let listen = client_host.ip.to_string();
                 let connect_timeout = extra
                     .iter()
                     .position(|arg| *arg == "--connect-timeout")
                     .map_or("5s", |at| extra[at + 1]);
-                let consumer = Ambassador::start_command_in(
+                let (consumer, dial) = connect_on(
                     client_host,
-                    &[],
-                    &[
-                        "connect",
-                        &role,
-                        "--join",
-                        &join,
-                        "--node",
-                        "consumer",
-                        "--bind",
-                        &client_bind,
-                        "--listen-addr",
-                        &listen,
-                        "--connect-timeout",
-                        connect_timeout,
-                    ],
+                    port,
+                    SocketAddr::from((proxy_host.ip, GOSSIP_PORT)),
+                    GOSSIP_PORT,
+                    &["--connect-timeout", connect_timeout],
                 );
-                let dial = SocketAddr::from((client_host.ip, port));
                 eventually(
                     Duration::from_secs(30),
                     "the consumer routes to the provider",
@@ -570,6 +573,145 @@ struct TransferEnd {
     after_cut: Duration,
 }
 
+/// The hang detector of a client's socket: far longer than any timeout under test.
+const HANG: Duration = Duration::from_secs(60);
+
+/// A client on a simulated host streaming random bytes through a forwarder to an echo backend
+/// and checking every byte that comes back, until its connection ends.
+struct Transfer {
+    stream: TcpStream,
+    stop: Arc<AtomicBool>,
+    writer: thread::JoinHandle<()>,
+    reader: thread::JoinHandle<TransferEnd>,
+    cut_tx: mpsc::Sender<Instant>,
+    progress: Arc<AtomicU64>,
+}
+
+impl Transfer {
+    /// Connects from `client` to `dial` and starts writing and reading.
+    fn start(client: &Host, dial: SocketAddr) -> Self {
+        let stream = client
+            .connect(dial, Duration::from_secs(5))
+            .expect("connecting through the forwarder");
+        stream.set_read_timeout(Some(HANG)).expect("timeout");
+        stream.set_write_timeout(Some(HANG)).expect("timeout");
+        let random = RandomBytes::new();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let mut stream = stream.try_clone().expect("clone");
+            let mut random = random.clone();
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let mut buffer = vec![0u8; Expected::BLOCK];
+                while !stop.load(Ordering::Relaxed) {
+                    random.fill(&mut buffer);
+                    if stream.write_all(&buffer).is_err() {
+                        return;
+                    }
+                    // Paced, so the cut finds data in flight both ways but no huge backlog.
+                    thread::sleep(Duration::from_millis(2));
+                }
+            })
+        };
+        let (cut_tx, cut_rx) = mpsc::channel::<Instant>();
+        let progress = Arc::new(AtomicU64::new(0));
+        let reader = {
+            let mut stream = stream.try_clone().expect("clone");
+            let mut expected = Expected::new(random);
+            let progress = Arc::clone(&progress);
+            thread::spawn(move || {
+                let mut received = 0u64;
+                let mut buffer = vec![0u8; 64 * 1024];
+                let mut cut_at = None;
+                loop {
+                    let read = stream.read(&mut buffer);
+                    let ended = match read {
+                        Ok(0) => Some(Ok(())),
+                        Ok(n) => {
+                            assert!(
+                                expected.matches(&buffer[..n]),
+                                "echoed bytes corrupted after {received}"
+                            );
+                            received += n as u64;
+                            progress.store(received, Ordering::Relaxed);
+                            None
+                        }
+                        Err(error) => Some(Err(error.kind())),
+                    };
+                    if cut_at.is_none() {
+                        cut_at = cut_rx.try_recv().ok();
+                    }
+                    if let Some(ended) = ended {
+                        let cut_at = cut_at.or_else(|| cut_rx.try_recv().ok());
+                        return TransferEnd {
+                            received,
+                            ended,
+                            after_cut: cut_at.map(|at| at.elapsed()).unwrap_or_default(),
+                        };
+                    }
+                }
+            })
+        };
+        Self {
+            stream,
+            stop,
+            writer,
+            reader,
+            cut_tx,
+            progress,
+        }
+    }
+
+    /// Waits until `bytes` have come back intact.
+    fn wait_for(&self, bytes: u64) {
+        eventually(
+            Duration::from_secs(30),
+            &format!("{bytes} bytes echoed through the forwarder"),
+            || (self.progress.load(Ordering::Relaxed) >= bytes).then_some(()),
+        );
+    }
+
+    /// Cuts host `index` off and waits for the client's connection to end; it must end with
+    /// an error or end of stream (never the hang detector) within `user_timeout` + 10 s.
+    fn cut(self, net: &Net, index: usize, user_timeout: Duration) -> TransferEnd {
+        net.cut(index);
+        self.cut_tx.send(Instant::now()).expect("reader alive");
+        let end = self.reader.join().expect("reader thread");
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.stream.shutdown(Shutdown::Both);
+        self.writer.join().expect("writer thread");
+        eprintln!("cut mid-transfer: {end:?}");
+        assert!(
+            end.received > 0,
+            "nothing was echoed before the cut: {end:?}"
+        );
+        assert!(
+            !matches!(end.ended, Err(ErrorKind::WouldBlock | ErrorKind::TimedOut)),
+            "the client hung for {HANG:?} instead of getting an error: {end:?}"
+        );
+        assert!(
+            end.after_cut < user_timeout + Duration::from_secs(10),
+            "the client learnt of the cut only after {:?} (TCP user timeout {user_timeout:?})",
+            end.after_cut
+        );
+        end
+    }
+}
+
+/// socat echoing every connection to `addr` on `host`; returns once it accepts.
+fn echo_on(host: &Host, addr: SocketAddr) -> Child {
+    let listen = format!(
+        "TCP-LISTEN:{},bind={},reuseaddr,fork",
+        addr.port(),
+        addr.ip()
+    );
+    let echo = host.spawn("socat echo", &require("socat"), &[&listen, "PIPE"], None);
+    eventually(Duration::from_secs(20), "the echo backend listens", || {
+        host.accepts_tcp(addr).then_some(())
+    });
+    echo
+}
+
 /// Scenario 5 (forwarder side): an echo backend's host is cut off mid-transfer. The client
 /// gets an error or end of stream within the forwarder's timeouts, never a hang; new clients
 /// are closed within the connect timeout; after the heal the forward works again.
@@ -577,12 +719,7 @@ fn cut_mid_transfer(via: Via) {
     let Some(net) = Net::for_test(3) else { return };
     let (proxy, backend, client) = (net.host(0), net.host(1), net.host(2));
     let echo_addr = SocketAddr::from((backend.ip, 7000));
-    let listen = format!("TCP-LISTEN:7000,bind={},reuseaddr,fork", backend.ip);
-    let _echo: Child = backend.spawn("socat echo", &require("socat"), &[&listen, "PIPE"], None);
-    eventually(Duration::from_secs(20), "the echo backend listens", || {
-        proxy.accepts_tcp(echo_addr).then_some(())
-    });
-    let user_timeout = Duration::from_secs(3);
+    let _echo = echo_on(backend, echo_addr);
     let route = via.start(
         proxy,
         client,
@@ -598,97 +735,10 @@ fn cut_mid_transfer(via: Via) {
         ],
     );
 
-    let stream = client
-        .connect(route.dial, Duration::from_secs(5))
-        .expect("connecting through the forwarder");
-    // The hang detector: far longer than any timeout under test.
-    let hang = Duration::from_secs(60);
-    stream.set_read_timeout(Some(hang)).expect("timeout");
-    stream.set_write_timeout(Some(hang)).expect("timeout");
-    let random = RandomBytes::new();
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let mut stream = stream.try_clone().expect("clone");
-        let mut random = random.clone();
-        let stop = Arc::clone(&stop);
-        thread::spawn(move || {
-            let mut buffer = vec![0u8; Expected::BLOCK];
-            while !stop.load(Ordering::Relaxed) {
-                random.fill(&mut buffer);
-                if stream.write_all(&buffer).is_err() {
-                    return;
-                }
-                // Paced, so the cut finds data in flight both ways but no huge backlog.
-                thread::sleep(Duration::from_millis(2));
-            }
-        })
-    };
-    let (cut_tx, cut_rx) = mpsc::channel::<Instant>();
-    let progress = Arc::new(AtomicU64::new(0));
-    let reader = {
-        let mut stream = stream.try_clone().expect("clone");
-        let mut expected = Expected::new(random);
-        let progress = Arc::clone(&progress);
-        thread::spawn(move || {
-            let mut received = 0u64;
-            let mut buffer = vec![0u8; 64 * 1024];
-            let mut cut_at = None;
-            loop {
-                let read = stream.read(&mut buffer);
-                let ended = match read {
-                    Ok(0) => Some(Ok(())),
-                    Ok(n) => {
-                        assert!(
-                            expected.matches(&buffer[..n]),
-                            "echoed bytes corrupted after {received}"
-                        );
-                        received += n as u64;
-                        progress.store(received, Ordering::Relaxed);
-                        None
-                    }
-                    Err(error) => Some(Err(error.kind())),
-                };
-                if cut_at.is_none() {
-                    cut_at = cut_rx.try_recv().ok();
-                }
-                if let Some(ended) = ended {
-                    let cut_at = cut_at.or_else(|| cut_rx.try_recv().ok());
-                    return TransferEnd {
-                        received,
-                        ended,
-                        after_cut: cut_at.map(|at| at.elapsed()).unwrap_or_default(),
-                    };
-                }
-            }
-        })
-    };
-
     // Let 1 MiB go round, then cut the backend's host.
-    eventually(
-        Duration::from_secs(30),
-        "1 MiB echoed through the forwarder",
-        || (progress.load(Ordering::Relaxed) >= 1 << 20).then_some(()),
-    );
-    net.cut(backend.index);
-    cut_tx.send(Instant::now()).expect("reader alive");
-    let end = reader.join().expect("reader thread");
-    stop.store(true, Ordering::Relaxed);
-    let _ = stream.shutdown(Shutdown::Both);
-    writer.join().expect("writer thread");
-    eprintln!("cut mid-transfer: {end:?}");
-    assert!(
-        end.received > 0,
-        "nothing was echoed before the cut: {end:?}"
-    );
-    assert!(
-        !matches!(end.ended, Err(ErrorKind::WouldBlock | ErrorKind::TimedOut)),
-        "the client hung for {hang:?} instead of getting an error: {end:?}"
-    );
-    assert!(
-        end.after_cut < user_timeout + Duration::from_secs(10),
-        "the client learnt of the cut only after {:?} (TCP user timeout {user_timeout:?})",
-        end.after_cut
-    );
+    let transfer = Transfer::start(client, route.dial);
+    transfer.wait_for(1 << 20);
+    transfer.cut(&net, backend.index, Duration::from_secs(3));
 
     // While the backend's host is unreachable, a new client is closed within the connect
     // timeout, not left waiting.
@@ -696,7 +746,7 @@ fn cut_mid_transfer(via: Via) {
     let mut fresh = client
         .connect(route.dial, Duration::from_secs(5))
         .expect("the forwarder still accepts");
-    fresh.set_read_timeout(Some(hang)).expect("timeout");
+    fresh.set_read_timeout(Some(HANG)).expect("timeout");
     let mut byte = [0u8; 1];
     let outcome = fresh.read(&mut byte);
     assert!(
@@ -776,4 +826,166 @@ fn backend_host_cut_mid_transfer_errors_the_client_within_the_timeouts() {
 #[test]
 fn backend_host_cut_mid_transfer_through_connect_errors_the_client_within_the_timeouts() {
     cut_mid_transfer(Via::Connect);
+}
+
+/// A provider of role 7000 on a host of its own: socat echoing on `<ip>:7001` and `amb-serf
+/// run --forward 7000=<ip>:7001 --role 7000`, joined to host 0's agent.
+struct EchoProvider {
+    ambassador: Ambassador,
+    _echo: Child,
+}
+
+impl EchoProvider {
+    const ROLE: u16 = 7000;
+
+    fn start(net: &Net, index: usize, name: &str) -> Self {
+        let host = net.host(index);
+        let echo_addr = SocketAddr::from((host.ip, Self::ROLE + 1));
+        let echo = echo_on(host, echo_addr);
+        let forward = format!("{}={echo_addr}", Self::ROLE);
+        let role = Self::ROLE.to_string();
+        let join = format!("{}:{GOSSIP_PORT}", net.host(0).ip);
+        let bind = format!("{}:{GOSSIP_PORT}", host.ip);
+        let ambassador = Ambassador::start_in(
+            host,
+            &[],
+            &[
+                "--forward",
+                &forward,
+                "--role",
+                &role,
+                "--node",
+                name,
+                "--bind",
+                &bind,
+                "--join",
+                &join,
+            ],
+        );
+        Self {
+            ambassador,
+            _echo: echo,
+        }
+    }
+}
+
+/// Scenario 5 (consumer side, two providers): each provider an echo backend behind `amb-serf
+/// run` on a host of its own, a seed agent on another, and `connect` on the client's host.
+/// Provider A's host is cut mid-transfer: the client errors within the consumer's TCP user
+/// timeout; every new client is served, by B, within one connect timeout (a connect that
+/// times out on A moves on to B within the same client connection and backs A off), before
+/// and after the cluster declares A failed; healed, A serves again without a restart.
+#[test]
+fn provider_host_cut_mid_transfer_through_connect_errors_the_client_and_fails_over() {
+    let Some(net) = Net::for_test(4) else { return };
+    let (a_host, b_host, client) = (1, 2, net.host(3));
+    let seed = agent_on(&net, 0, "seed", &[]);
+    let mut provider_a = EchoProvider::start(&net, a_host, "provider-a");
+    let connect_timeout = Duration::from_secs(2);
+    let user_timeout = Duration::from_secs(3);
+    let (consumer, dial) = connect_on(
+        client,
+        EchoProvider::ROLE,
+        SocketAddr::from((net.host(0).ip, GOSSIP_PORT)),
+        GOSSIP_PORT,
+        &[
+            "--connect-timeout",
+            "2s",
+            "--tcp-user-timeout",
+            "3s",
+            "--tcp-keepalive",
+            "2s",
+            "--wait-for-target",
+            "1s",
+        ],
+    );
+    eventually(
+        Duration::from_secs(30),
+        "the consumer routes to provider A",
+        || echoes(client, dial).then_some(()),
+    );
+    // A is the only provider yet, so the transfer runs through A.
+    let transfer = Transfer::start(client, dial);
+    transfer.wait_for(1 << 20);
+    let mut provider_b = EchoProvider::start(&net, b_host, "provider-b");
+    eventually(
+        Duration::from_secs(30),
+        "the consumer has provider B",
+        || (consumer.lines_with(&["provider added", "\"provider-b\""]) > 0).then_some(()),
+    );
+    let end = transfer.cut(&net, a_host, user_timeout);
+
+    // New clients, one after another, from the moment the in-flight one failed until the
+    // consumer has dropped A, and five more: each is served within one connect timeout.
+    let started = Instant::now();
+    let budget = connect_timeout + Duration::from_secs(5);
+    let mut before_drop: Vec<Duration> = Vec::new();
+    let mut after_drop: Vec<Duration> = Vec::new();
+    let mut dropped_after = None;
+    while after_drop.len() < 5 {
+        let begin = Instant::now();
+        let served = echoes(client, dial);
+        let waited = begin.elapsed();
+        assert!(
+            served && waited < budget,
+            "new client #{} after the cut: served {served} after {waited:?} (budget {budget:?})",
+            before_drop.len() + after_drop.len() + 1
+        );
+        match dropped_after {
+            Some(_) => after_drop.push(waited),
+            None => before_drop.push(waited),
+        }
+        if dropped_after.is_none()
+            && consumer.lines_with(&["provider removed", "\"provider-a\""]) > 0
+        {
+            dropped_after = Some(started.elapsed());
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the consumer never dropped provider A"
+        );
+    }
+    eventually(
+        Duration::from_secs(30),
+        "the seed declares provider A failed",
+        || (status_at(&seed, "provider-a").as_deref() == Some("failed")).then_some(()),
+    );
+
+    net.heal(a_host);
+    let healed_at = Instant::now();
+    eventually(
+        Duration::from_secs(30),
+        "the consumer has provider A again after the heal",
+        || (consumer.lines_with(&["provider added", "\"provider-a\""]) >= 2).then_some(()),
+    );
+    let back_after = healed_at.elapsed();
+    // B stops gracefully: only A can serve now.
+    provider_b.ambassador.signal(libc::SIGTERM);
+    provider_b.ambassador.wait_exit(Duration::from_secs(30));
+    eventually(
+        Duration::from_secs(30),
+        "provider A serves again after the heal",
+        || echoes(client, dial).then_some(()),
+    );
+    assert!(
+        provider_a.ambassador.is_running(),
+        "provider A was restarted"
+    );
+    let slowest = |waits: &[Duration]| waits.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "provider cut: the in-flight client ended {:?} after the cut; the consumer dropped A \
+         {:?} after that; {} new clients before the drop waited at most {:?} ({} over a \
+         second: a connect to A timed out first), {} after it at most {:?}; A back \
+         {back_after:?} after the heal",
+        end.after_cut,
+        dropped_after.unwrap_or_default(),
+        before_drop.len(),
+        slowest(&before_drop),
+        before_drop
+            .iter()
+            .filter(|waited| **waited > Duration::from_secs(1))
+            .count(),
+        after_drop.len(),
+        slowest(&after_drop),
+    );
 }

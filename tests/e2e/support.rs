@@ -74,6 +74,37 @@ impl Ambassador {
         Self::start_command(vars, &full_args)
     }
 
+    /// A provider of `role` on loopback, named `node`: `amb-serf run` forwarding a free port to
+    /// `backend` and advertising that port as its `service` address (the cross-host form, so
+    /// parallel tests never compete for a well-known port), gossiping on a free port, with
+    /// `extra` flags (how to join, …).
+    pub(crate) fn start_provider(
+        role: &str,
+        node: &str,
+        backend: std::net::SocketAddr,
+        vars: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Self {
+        let port = free_port(loopback(1));
+        let forward = format!("{port}={backend}");
+        let service = format!("{}:{port}", loopback(1));
+        let gossip = format!("{}:{}", loopback(1), free_port(loopback(1)));
+        let mut args = vec![
+            "--forward",
+            &forward,
+            "--role",
+            role,
+            "--service-addr",
+            &service,
+            "--node",
+            node,
+            "--bind",
+            &gossip,
+        ];
+        args.extend_from_slice(extra);
+        Self::start_on(loopback(1), vars, &args)
+    }
+
     /// Starts `amb-serf ARGS` (a subcommand and its flags, e.g. `connect …`) with `vars` as its
     /// whole environment and waits until it logs that it is ready.
     pub(crate) fn start_command(vars: &[(&str, &str)], full_args: &[&str]) -> Self {
@@ -124,6 +155,14 @@ impl Ambassador {
     /// Everything it printed so far.
     pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// How many lines of its log contain every one of `needles`.
+    pub(crate) fn lines_with(&self, needles: &[&str]) -> usize {
+        self.log()
+            .lines()
+            .filter(|line| needles.iter().all(|needle| line.contains(needle)))
+            .count()
     }
 
     /// Its process ID.
