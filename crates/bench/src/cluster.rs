@@ -325,6 +325,41 @@ fn spawn_subject(
     }
 }
 
+/// A fresh observer and a subject joined to it: the observer's RPC client, both processes,
+/// and the time from spawning the subject until the observer lists it alive with its `role`
+/// tag.
+struct Joined {
+    client: Client,
+    subject: Group,
+    registered: Duration,
+    _observer: Group,
+}
+
+async fn join_subject(
+    env: &ClusterEnv<'_>,
+    addrs: &mut Addrs,
+    column: Column,
+    backend: SocketAddr,
+    name: &str,
+) -> anyhow::Result<Joined> {
+    let (observer, observer_ip, client) = start_observer(env, addrs, "observer").await?;
+    let tags = [("role", backend.port().to_string())];
+    let ip = addrs.next();
+    let start = Instant::now();
+    let mut subject = spawn_subject(env, column, name, ip, observer_ip, backend)?;
+    let registered = wait_members(&client, start, &format!("{name} alive"), |members| {
+        has(members, name, "alive", &tags)
+    })
+    .await?;
+    subject.check_alive()?;
+    Ok(Joined {
+        client,
+        subject,
+        registered,
+        _observer: observer,
+    })
+}
+
 /// Metric 6: milliseconds from spawning the subject until the observer lists it alive with
 /// its `role` tag.
 async fn register(
@@ -333,19 +368,10 @@ async fn register(
     column: Column,
     backend: SocketAddr,
 ) -> anyhow::Result<f64> {
-    let (_observer, observer_ip, client) = start_observer(env, addrs, "observer").await?;
     let name = format!("{}-registers", column.name());
-    let tags = [("role", backend.port().to_string())];
-    let ip = addrs.next();
-    let start = Instant::now();
-    let mut subject = spawn_subject(env, column, &name, ip, observer_ip, backend)?;
-    let took = wait_members(&client, start, &format!("{name} alive"), |members| {
-        has(members, &name, "alive", &tags)
-    })
-    .await;
-    subject.check_alive()?;
-    subject.kill_now();
-    Ok(took?.as_secs_f64() * 1e3)
+    let mut joined = join_subject(env, addrs, column, backend, &name).await?;
+    joined.subject.kill_now();
+    Ok(joined.registered.as_secs_f64() * 1e3)
 }
 
 /// Metric 7: seconds from SIGKILL of a joined subject until the observer lists it `failed`.
@@ -356,25 +382,19 @@ async fn detect(
     column: Column,
     backend: SocketAddr,
 ) -> anyhow::Result<f64> {
-    let (_observer, observer_ip, client) = start_observer(env, addrs, "observer").await?;
     let name = format!("{}-fails", column.name());
-    let ip = addrs.next();
-    let mut subject = spawn_subject(env, column, &name, ip, observer_ip, backend)?;
-    wait_members(
-        &client,
-        Instant::now(),
-        &format!("{name} alive"),
-        |members| has(members, &name, "alive", &[]),
-    )
-    .await?;
+    let mut joined = join_subject(env, addrs, column, backend, &name).await?;
     // Past the join's own gossip, as a member that has been up a while.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    subject.check_alive()?;
+    joined.subject.check_alive()?;
     let start = Instant::now();
-    subject.kill_now();
-    let took = wait_members(&client, start, &format!("{name} failed"), |members| {
-        has(members, &name, "failed", &[])
-    })
+    joined.subject.kill_now();
+    let took = wait_members(
+        &joined.client,
+        start,
+        &format!("{name} failed"),
+        |members| has(members, &name, "failed", &[]),
+    )
     .await?;
     Ok(took.as_secs_f64())
 }

@@ -4,6 +4,7 @@
 //! cargo run --release -p bench                  # the full suite (minutes), writes BENCHMARKS.md
 //! cargo run --release -p bench -- --smoke       # a few seconds per metric, writes nothing
 //! cargo run --release -p bench -- --only direct,haproxy,amb-serf --reps 5
+//! cargo run --release -p bench -- --only cluster    # only the cluster metrics 6–9
 //! ```
 //!
 //! Each repetition starts every tool afresh against a backend of its own (see [`backend`]) and
@@ -12,6 +13,9 @@
 //! new-connection rate with 64 workers, and many idle connections with the proxy's RSS and PSS.
 //! Proxy CPU time comes from `/proc/<pid>/stat` of all the proxy's processes. Each table cell is
 //! the median over the repetitions; any failed or unverified measurement makes the exit code 1.
+//!
+//! The cluster metrics (registration, failure detection, idle member, gossip at scale, and the
+//! simulator) compare amb-serf's Serf member with Debian's `serf agent`; see [`cluster`].
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
