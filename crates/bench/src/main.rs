@@ -4,6 +4,7 @@
 //! cargo run --release -p bench                  # the full suite (minutes), writes BENCHMARKS.md
 //! cargo run --release -p bench -- --smoke       # a few seconds per metric, writes nothing
 //! cargo run --release -p bench -- --only direct,haproxy,amb-serf --reps 5
+//! cargo run --release -p bench -- --only cluster    # only the cluster metrics 6–9
 //! ```
 //!
 //! Each repetition starts every tool afresh against a backend of its own (see [`backend`]) and
@@ -12,6 +13,9 @@
 //! new-connection rate with 64 workers, and many idle connections with the proxy's RSS and PSS.
 //! Proxy CPU time comes from `/proc/<pid>/stat` of all the proxy's processes. Each table cell is
 //! the median over the repetitions; any failed or unverified measurement makes the exit code 1.
+//!
+//! The cluster metrics (registration, failure detection, idle member, gossip at scale, and the
+//! simulator) compare amb-serf's Serf member with Debian's `serf agent`; see [`cluster`].
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -21,6 +25,7 @@ use anyhow::Context as _;
 use clap::Parser;
 
 mod backend;
+mod cluster;
 mod load;
 mod pattern;
 mod procs;
@@ -28,7 +33,7 @@ mod report;
 mod tools;
 
 use load::Direction;
-use report::{Metric, Results};
+use report::{ClusterResults, Metric, Results};
 use tools::Tool;
 
 #[derive(Debug, Parser)]
@@ -37,7 +42,8 @@ struct Args {
     /// A few seconds per metric and one repetition: checks the harness, not the numbers.
     #[arg(long)]
     smoke: bool,
-    /// Only these tools (comma-separated): direct, socat, haproxy, haproxy-splice, nginx, amb-serf.
+    /// Only these tools (comma-separated): direct, socat, haproxy, haproxy-splice, nginx,
+    /// amb-serf; and `cluster` for the cluster metrics 6–9 (not run when --only omits it).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Repetitions of every measurement (the table shows medians).
@@ -49,7 +55,8 @@ struct Args {
     /// Where to write the report (default: BENCHMARKS.md in the repository; none with --smoke).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Skip parts of the suite (comma-separated): bulk, ping, concurrent, rate, pinned, idle.
+    /// Skip parts of the suite (comma-separated): bulk, ping, concurrent, rate, pinned, idle;
+    /// cluster (all of 6–9), or register, detect, idle-member, gossip, sim.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
     /// Start every proxy under this command (e.g. `strace -c -f -o /tmp/trace`), for profiling.
@@ -71,6 +78,7 @@ struct Plan {
     concurrent: Duration,
     rate: Duration,
     idle: usize,
+    cluster: cluster::ClusterPlan,
 }
 
 impl Plan {
@@ -78,6 +86,25 @@ impl Plan {
         // The proxy needs two descriptors per connection, and so does this process (client and
         // backend ends): stay under the hard limit with room for listeners and pipes.
         let idle_max = (open_files.saturating_sub(200) / 2) as usize;
+        let cluster = if smoke {
+            cluster::ClusterPlan {
+                reps: reps.unwrap_or(1),
+                idle_window: Duration::from_secs(3),
+                gossip_amb: 10,
+                gossip_serf: 3,
+                gossip_window: Duration::from_secs(2),
+                sim_sizes: &[10, 20, 50],
+            }
+        } else {
+            cluster::ClusterPlan {
+                reps: reps.unwrap_or(3),
+                idle_window: Duration::from_secs(60),
+                gossip_amb: 50,
+                gossip_serf: 3,
+                gossip_window: Duration::from_secs(20),
+                sim_sizes: &[50, 100, 250, 500, 1_000],
+            }
+        };
         if smoke {
             Self {
                 reps: reps.unwrap_or(1),
@@ -88,6 +115,7 @@ impl Plan {
                 concurrent: Duration::from_millis(500),
                 rate: Duration::from_secs(1),
                 idle: 200.min(idle_max),
+                cluster,
             }
         } else {
             Self {
@@ -99,6 +127,7 @@ impl Plan {
                 concurrent: Duration::from_secs(3),
                 rate: Duration::from_secs(10),
                 idle: 10_000.min(idle_max),
+                cluster,
             }
         }
     }
@@ -123,11 +152,27 @@ fn run(args: Args) -> anyhow::Result<bool> {
     } else {
         args.only
             .iter()
+            .filter(|name| *name != "cluster")
             .map(|name| Tool::parse(name))
             .collect::<anyhow::Result<_>>()?
     };
+    const GROUPS: [&str; 6] = ["bulk", "ping", "concurrent", "rate", "pinned", "idle"];
+    if let Some(unknown) = args
+        .skip
+        .iter()
+        .find(|g| !GROUPS.contains(&g.as_str()) && !cluster::GROUPS.contains(&g.as_str()))
+    {
+        anyhow::bail!(
+            "--skip {unknown:?}: not one of {}, {}",
+            GROUPS.join(", "),
+            cluster::GROUPS.join(", ")
+        );
+    }
+    let run_cluster = (args.only.is_empty() || args.only.iter().any(|name| name == "cluster"))
+        && !args.skip.iter().any(|group| group == "cluster");
     if !args.no_install {
-        tools::install(&tools)?;
+        let extra: &[&str] = if run_cluster { &["serf", "socat"] } else { &[] };
+        tools::install(&tools, extra)?;
     }
     let amb_serf = tools::amb_serf_binary(args.amb_serf.clone())?;
     let (_, hard) = procs::raise_open_files();
@@ -140,10 +185,6 @@ fn run(args: Args) -> anyhow::Result<bool> {
         load_before.trim()
     );
 
-    const GROUPS: [&str; 6] = ["bulk", "ping", "concurrent", "rate", "pinned", "idle"];
-    if let Some(unknown) = args.skip.iter().find(|g| !GROUPS.contains(&g.as_str())) {
-        anyhow::bail!("--skip {unknown:?}: not one of {}", GROUPS.join(", "));
-    }
     let env = Env {
         plan,
         dir: dir.path().to_owned(),
@@ -162,17 +203,36 @@ fn run(args: Args) -> anyhow::Result<bool> {
             measure(tool, &env, &mut results);
         }
     }
+    let cluster_env = cluster::ClusterEnv {
+        plan: plan.cluster,
+        dir: &env.dir,
+        amb_serf: &env.amb_serf,
+        skip: &args.skip,
+    };
+    let mut cluster_results = ClusterResults::new(
+        (plan.cluster.gossip_amb, plan.cluster.gossip_serf),
+        plan.cluster.sim_sizes,
+        |group| run_cluster && !args.skip.iter().any(|g| g == group),
+    );
+    if run_cluster {
+        cluster::measure(&cluster_env, &mut cluster_results);
+    }
 
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let command = std::iter::once("cargo run --release -p bench --".to_owned())
         .chain(std::env::args().skip(1))
         .collect::<Vec<_>>()
         .join(" ");
-    let versions: BTreeMap<&str, String> = tools
+    let mut versions: BTreeMap<&str, String> = tools
         .iter()
         .filter(|tool| **tool != Tool::Direct)
         .map(|tool| (tool.name(), tool.version(&env.amb_serf)))
         .collect();
+    if run_cluster {
+        versions.insert("amb-serf", Tool::AmbSerf.version(&env.amb_serf));
+        versions.insert("serf", cluster::serf_version());
+        versions.insert("socat", Tool::Socat.version(&env.amb_serf));
+    }
     let text = report::render(&report::Context {
         results: &results,
         plan: &format!("{plan:?}"),
@@ -180,6 +240,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         versions: &versions,
         load: (load_before.trim(), load_after.trim()),
         elapsed: started.elapsed(),
+        cluster: &cluster_results,
     });
     println!("{text}");
     let out = match (&args.out, args.smoke) {
@@ -193,12 +254,18 @@ fn run(args: Args) -> anyhow::Result<bool> {
         report::write(&out, &text).with_context(|| format!("writing {}", out.display()))?;
         eprintln!("wrote {}", out.display());
     }
-    let ok = results.failures().is_empty() && results.complete();
+    let complete = results.complete() && cluster_results.complete();
+    let failures: Vec<&String> = results
+        .failures()
+        .iter()
+        .chain(cluster_results.failures())
+        .collect();
+    let ok = failures.is_empty() && complete;
     if !ok {
-        for failure in results.failures() {
+        for failure in failures {
             eprintln!("failed: {failure}");
         }
-        if !results.complete() {
+        if !complete {
             eprintln!("failed: some metric has no number");
         }
     }

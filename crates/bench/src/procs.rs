@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-/// Process groups alive now, for the signal handler and the panic hook (0 = free slot).
-static GROUPS: [AtomicI32; 64] = [const { AtomicI32::new(0) }; 64];
+/// Process groups alive now, for the signal handler and the panic hook (0 = free slot). The
+/// gossip metric runs 53 members at once.
+static GROUPS: [AtomicI32; 128] = [const { AtomicI32::new(0) }; 128];
 
 /// Kills every registered process group. Async-signal-safe: atomics and kill(2) only.
 fn kill_all_groups() {
@@ -51,6 +52,8 @@ pub(crate) fn install_cleanup() {
 pub(crate) struct Group {
     child: std::process::Child,
     name: String,
+    /// Killed and reaped: the PID may belong to someone else now.
+    reaped: bool,
 }
 
 impl Group {
@@ -74,6 +77,7 @@ impl Group {
             let mut group = Self {
                 child,
                 name: name.to_owned(),
+                reaped: false,
             };
             group.kill();
             bail!("too many processes started at once");
@@ -81,6 +85,7 @@ impl Group {
         Ok(Self {
             child,
             name: name.to_owned(),
+            reaped: false,
         })
     }
 
@@ -100,17 +105,29 @@ impl Group {
     /// Stops the whole group: SIGTERM (so a profiler wrapping the proxy writes its report), up
     /// to 3 s for the leader to exit, then SIGKILL for anything left; reaps the leader.
     pub(crate) fn kill(&mut self) {
-        let pgid = self.pid();
-        // SAFETY: kill(2) on a process group we started.
-        unsafe { libc::kill(-pgid, libc::SIGTERM) };
+        if self.reaped {
+            return;
+        }
+        // SAFETY: kill(2) on a process group we started and have not reaped.
+        unsafe { libc::kill(-self.pid(), libc::SIGTERM) };
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(3) && matches!(self.child.try_wait(), Ok(None))
         {
             std::thread::sleep(Duration::from_millis(10));
         }
-        // SAFETY: as above.
+        self.kill_now();
+    }
+
+    /// SIGKILL to the whole group at once (a crash, or a quick teardown); reaps the leader.
+    pub(crate) fn kill_now(&mut self) {
+        if self.reaped {
+            return;
+        }
+        let pgid = self.pid();
+        // SAFETY: kill(2) on a process group we started and have not reaped.
         unsafe { libc::kill(-pgid, libc::SIGKILL) };
         let _ = self.child.wait();
+        self.reaped = true;
         for slot in &GROUPS {
             let _ = slot.compare_exchange(pgid, 0, Ordering::SeqCst, Ordering::SeqCst);
         }
@@ -273,6 +290,45 @@ pub(crate) fn raise_open_files() -> (u64, u64) {
         }
     }
     (limit.rlim_cur, limit.rlim_max)
+}
+
+/// Moves the calling thread (and every process or thread it starts from now on) into a new,
+/// empty network namespace with its loopback up. It goes away with the last of them.
+pub(crate) fn isolate_network() -> anyhow::Result<()> {
+    // SAFETY: unshare(2) changes only the calling thread's namespaces.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        let error = std::io::Error::last_os_error();
+        bail!("unshare(CLONE_NEWNET): {error} (the cluster metrics need root)");
+    }
+    let status = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .context("running ip link set lo up")?;
+    if !status.success() {
+        bail!("ip link set lo up: {status}");
+    }
+    Ok(())
+}
+
+/// Bytes sent on the loopback interface of the calling thread's network namespace.
+pub(crate) fn loopback_tx_bytes() -> anyhow::Result<u64> {
+    // /proc/net is the process's namespace; thread-self/net is this thread's.
+    let text = fs::read_to_string("/proc/thread-self/net/dev")?;
+    let line = text
+        .lines()
+        .find(|line| line.trim_start().starts_with("lo:"))
+        .context("no lo in /proc/thread-self/net/dev")?;
+    // Face |bytes packets errs drop fifo frame compressed multicast|bytes (transmit) ...
+    let fields: Vec<&str> = line
+        .split(':')
+        .nth(1)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    fields
+        .get(8)
+        .and_then(|field| field.parse().ok())
+        .context("malformed lo line in /proc/thread-self/net/dev")
 }
 
 /// Polls `condition` every 20 ms until true or `deadline` passes.

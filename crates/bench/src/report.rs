@@ -190,17 +190,7 @@ impl Results {
 
     /// The median of a cell, if it has samples.
     fn median(&self, tool: Tool, metric: Metric) -> Option<f64> {
-        let mut values = self.samples.get(&(self.index(tool), metric))?.clone();
-        if values.is_empty() || values.iter().any(|v| !v.is_finite()) {
-            return None;
-        }
-        values.sort_by(f64::total_cmp);
-        let mid = values.len() / 2;
-        Some(if values.len() % 2 == 1 {
-            values[mid]
-        } else {
-            (values[mid - 1] + values[mid]) / 2.0
-        })
+        median(self.samples.get(&(self.index(tool), metric))?)
     }
 
     /// Whether every cell that should have a number has one.
@@ -227,6 +217,21 @@ impl Results {
     }
 }
 
+/// The median of `values`; `None` when empty or any is not finite.
+fn median(values: &[f64]) -> Option<f64> {
+    if values.is_empty() || values.iter().any(|v| !v.is_finite()) {
+        return None;
+    }
+    let mut values = values.to_vec();
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    })
+}
+
 fn number(value: f64) -> String {
     let magnitude = value.abs();
     if magnitude >= 1000.0 {
@@ -247,6 +252,15 @@ fn number(value: f64) -> String {
         format!("{value:.1}")
     } else {
         format!("{value:.2}")
+    }
+}
+
+/// A whole number, with thousands separators from 1,000 on.
+fn count(n: usize) -> String {
+    if n >= 1000 {
+        number(n as f64)
+    } else {
+        n.to_string()
     }
 }
 
@@ -315,6 +329,8 @@ pub(crate) struct Context<'a> {
     pub(crate) versions: &'a BTreeMap<&'a str, String>,
     pub(crate) load: (&'a str, &'a str),
     pub(crate) elapsed: Duration,
+    /// The cluster metrics, when they ran.
+    pub(crate) cluster: &'a ClusterResults,
 }
 
 fn machine() -> String {
@@ -345,6 +361,12 @@ pub(crate) fn render(context: &Context<'_>) -> String {
     let _ = writeln!(out, "Plan: `{}`  ", context.plan);
     for (tool, version) in context.versions {
         let _ = writeln!(out, "{tool}: `{version}`  ");
+    }
+    if !context.cluster.is_empty() {
+        render_cluster(&mut out, context.cluster);
+    }
+    if results.tools.is_empty() {
+        return out;
     }
     let _ = writeln!(out);
     let _ = writeln!(
@@ -405,6 +427,217 @@ pub(crate) fn write(path: &Path, text: &str) -> std::io::Result<()> {
         _ => format!("# Benchmarks\n\n{block}\n{existing}"),
     };
     std::fs::write(path, new)
+}
+
+/// A column of the cluster table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Column {
+    /// amb-serf's member (`run`, or `agent` for gossip).
+    AmbSerf,
+    /// Debian's `serf agent` (plus `socat` for the idle member).
+    Serf,
+}
+
+impl Column {
+    pub(crate) const ALL: [Self; 2] = [Self::AmbSerf, Self::Serf];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::AmbSerf => "amb-serf",
+            Self::Serf => "serf",
+        }
+    }
+}
+
+/// The rows of the cluster table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum ClusterMetric {
+    Register,
+    Detect,
+    IdleRss,
+    IdlePss,
+    IdleCpu,
+    Converge,
+    GossipBytes,
+    /// Simulated members.
+    SimConverge(usize),
+    SimBytes(usize),
+    SimSpread(usize),
+}
+
+impl ClusterMetric {
+    fn label(self, gossip: (usize, usize)) -> String {
+        let (amb, serf) = gossip;
+        match self {
+            Self::Register => "6. start → alive with its tags at a real agent (ms)".to_owned(),
+            Self::Detect => "7. SIGKILL → `failed` at a real agent (s)".to_owned(),
+            Self::IdleRss => "8. idle member RSS (MiB; serf: agent + socat)".to_owned(),
+            Self::IdlePss => "8. idle member PSS (MiB; serf: agent + socat)".to_owned(),
+            Self::IdleCpu => "8. idle member CPU (% of a core; serf: agent + socat)".to_owned(),
+            Self::Converge => format!(
+                "9. convergence, {amb} amb-serf + {serf} serf agents (serf: {} serf agents) (s)",
+                amb + serf
+            ),
+            Self::GossipBytes => {
+                "9. bytes sent per member per second, same clusters (lo, headers included)"
+                    .to_owned()
+            }
+            Self::SimConverge(n) => {
+                format!(
+                    "9. simulator, {} members: all join at once → converged (simulated s)",
+                    count(n)
+                )
+            }
+            Self::SimBytes(n) => format!(
+                "9. simulator, {} members: payload bytes sent per member per second",
+                count(n)
+            ),
+            Self::SimSpread(n) => format!(
+                "9. simulator, {} members: one broadcast → every member (simulated s)",
+                count(n)
+            ),
+        }
+    }
+
+    /// The part of the suite that measures it (the names `--skip` takes).
+    pub(crate) fn group(self) -> &'static str {
+        match self {
+            Self::Register => "register",
+            Self::Detect => "detect",
+            Self::IdleRss | Self::IdlePss | Self::IdleCpu => "idle-member",
+            Self::Converge | Self::GossipBytes => "gossip",
+            Self::SimConverge(_) | Self::SimBytes(_) | Self::SimSpread(_) => "sim",
+        }
+    }
+
+    /// Columns that get a number (the simulator is amb-serf's core only).
+    fn columns(self) -> &'static [Column] {
+        match self {
+            Self::SimConverge(_) | Self::SimBytes(_) | Self::SimSpread(_) => &[Column::AmbSerf],
+            _ => &Column::ALL,
+        }
+    }
+}
+
+/// Every sample and failure of the cluster metrics.
+pub(crate) struct ClusterResults {
+    /// The rows expected (those not skipped).
+    rows: Vec<ClusterMetric>,
+    /// Sizes of the real gossip cluster: (amb-serf agents, serf agents).
+    gossip: (usize, usize),
+    samples: BTreeMap<(ClusterMetric, Column), Vec<f64>>,
+    failures: Vec<String>,
+}
+
+impl ClusterResults {
+    pub(crate) fn new(
+        gossip: (usize, usize),
+        sim_sizes: &[usize],
+        runs: impl Fn(&str) -> bool,
+    ) -> Self {
+        let mut rows = vec![
+            ClusterMetric::Register,
+            ClusterMetric::Detect,
+            ClusterMetric::IdleRss,
+            ClusterMetric::IdlePss,
+            ClusterMetric::IdleCpu,
+            ClusterMetric::Converge,
+            ClusterMetric::GossipBytes,
+        ];
+        rows.extend(sim_sizes.iter().map(|&n| ClusterMetric::SimConverge(n)));
+        rows.extend(sim_sizes.iter().map(|&n| ClusterMetric::SimSpread(n)));
+        rows.extend(sim_sizes.iter().map(|&n| ClusterMetric::SimBytes(n)));
+        rows.retain(|row| runs(row.group()));
+        Self {
+            rows,
+            gossip,
+            samples: BTreeMap::new(),
+            failures: Vec::new(),
+        }
+    }
+
+    pub(crate) fn add(&mut self, column: Column, metric: ClusterMetric, value: f64) {
+        eprintln!(
+            "  {:<9} {:<72} {value:.2}",
+            column.name(),
+            metric.label(self.gossip)
+        );
+        self.samples
+            .entry((metric, column))
+            .or_default()
+            .push(value);
+    }
+
+    pub(crate) fn fail(&mut self, what: &str, error: anyhow::Error) {
+        let line = format!("{what}: {error:#}");
+        eprintln!("  FAILED {line}");
+        self.failures.push(line);
+    }
+
+    pub(crate) fn failures(&self) -> &[String] {
+        &self.failures
+    }
+
+    fn median(&self, metric: ClusterMetric, column: Column) -> Option<f64> {
+        median(self.samples.get(&(metric, column))?)
+    }
+
+    /// Whether every expected cell has a number.
+    pub(crate) fn complete(&self) -> bool {
+        self.rows.iter().all(|&row| {
+            row.columns()
+                .iter()
+                .all(|&column| self.median(row, column).is_some())
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+fn cluster_cell(results: &ClusterResults, metric: ClusterMetric, column: Column) -> String {
+    if !metric.columns().contains(&column) {
+        return "—".to_owned();
+    }
+    let Some(value) = results.median(metric, column) else {
+        return "**missing**".to_owned();
+    };
+    let mut text = number(value);
+    if column != Column::Serf {
+        if let Some(serf) = results
+            .median(metric, Column::Serf)
+            .filter(|serf| *serf > 0.0)
+        {
+            let _ = write!(text, " ({:.2}× s)", value / serf);
+        }
+    }
+    text
+}
+
+fn render_cluster(out: &mut String, results: &ClusterResults) {
+    let _ = writeln!(
+        out,
+        "\nCluster metrics against Debian's `serf agent`, in a network namespace of their own; \
+         cells are medians, `s` = the serf column.\n"
+    );
+    let _ = writeln!(out, "| metric | amb-serf | serf |");
+    let _ = writeln!(out, "|---|---|---|");
+    for &metric in &results.rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} |",
+            metric.label(results.gossip),
+            cluster_cell(results, metric, Column::AmbSerf),
+            cluster_cell(results, metric, Column::Serf)
+        );
+    }
+    if !results.failures.is_empty() {
+        let _ = writeln!(out, "\nCluster failures:\n");
+        for failure in &results.failures {
+            let _ = writeln!(out, "- {failure}");
+        }
+    }
 }
 
 #[cfg(test)]

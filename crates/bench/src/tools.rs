@@ -96,10 +96,10 @@ impl Tool {
     }
 }
 
-/// Installs the Debian packages of `tools` that are missing (needs root).
-pub(crate) fn install(tools: &[Tool]) -> anyhow::Result<()> {
+/// Installs the Debian packages of `tools`, and `extra`, that are missing (needs root).
+pub(crate) fn install(tools: &[Tool], extra: &[&'static str]) -> anyhow::Result<()> {
     let mut missing: Vec<&str> = Vec::new();
-    for package in tools.iter().flat_map(|tool| tool.packages()) {
+    for package in tools.iter().flat_map(|tool| tool.packages()).chain(extra) {
         let installed = Command::new("dpkg-query")
             .args(["-W", "-f=${Status}", package])
             .output()

@@ -1,5 +1,7 @@
 //! The benchmark suite in smoke mode (a second or so per metric, one repetition): every tool
-//! installed here runs every metric, and each produces a verified number. No performance
+//! installed here runs every metric, and each produces a verified number; so do the cluster
+//! metrics against Debian's `serf agent` (they need root for their network namespace: without
+//! it they are skipped, with a line saying so, unless `AMB_REQUIRE_PEERS=1`). No performance
 //! assertion: this keeps the harness from rotting, the numbers come from the full run.
 
 use std::os::unix::process::CommandExt;
@@ -30,8 +32,17 @@ fn every_metric_of_every_tool_produces_a_verified_number() {
     let dir = tempfile::tempdir().expect("tempdir");
     let report = dir.path().join("report.md");
     let log = dir.path().join("bench.log");
+    let cluster = is_root() || std::env::var("AMB_REQUIRE_PEERS").as_deref() == Ok("1");
+    if !cluster {
+        eprintln!("skipping the cluster metrics: they need root (a network namespace)");
+    }
     let mut child = Command::new(&bench)
         .arg("--smoke")
+        .args(if cluster {
+            &[][..]
+        } else {
+            &["--skip", "cluster"][..]
+        })
         .arg("--amb-serf")
         .arg(&amb_serf)
         .arg("--out")
@@ -80,6 +91,26 @@ fn every_metric_of_every_tool_produces_a_verified_number() {
             "no {tool} column:\n{report}"
         );
     }
+    if cluster {
+        for row in [
+            "6. ",
+            "7. ",
+            "8. idle member RSS",
+            "9. convergence",
+            "9. simulator",
+        ] {
+            assert!(
+                report.contains(&format!("| {row}")),
+                "no {row:?} row:\n{report}"
+            );
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
 }
 
 #[allow(unsafe_code)]

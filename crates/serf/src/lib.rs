@@ -108,4 +108,5 @@ pub mod driver;
 pub mod memberlist;
 pub mod rpc;
 pub mod serf;
+pub mod sim;
 pub mod wire;

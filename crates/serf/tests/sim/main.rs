@@ -2,13 +2,19 @@
 //! robustness to loss, refutation and partitions. Every assertion prints the seed; rerun one
 //! with `SIM_SEED=<seed> cargo test -p serf --test sim <name>`.
 
-mod harness;
-
 use std::time::Duration;
 
-use harness::{seed, Net, Sim};
 use serf::memberlist::{suspicion_timeout, Config, Event, NodeState};
+use serf::sim::{Net, Sim};
 use serf::wire::memberlist::{Message, Suspect};
+
+/// The seed of a test: `SIM_SEED` from the environment, else `default`.
+fn seed(default: u64) -> u64 {
+    std::env::var("SIM_SEED")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
 
 fn secs(seconds: u64) -> Duration {
     Duration::from_secs(seconds)

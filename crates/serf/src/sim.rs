@@ -1,28 +1,32 @@
 //! A deterministic simulation of N memberlist cores: a virtual clock, one seeded RNG, and a
 //! network with delay, loss and partitions. TCP streams are modelled as ordered, lossless
 //! pipes that fail to open across a partition or to a killed member.
+//!
+//! Test and benchmark support (the sim tests in `tests/sim/`, `crates/bench`), not product: it
+//! panics when a core sends a packet another core cannot decode. It counts what the cores send
+//! ([`Sim::bytes_sent`]: datagram payloads and stream bytes, no IP/UDP/TCP headers).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use serf::memberlist::{
+use crate::memberlist::{
     BroadcastQueue, Config, Delegate, Event, LocalNode, Memberlist, NodeState, StreamId,
     StreamInput, Transmit,
 };
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 /// Network conditions.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Net {
+pub struct Net {
     /// Minimum one-way delay.
-    pub(crate) min_delay: Duration,
+    pub min_delay: Duration,
     /// Maximum one-way delay.
-    pub(crate) max_delay: Duration,
+    pub max_delay: Duration,
     /// Probability that a UDP packet is lost.
-    pub(crate) loss: f64,
+    pub loss: f64,
 }
 
 impl Default for Net {
@@ -46,14 +50,14 @@ enum Delivery {
 /// A small stand-in for the Serf layer, through the `Delegate` seam: it floods user messages
 /// (re-broadcasting each new one once through its own `BroadcastQueue`) and sends its name as
 /// push-pull user state.
-pub(crate) struct SimDelegate {
+pub struct SimDelegate {
     name: String,
     queue: BroadcastQueue,
     n_members: usize,
     /// User messages received or originated, in order, without duplicates.
-    pub(crate) messages: Vec<Vec<u8>>,
+    pub messages: Vec<Vec<u8>>,
     /// Remote push-pull user states merged, with the join flag.
-    pub(crate) remote_states: Vec<(Vec<u8>, bool)>,
+    pub remote_states: Vec<(Vec<u8>, bool)>,
 }
 
 impl SimDelegate {
@@ -94,29 +98,29 @@ impl Delegate for SimDelegate {
 }
 
 /// A member of the simulation.
-pub(crate) struct SimNode {
+pub struct SimNode {
     /// The core.
-    pub(crate) core: Memberlist,
+    pub core: Memberlist,
     /// Its delegate.
-    pub(crate) delegate: SimDelegate,
+    pub delegate: SimDelegate,
     /// Its address.
-    pub(crate) addr: SocketAddr,
+    pub addr: SocketAddr,
     /// False once killed: it neither receives nor sends nor ticks.
-    pub(crate) running: bool,
+    pub running: bool,
     /// Every event it emitted, with the virtual time since the start.
-    pub(crate) events: Vec<(Duration, Event)>,
+    pub events: Vec<(Duration, Event)>,
     /// Partition group: packets only flow within a group.
-    pub(crate) group: u8,
+    pub group: u8,
 }
 
 /// The simulation.
-pub(crate) struct Sim {
+pub struct Sim {
     /// The seed everything derives from (printed by failing assertions).
-    pub(crate) seed: u64,
+    pub seed: u64,
     /// The members.
-    pub(crate) nodes: Vec<SimNode>,
+    pub nodes: Vec<SimNode>,
     /// Network conditions (may be changed between steps).
-    pub(crate) net: Net,
+    pub net: Net,
     start: Instant,
     now: Instant,
     rng: StdRng,
@@ -128,20 +132,14 @@ pub(crate) struct Sim {
     links: HashMap<(usize, StreamId), (usize, StreamId)>,
     by_addr: HashMap<SocketAddr, usize>,
     /// Packets delivered so far.
-    pub(crate) packets: u64,
-}
-
-/// The seed of a test: `SIM_SEED` from the environment, else `default`.
-pub(crate) fn seed(default: u64) -> u64 {
-    std::env::var("SIM_SEED")
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
+    pub packets: u64,
+    /// Bytes the members sent so far: datagram payloads (delivered or not) and stream bytes.
+    pub bytes_sent: u64,
 }
 
 impl Sim {
     /// `n` members named `node-<i>` at `10.0.<i/250>.<i%250+1>:7946`, not yet joined.
-    pub(crate) fn new(seed: u64, n: usize, config: Config, net: Net) -> Self {
+    pub fn new(seed: u64, n: usize, config: Config, net: Net) -> Self {
         let start = Instant::now();
         let mut rng = StdRng::seed_from_u64(seed);
         let mut nodes = Vec::with_capacity(n);
@@ -177,6 +175,7 @@ impl Sim {
             links: HashMap::new(),
             by_addr,
             packets: 0,
+            bytes_sent: 0,
         };
         for i in 0..n {
             sim.flush(i);
@@ -185,12 +184,12 @@ impl Sim {
     }
 
     /// Virtual time since the start.
-    pub(crate) fn elapsed(&self) -> Duration {
+    pub fn elapsed(&self) -> Duration {
         self.now - self.start
     }
 
     /// Every member `i` in `members` joins through `seed_node`.
-    pub(crate) fn join(&mut self, members: impl IntoIterator<Item = usize>, seed_node: usize) {
+    pub fn join(&mut self, members: impl IntoIterator<Item = usize>, seed_node: usize) {
         let seed_addr = self.nodes[seed_node].addr;
         for i in members {
             if i == seed_node {
@@ -206,26 +205,26 @@ impl Sim {
     }
 
     /// Stops member `i` dead: no more packets, streams or timers (a SIGKILL).
-    pub(crate) fn kill(&mut self, i: usize) {
+    pub fn kill(&mut self, i: usize) {
         self.nodes[i].running = false;
     }
 
     /// Assigns partition groups; members in different groups cannot reach each other.
-    pub(crate) fn partition(&mut self, groups: &[u8]) {
+    pub fn partition(&mut self, groups: &[u8]) {
         for (node, group) in self.nodes.iter_mut().zip(groups) {
             node.group = *group;
         }
     }
 
     /// Removes every partition.
-    pub(crate) fn heal(&mut self) {
+    pub fn heal(&mut self) {
         for node in &mut self.nodes {
             node.group = 0;
         }
     }
 
     /// Runs the simulation for `duration` of virtual time.
-    pub(crate) fn run_for(&mut self, duration: Duration) {
+    pub fn run_for(&mut self, duration: Duration) {
         let until = self.now + duration;
         while self.step(until) {}
         self.now = until;
@@ -233,7 +232,7 @@ impl Sim {
 
     /// Runs until `condition` holds (checked every 100 ms of virtual time) or `limit` passes;
     /// returns the virtual time it took.
-    pub(crate) fn run_until(
+    pub fn run_until(
         &mut self,
         limit: Duration,
         condition: impl Fn(&Self) -> bool,
@@ -249,7 +248,7 @@ impl Sim {
     }
 
     /// Member `i`'s view: name -> state of every member in its table.
-    pub(crate) fn view(&self, i: usize) -> HashMap<String, NodeState> {
+    pub fn view(&self, i: usize) -> HashMap<String, NodeState> {
         self.nodes[i]
             .core
             .members()
@@ -258,10 +257,17 @@ impl Sim {
     }
 
     /// Whether every running member sees exactly the running members as alive.
-    pub(crate) fn converged(&self) -> bool {
+    pub fn converged(&self) -> bool {
         let running: Vec<usize> = (0..self.nodes.len())
             .filter(|&i| self.nodes[i].running)
             .collect();
+        // Cheap first (alive or suspect, counted): the full check builds every member's view.
+        if running
+            .iter()
+            .any(|&i| self.nodes[i].core.num_alive() < running.len())
+        {
+            return false;
+        }
         running.iter().all(|&i| {
             let view = self.view(i);
             running
@@ -271,7 +277,7 @@ impl Sim {
     }
 
     /// How many (observer, member) pairs among running members are not yet alive.
-    pub(crate) fn missing_pairs(&self) -> usize {
+    pub fn missing_pairs(&self) -> usize {
         let running: Vec<usize> = (0..self.nodes.len())
             .filter(|&i| self.nodes[i].running)
             .collect();
@@ -416,6 +422,7 @@ impl Sim {
         let stream_at = self.now + self.net.min_delay;
         match transmit {
             Transmit::Packet { to, bytes } => {
+                self.bytes_sent += bytes.len() as u64;
                 let Some(&j) = self.by_addr.get(&to) else {
                     return;
                 };
@@ -440,6 +447,7 @@ impl Sim {
                 _ => self.schedule(stream_at, i, Delivery::Failed { stream }),
             },
             Transmit::StreamWrite { stream, bytes } => {
+                self.bytes_sent += bytes.len() as u64;
                 if let Some(&(j, peer_stream)) = self.links.get(&(i, stream)) {
                     self.schedule(
                         stream_at,
@@ -468,7 +476,7 @@ impl Sim {
 
 impl Sim {
     /// Hands member `i` a packet as if `from` had sent it.
-    pub(crate) fn inject(&mut self, i: usize, from: SocketAddr, packet: &[u8]) {
+    pub fn inject(&mut self, i: usize, from: SocketAddr, packet: &[u8]) {
         let now = self.now;
         let node = self.node(i);
         let result = node
@@ -492,7 +500,7 @@ impl Sim {
     }
 
     /// Member `i` originates a user broadcast (through its delegate's queue).
-    pub(crate) fn broadcast_user(&mut self, i: usize, message: &[u8]) {
+    pub fn broadcast_user(&mut self, i: usize, message: &[u8]) {
         self.node(i).delegate.remember(message);
     }
 }
