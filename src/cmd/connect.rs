@@ -71,11 +71,6 @@ pub(crate) struct Args {
     #[arg(long, env = "AMB_MAX_CONNECTIONS", default_value_t = 100_000)]
     max_connections: usize,
 
-    /// TCP forwarding threads, each with its own event loop and its own listening socket per
-    /// port (SO_REUSEPORT: the kernel spreads new connections); 0: one per CPU.
-    #[arg(long, env = "AMB_THREADS", default_value_t = 0)]
-    threads: usize,
-
     /// On SIGTERM/SIGINT, how long leaving and then draining open connections may take.
     #[arg(long, env = "AMB_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     drain_timeout: Duration,
@@ -110,7 +105,6 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         listen_addr: args.listen_addr,
         connect_timeout: args.connect_timeout,
         max_connections: args.max_connections,
-        threads: args.threads,
         ..proxy::Config::default()
     };
     let mut proxy = Proxy::bind(&[], &config).await?;
@@ -167,7 +161,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         (Registry::Serf, None) => unreachable!("a Serf registry always starts a member"),
     };
     let tasks = TaskTracker::new();
-    proxy.spawn(&tasks, &shutdown)?;
+    proxy.spawn(&tasks, &shutdown);
     for (spec, addr) in &bound {
         println!(
             "connect {addr} -> role={} (providers from {source})",

@@ -97,11 +97,6 @@ pub(crate) struct Args {
     /// (the client sees a reset); 0 keeps the kernel default (~15 min of retransmissions).
     #[arg(long, env = "AMB_TCP_USER_TIMEOUT", default_value = "0", value_parser = parse_duration)]
     tcp_user_timeout: Duration,
-
-    /// TCP forwarding threads, each with its own event loop and its own listening socket per
-    /// port (SO_REUSEPORT: the kernel spreads new connections); 0: one per CPU.
-    #[arg(long, env = "AMB_THREADS", default_value_t = 0)]
-    threads: usize,
     /// The `role` tag's value (default: the first link's first port, e.g. 3306).
     #[arg(long, env = "NAME")]
     role: Option<String>,
@@ -231,7 +226,6 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             keepalive: Some(args.tcp_keepalive).filter(|idle| !idle.is_zero()),
             user_timeout: Some(args.tcp_user_timeout).filter(|timeout| !timeout.is_zero()),
         },
-        threads: args.threads,
     };
     let mut proxy = Proxy::bind(&specs, &config).await?;
     // `--connect`: consumer listeners on the same forwarder (limits, counters, drain).
@@ -283,7 +277,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
-    proxy.spawn(&tasks, &shutdown)?;
+    proxy.spawn(&tasks, &shutdown);
 
     let handler_env = match &backend {
         Some(target) => vec![

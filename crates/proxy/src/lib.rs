@@ -38,7 +38,7 @@
 //! let specs = link_env::parse(std::env::vars(), &link_env::Options::default())?;
 //! let proxy = Proxy::bind(&specs, &Config::default()).await?;
 //! let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
-//! proxy.spawn(&tasks, &shutdown)?;
+//! proxy.spawn(&tasks, &shutdown);
 //! tokio::signal::ctrl_c().await?;
 //! shutdown.cancel();
 //! tasks.close();
@@ -62,7 +62,6 @@ pub mod link_env;
 #[cfg(target_os = "linux")]
 mod splice;
 pub mod tcp;
-mod threads;
 pub mod udp;
 pub mod upstream;
 
@@ -86,16 +85,6 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// A forwarding thread or its runtime could not be started. Threads started before it keep
-    /// serving until the caller cancels the shutdown token.
-    #[error("starting forwarding thread {index}: {source}")]
-    Thread {
-        /// The thread's index.
-        index: usize,
-        /// The error.
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// Settings shared by all forwarders.
@@ -111,9 +100,6 @@ pub struct Config {
     pub udp_idle_timeout: Duration,
     /// How TCP connections notice a peer that went silent (keepalive, `TCP_USER_TIMEOUT`).
     pub liveness: Liveness,
-    /// Forwarding threads for TCP, each with its own event loop and its own listening socket
-    /// per forward; 0: one per CPU. UDP forwards run on the caller's runtime.
-    pub threads: usize,
 }
 
 impl Default for Config {
@@ -127,7 +113,6 @@ impl Default for Config {
                 keepalive: Some(Duration::from_secs(30)),
                 user_timeout: None,
             },
-            threads: 0,
         }
     }
 }
@@ -209,20 +194,12 @@ impl Proxy {
     /// cannot be bound; the ones bound before it are closed.
     pub async fn bind(specs: &[ForwardSpec], config: &Config) -> Result<Self, Error> {
         let stats = Arc::new(Stats::new(config.max_connections));
-        let config = Config {
-            threads: match config.threads {
-                0 => threads::default_count(),
-                threads => threads,
-            },
-            ..config.clone()
-        };
         let mut listeners = Vec::with_capacity(specs.len());
         for spec in specs {
             let listen = SocketAddr::new(config.listen_addr, spec.listen_port);
             let listener = match spec.protocol {
                 Protocol::Tcp => Listener::Tcp(TcpForwarder::bind(
                     listen,
-                    config.threads,
                     Upstream::Fixed(spec.target.clone()),
                     config.connect_timeout,
                     config.liveness,
@@ -244,7 +221,7 @@ impl Proxy {
         Ok(Self {
             listeners,
             extra: Vec::new(),
-            config,
+            config: config.clone(),
             stats,
         })
     }
@@ -255,7 +232,6 @@ impl Proxy {
         let listen = SocketAddr::new(self.config.listen_addr, listen_port);
         let forwarder = TcpForwarder::bind(
             listen,
-            self.config.threads,
             upstream,
             self.config.connect_timeout,
             self.config.liveness,
@@ -285,30 +261,20 @@ impl Proxy {
         Arc::clone(&self.stats)
     }
 
-    /// Starts the forwarding threads (TCP) and the UDP forwarders (on the current runtime); all
-    /// stop accepting when `shutdown` is cancelled, and every connection is tracked on `tasks`.
-    /// A forwarding thread ends when `tasks` is closed and empty.
-    pub fn spawn(self, tasks: &TaskTracker, shutdown: &CancellationToken) -> Result<(), Error> {
-        let mut per_thread: Vec<Vec<_>> = (0..self.config.threads).map(|_| Vec::new()).collect();
-        let mut add = |tcp: TcpForwarder| {
-            for (thread, accept) in per_thread.iter_mut().zip(tcp.accept_loops(tasks, shutdown)) {
-                thread.push(accept);
-            }
-        };
+    /// Starts every accept loop on `tasks`; they stop when `shutdown` is cancelled.
+    pub fn spawn(self, tasks: &TaskTracker, shutdown: &CancellationToken) {
         for tcp in self.extra {
-            add(tcp);
+            tasks.spawn(tcp.run(tasks.clone(), shutdown.child_token()));
         }
         for (_, listener) in self.listeners {
             match listener {
-                Listener::Tcp(tcp) => add(tcp),
+                Listener::Tcp(tcp) => {
+                    tasks.spawn(tcp.run(tasks.clone(), shutdown.child_token()));
+                }
                 Listener::Udp(udp) => {
                     tasks.spawn(udp.run(tasks.clone(), shutdown.child_token()));
                 }
             }
         }
-        if per_thread.iter().all(Vec::is_empty) {
-            return Ok(());
-        }
-        threads::start(per_thread, tasks)
     }
 }

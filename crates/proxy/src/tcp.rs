@@ -1,22 +1,21 @@
-//! The TCP forwarder: one listening socket per forward and forwarding thread, one small task
-//! per accepted connection, on the thread that accepted it.
+//! The TCP forwarder: one listener per forward, one small task per accepted connection.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::link_env::{Host, Target};
 use crate::upstream::Upstream;
 use crate::{copy, Error, Permit, Stats};
 
 /// Listen backlog: large enough for connection storms (the kernel caps it at `somaxconn`).
-const BACKLOG: i32 = 4096;
+const BACKLOG: u32 = 4096;
 
 /// How a forwarded connection notices a peer that went silent (host down, network cut): without
 /// these a connection to a vanished host stays open for the kernel's ~15 minutes of
@@ -187,35 +186,31 @@ impl RateLimit {
     }
 }
 
-/// What every connection task of one forwarder shares, on every thread.
+/// What every connection task of one forwarder shares.
 #[derive(Debug)]
 struct Shared {
-    local_addr: SocketAddr,
     upstream: Upstream,
     connect_timeout: Duration,
     liveness: Liveness,
     stats: Arc<Stats>,
     upstream_failures: RateLimit,
+}
+
+/// A bound TCP listener and the upstream its connections go to.
+#[derive(Debug)]
+pub struct TcpForwarder {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
     accept_errors: RateLimit,
     rejections: RateLimit,
 }
 
-/// A TCP forward, bound: one listening socket per forwarding thread, all on one address, and
-/// the upstream their connections go to.
-#[derive(Debug)]
-pub struct TcpForwarder {
-    listeners: Vec<std::net::TcpListener>,
-    shared: Arc<Shared>,
-}
-
 impl TcpForwarder {
-    /// Binds `listen` `threads` times (at least once), with `SO_REUSEADDR` so a restart does not
-    /// wait for `TIME_WAIT`, and with more than one thread `SO_REUSEPORT`, so the kernel spreads
-    /// new connections over the threads' sockets. Every forwarded connection gets `liveness` on
-    /// both of its sockets.
+    /// Binds `listen` (with `SO_REUSEADDR`, so a restart does not wait for `TIME_WAIT`).
+    /// Every forwarded connection gets `liveness` on both of its sockets.
     pub fn bind(
         listen: SocketAddr,
-        threads: usize,
         upstream: Upstream,
         connect_timeout: Duration,
         liveness: Liveness,
@@ -226,126 +221,71 @@ impl TcpForwarder {
             protocol: crate::Protocol::Tcp,
             source,
         };
-        let threads = threads.max(1);
-        let first = listen_socket(listen, threads > 1).map_err(bind_error)?;
-        // Port 0 picks a port once; the other threads' sockets join it.
-        let local_addr = first.local_addr().map_err(bind_error)?;
-        let mut listeners = vec![first];
-        for _ in 1..threads {
-            listeners.push(listen_socket(local_addr, true).map_err(bind_error)?);
+        let socket = if listen.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
         }
+        .map_err(bind_error)?;
+        socket.set_reuseaddr(true).map_err(bind_error)?;
+        socket.bind(listen).map_err(bind_error)?;
+        let listener = socket.listen(BACKLOG).map_err(bind_error)?;
+        let local_addr = listener.local_addr().map_err(bind_error)?;
         Ok(Self {
-            listeners,
+            listener,
+            local_addr,
             shared: Arc::new(Shared {
-                local_addr,
                 upstream,
                 connect_timeout,
                 liveness,
                 stats,
                 upstream_failures: RateLimit::per_second(),
-                accept_errors: RateLimit::per_second(),
-                rejections: RateLimit::per_second(),
             }),
+            accept_errors: RateLimit::per_second(),
+            rejections: RateLimit::per_second(),
         })
     }
 
     /// The bound address (useful when listening on port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.shared.local_addr
+        self.local_addr
     }
 
-    /// One accept loop per listening socket, to run on the thread of the same index: each
-    /// accepts until `shutdown` is cancelled, then closes its socket (new clients are refused)
-    /// and returns. Its connections run on `tasks`, spawned on the runtime that polls the loop,
-    /// so a connection never leaves the thread that accepted it.
-    pub(crate) fn accept_loops(
-        self,
-        tasks: &TaskTracker,
-        shutdown: &CancellationToken,
-    ) -> Vec<AcceptLoop> {
-        self.listeners
-            .into_iter()
-            .map(|listener| AcceptLoop {
-                listener,
-                shared: Arc::clone(&self.shared),
-                tasks: tasks.clone(),
-                shutdown: shutdown.child_token(),
-            })
-            .collect()
-    }
-}
-
-/// A non-blocking listening socket on `addr`.
-fn listen_socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    socket.set_reuse_address(true)?;
-    #[cfg(unix)]
-    if reuse_port {
-        socket.set_reuse_port(true)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(BACKLOG)?;
-    Ok(socket.into())
-}
-
-/// One listening socket of a [`TcpForwarder`], not yet registered with a runtime.
-#[derive(Debug)]
-pub(crate) struct AcceptLoop {
-    listener: std::net::TcpListener,
-    shared: Arc<Shared>,
-    tasks: TaskTracker,
-    shutdown: CancellationToken,
-}
-
-impl AcceptLoop {
-    /// Registers the socket with the current runtime and accepts until shutdown.
-    pub(crate) async fn run(self) {
-        let shared = self.shared;
+    /// Accepts until `shutdown` is cancelled, then closes the listener (new clients are refused)
+    /// and returns. Each connection runs on `tasks`, which the caller drains.
+    pub async fn run(self, tasks: TaskTracker, shutdown: CancellationToken) {
         let span =
-            tracing::info_span!("tcp", listen = %shared.local_addr, target = %shared.upstream);
+            tracing::info_span!("tcp", listen = %self.local_addr, target = %self.shared.upstream);
         async move {
-            let listener = match TcpListener::from_std(self.listener) {
-                Ok(listener) => listener,
-                Err(error) => {
-                    error!(%error, "registering the listener failed, not accepting on this thread");
-                    return;
-                }
-            };
             loop {
                 let accepted = tokio::select! {
                     biased;
-                    () = self.shutdown.cancelled() => break,
-                    accepted = listener.accept() => accepted,
+                    () = shutdown.cancelled() => break,
+                    accepted = self.listener.accept() => accepted,
                 };
                 let (client, peer) = match accepted {
                     Ok(accepted) => accepted,
                     Err(error) => {
                         // Typically EMFILE: back off rather than spin on a full descriptor table.
-                        if let Some(suppressed) = shared.accept_errors.allow() {
+                        if let Some(suppressed) = self.accept_errors.allow() {
                             warn!(%error, suppressed, "accept failed");
                         }
                         tokio::select! {
-                            () = self.shutdown.cancelled() => break,
+                            () = shutdown.cancelled() => break,
                             () = tokio::time::sleep(Duration::from_millis(50)) => continue,
                         }
                     }
                 };
-                let Some(permit) = shared.stats.try_acquire() else {
-                    shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                    if let Some(suppressed) = shared.rejections.allow() {
+                let Some(permit) = self.shared.stats.try_acquire() else {
+                    self.shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    if let Some(suppressed) = self.rejections.allow() {
                         warn!(%peer, suppressed, "max connections reached, closing new client");
                     }
                     drop(client);
                     continue;
                 };
                 let span = tracing::debug_span!("conn", %peer);
-                self.tasks
-                    .spawn(serve(client, Arc::clone(&shared), permit).instrument(span));
+                tasks.spawn(serve(client, Arc::clone(&self.shared), permit).instrument(span));
             }
             info!("stopped accepting");
         }
