@@ -77,9 +77,11 @@ fn init_tracing(level: Option<&str>, format: LogFormat) {
         LogFormat::Text => fmt.with_filter(filter).boxed(),
         LogFormat::Json => fmt.json().with_filter(filter).boxed(),
     };
-    // `serf monitor` has its own level filter; keep DEBUG and above of our own code for it.
+    // `serf monitor` has its own level filter; keep DEBUG and above of our own code for it, but
+    // not the forwarder's per-connection DEBUG span and lines: always enabled, they cost every
+    // connection a span in the registry and a formatted line (`RUST_LOG=proxy=debug` shows them).
     let monitor = logs::MonitorLayer::new().with_filter(EnvFilter::new(
-        "info,serf=debug,amb_serf=debug,proxy=debug,registrar=debug",
+        "info,serf=debug,amb_serf=debug,registrar=debug",
     ));
     tracing_subscriber::registry()
         .with(fmt)
