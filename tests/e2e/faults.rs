@@ -393,6 +393,34 @@ fn lossy_links_keep_everyone_alive(start: StartSubject) {
     eprintln!("loss: {polls} polls of 4 views over {duration:?}, nobody failed");
 }
 
+/// Scenario 3: the seed agent (serf_1) is restarted empty, on the same host, name and address.
+/// The ambassador is registered with it again, with its tags, without a restart of its own (at
+/// the latest by its next push-pull, every 30 s).
+#[test]
+fn serf_1_restarted_empty_registers_the_ambassador_again_without_restart() {
+    let Some(net) = Net::for_test(2) else { return };
+    // Default settings (no config file, which `restart` would read again).
+    let mut serf_1 = SerfAgent::start_in(net.host(0), "serf_1", &[]);
+    let mut subject = AmbassadorMember::start(&net, 1, "subject");
+    let (name, tags) = (subject.name().to_owned(), subject.tags());
+    eventually(
+        Duration::from_secs(30),
+        &format!("serf_1 sees {name} alive with {tags:?}"),
+        || alive_with_tags(&serf_1, &name, &tags).then_some(()),
+    );
+    serf_1.restart();
+    let took = testkit::time_until(
+        Duration::from_secs(90),
+        &format!("the restarted serf_1 sees {name} alive with {tags:?}"),
+        || alive_with_tags(&serf_1, &name, &tags),
+    );
+    eprintln!("registered again {took:?} after serf_1 restarted empty");
+    assert!(
+        subject.still_running(),
+        "the ambassador restarted or exited"
+    );
+}
+
 #[test]
 fn ten_percent_loss_declares_no_healthy_serf_agent_failed() {
     lossy_links_keep_everyone_alive(Agent::start);
