@@ -151,31 +151,39 @@ impl AmbassadorMember {
         let host = net.host(index);
         // Redis on 6380, so the forward can listen on the host's own 6379.
         let redis = Redis::start_in(host, 6380);
-        let join = format!("{}:{GOSSIP_PORT}", net.host(0).ip);
-        let bind = format!("{}:{GOSSIP_PORT}", host.ip);
-        let forward = format!("6379={}", redis.addr);
-        let ambassador = Ambassador::start_in(
-            host,
-            &[],
-            &[
-                "--join",
-                &join,
-                "--node",
-                name,
-                "--bind",
-                &bind,
-                "--forward",
-                &forward,
-                "--role",
-                "6379",
-            ],
-        );
+        let ambassador = ambassador_on(net, index, name, 6379, redis.addr);
         Box::new(Self {
             name: name.to_owned(),
             ambassador,
             _redis: redis,
         })
     }
+}
+
+/// `amb-serf run` on host `index` as node `name`, forwarding `<host ip>:ROLE` to `target` and
+/// advertising `role=ROLE`, gossiping on the host's own address and joined to host 0's agent.
+fn ambassador_on(net: &Net, index: usize, name: &str, role: u16, target: SocketAddr) -> Ambassador {
+    let host = net.host(index);
+    let join = format!("{}:{GOSSIP_PORT}", net.host(0).ip);
+    let bind = format!("{}:{GOSSIP_PORT}", host.ip);
+    let forward = format!("{role}={target}");
+    let role = role.to_string();
+    Ambassador::start_in(
+        host,
+        &[],
+        &[
+            "--join",
+            &join,
+            "--node",
+            name,
+            "--bind",
+            &bind,
+            "--forward",
+            &forward,
+            "--role",
+            &role,
+        ],
+    )
 }
 
 impl Subject for AmbassadorMember {
@@ -870,26 +878,7 @@ impl EchoProvider {
         let host = net.host(index);
         let echo_addr = SocketAddr::from((host.ip, Self::ROLE + 1));
         let echo = echo_on(host, echo_addr);
-        let forward = format!("{}={echo_addr}", Self::ROLE);
-        let role = Self::ROLE.to_string();
-        let join = format!("{}:{GOSSIP_PORT}", net.host(0).ip);
-        let bind = format!("{}:{GOSSIP_PORT}", host.ip);
-        let ambassador = Ambassador::start_in(
-            host,
-            &[],
-            &[
-                "--forward",
-                &forward,
-                "--role",
-                &role,
-                "--node",
-                name,
-                "--bind",
-                &bind,
-                "--join",
-                &join,
-            ],
-        );
+        let ambassador = ambassador_on(net, index, name, Self::ROLE, echo_addr);
         Self {
             ambassador,
             _echo: echo,
