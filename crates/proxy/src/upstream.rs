@@ -9,6 +9,8 @@
 //! up to [`Policy::wait_for_target`] for the pool to change.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -174,9 +176,10 @@ impl Upstream {
     }
 }
 
-/// A made connection's hold on its candidate: reports [`Outcome::Finished`] when dropped.
+/// A made connection's hold on its candidate: reports [`Outcome::Finished`] when dropped. A
+/// fixed target's lease is one word: it lives as long as the connection.
 #[derive(Debug)]
-pub(crate) struct Lease(Option<Held>);
+pub(crate) struct Lease(Option<Box<Held>>);
 
 #[derive(Debug)]
 struct Held {
@@ -185,31 +188,40 @@ struct Held {
     candidate: Candidate,
 }
 
+/// Completes when a connection must close because its target left the pool.
+pub(crate) type Removal = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 impl Lease {
     fn fixed() -> Self {
         Self(None)
     }
 
     fn dynamic(pool: &Arc<dyn Pool>, policy: Policy, candidate: Candidate) -> Self {
-        Self(Some(Held {
+        Self(Some(Box::new(Held {
             pool: Arc::clone(pool),
             policy,
             candidate,
-        }))
+        })))
     }
 
-    /// Completes when the connection must be closed because its target left the pool (only
-    /// with [`Policy::drain_on_removal`]); otherwise never.
-    pub(crate) async fn removed(&self) {
-        let Some(held) = self.0.as_ref().filter(|held| held.policy.drain_on_removal) else {
-            return std::future::pending().await;
-        };
-        let mut changes = held.pool.subscribe();
-        while held.pool.contains(&held.candidate) {
-            if changes.changed().await.is_err() {
-                return std::future::pending().await;
+    /// A future that completes when the target leaves the pool, if that must close the
+    /// connection ([`Policy::drain_on_removal`]); `None` when nothing ever will.
+    pub(crate) fn removal(&self) -> Option<Removal> {
+        let held = self
+            .0
+            .as_ref()
+            .filter(|held| held.policy.drain_on_removal)?;
+        let (pool, candidate) = (Arc::clone(&held.pool), held.candidate.clone());
+        // Subscribed now, so a change before the first poll is not missed.
+        let mut changes = pool.subscribe();
+        Some(Box::pin(async move {
+            while pool.contains(&candidate) {
+                if changes.changed().await.is_err() {
+                    // The pool's owner is gone: nothing will change.
+                    return std::future::pending().await;
+                }
             }
-        }
+        }))
     }
 }
 
@@ -402,8 +414,13 @@ mod tests {
             };
             let (_stream, lease) = dynamic(&pool, policy).open(TIMEOUT, || {}).await.unwrap();
             pool.set(Vec::new());
-            let removed = tokio::time::timeout(Duration::from_millis(200), lease.removed()).await;
-            assert_eq!(removed.is_ok(), drain_on_removal);
+            let removed = match lease.removal() {
+                Some(removal) => tokio::time::timeout(Duration::from_millis(200), removal)
+                    .await
+                    .is_ok(),
+                None => false,
+            };
+            assert_eq!(removed, drain_on_removal);
         }
     }
 }
