@@ -374,6 +374,7 @@ fn bulk(
 ) -> anyhow::Result<()> {
     let addr = proxy.addr;
     let cpu_before = proxy.cpu();
+    let own_before = procs::own_cpu();
     let mut moved = 0u64;
     for (streams, bytes, metric_up, metric_down) in [
         (1, plan.bulk_bytes, Metric::Bulk1Up, Metric::Bulk1Down),
@@ -389,6 +390,10 @@ fn bulk(
             results.add(tool, metric, gbits(total, elapsed));
         }
     }
+    // The client and the backend are this process's threads: what every column pays, and what
+    // the proxy's CPU competes with for the machine's cores.
+    let own_ms = (procs::own_cpu() - own_before).as_secs_f64() * 1e3;
+    results.add(tool, Metric::SuiteCpuPerGib, own_ms / gib(moved));
     if let (Some(before), Some(after)) = (cpu_before, proxy.cpu()) {
         let ms = (after - before).as_secs_f64() * 1e3;
         results.add(tool, Metric::CpuPerGib, ms / gib(moved));

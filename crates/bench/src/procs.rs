@@ -204,6 +204,22 @@ pub(crate) fn group_cpu(pgid: i32) -> Duration {
     Duration::from_secs_f64(ticks as f64 / ticks_per_second())
 }
 
+/// CPU time (user + system) of this process's threads so far, children excluded.
+pub(crate) fn own_cpu() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `usage` is a valid, writable rusage; getrusage fills it and touches nothing else.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    // SAFETY: getrusage succeeded, so the struct is initialised (it was zeroed before anyway).
+    let usage = unsafe { usage.assume_init() };
+    let time = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64)
+    };
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
 /// Memory of a process group: summed RSS (counts shared pages once per process) and PSS.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Memory {

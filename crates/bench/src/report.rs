@@ -17,6 +17,8 @@ enum Kind {
     Latency,
     /// Proxy-only figures (CPU, memory): no direct column.
     ProxyCost,
+    /// Less is better, direct included (the suite's own CPU): ratios to direct and HAProxy.
+    Cost,
 }
 
 /// The rows of the table.
@@ -41,12 +43,13 @@ pub(crate) enum Metric {
     IdleRss,
     IdlePss,
     CpuPerGib,
+    SuiteCpuPerGib,
     CpuPerRoundTrip,
     CpuPer1000Conns,
 }
 
 impl Metric {
-    const ALL: [Self; 21] = [
+    const ALL: [Self; 22] = [
         Self::Bulk1Up,
         Self::Bulk1Down,
         Self::Bulk8Up,
@@ -66,6 +69,7 @@ impl Metric {
         Self::IdleRss,
         Self::IdlePss,
         Self::CpuPerGib,
+        Self::SuiteCpuPerGib,
         Self::CpuPerRoundTrip,
         Self::CpuPer1000Conns,
     ];
@@ -91,6 +95,7 @@ impl Metric {
             Self::IdleRss => "5. proxy RSS at the idle connections (MiB)",
             Self::IdlePss => "5. proxy PSS at the idle connections (MiB)",
             Self::CpuPerGib => "proxy CPU per GiB (ms)",
+            Self::SuiteCpuPerGib => "client + backend CPU per GiB (ms; this suite's own threads)",
             Self::CpuPerRoundTrip => "proxy CPU per round trip (µs)",
             Self::CpuPer1000Conns => "proxy CPU per 1,000 connections (ms)",
         }
@@ -99,9 +104,12 @@ impl Metric {
     /// The part of the suite that measures it (the names `--skip` takes).
     pub(crate) fn group(self) -> &'static str {
         match self {
-            Self::Bulk1Up | Self::Bulk1Down | Self::Bulk8Up | Self::Bulk8Down | Self::CpuPerGib => {
-                "bulk"
-            }
+            Self::Bulk1Up
+            | Self::Bulk1Down
+            | Self::Bulk8Up
+            | Self::Bulk8Down
+            | Self::CpuPerGib
+            | Self::SuiteCpuPerGib => "bulk",
             Self::PingP50 | Self::PingP99 | Self::PingP999 | Self::CpuPerRoundTrip => "ping",
             Self::PinnedP50 | Self::PinnedP99 | Self::PinnedP999 => "pinned",
             Self::Conc32Rate | Self::Conc32P50 | Self::Conc32P99 => "concurrent",
@@ -132,6 +140,7 @@ impl Metric {
             | Self::CpuPerGib
             | Self::CpuPerRoundTrip
             | Self::CpuPer1000Conns => Kind::ProxyCost,
+            Self::SuiteCpuPerGib => Kind::Cost,
         }
     }
 }
@@ -310,6 +319,14 @@ fn cell(results: &Results, tool: Tool, metric: Metric) -> String {
             }
         }
         Kind::ProxyCost => {
+            if let Some(anchor) = anchor.filter(|a| *a > 0.0) {
+                notes.push(format!("{:.2}× h", value / anchor));
+            }
+        }
+        Kind::Cost => {
+            if let Some(direct) = direct.filter(|d| *d > 0.0) {
+                notes.push(format!("{:.2}× d", value / direct));
+            }
             if let Some(anchor) = anchor.filter(|a| *a > 0.0) {
                 notes.push(format!("{:.2}× h", value / anchor));
             }
