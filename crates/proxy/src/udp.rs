@@ -18,7 +18,7 @@ use tokio::net::UdpSocket;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, warn};
 
 use crate::link_env::{Host, Target};
 use crate::tcp::RateLimit;
@@ -85,12 +85,11 @@ impl UdpForwarder {
     }
 
     /// Forwards datagrams until `shutdown` is cancelled; session tasks run on `tasks`.
+    ///
+    /// The loop enters no span (it would be entered and left for every datagram): its lines
+    /// name the listener and target themselves.
     pub async fn run(self, tasks: TaskTracker, shutdown: CancellationToken) {
-        let span = tracing::info_span!("udp", listen = %self.local_addr, target = %self.target);
-        self.receive(tasks, shutdown).instrument(span).await;
-    }
-
-    async fn receive(self, tasks: TaskTracker, shutdown: CancellationToken) {
+        let (listen, target) = (self.local_addr, &self.target);
         let state = State {
             epoch: Instant::now(),
             sessions: Arc::default(),
@@ -99,16 +98,25 @@ impl UdpForwarder {
             shutdown,
         };
         let mut buffer = vec![0u8; MAX_DATAGRAM];
+        // Made once: a fresh one per datagram would join and leave the token's waiter list.
+        let mut cancelled = std::pin::pin!(state.shutdown.cancelled());
         loop {
             let received = tokio::select! {
                 biased;
-                () = state.shutdown.cancelled() => break,
-                received = self.socket.recv_from(&mut buffer) => received,
+                () = &mut cancelled => break,
+                // Polled, not `recv_from().await`: this loop is the socket's only reader, so
+                // tokio's one reader slot serves, and no waiter joins a list per datagram.
+                received = std::future::poll_fn(|cx| {
+                    let mut filled = tokio::io::ReadBuf::new(&mut buffer);
+                    self.socket
+                        .poll_recv_from(cx, &mut filled)
+                        .map_ok(|client| (filled.filled().len(), client))
+                }) => received,
             };
             let (len, client) = match received {
                 Ok(received) => received,
                 Err(error) => {
-                    debug!(%error, "receive failed");
+                    debug!(%listen, %target, %error, "receive failed");
                     continue;
                 }
             };
@@ -123,10 +131,12 @@ impl UdpForwarder {
                         .bytes_to_upstream
                         .fetch_add(sent as u64, Ordering::Relaxed);
                 }
-                Err(error) => debug!(%client, %error, "dropping datagram to upstream"),
+                Err(error) => {
+                    debug!(%listen, %target, %client, %error, "dropping datagram to upstream")
+                }
             }
         }
-        info!("stopped receiving");
+        info!(%listen, %target, "stopped receiving");
     }
 
     /// The session of `client`, touched; or a new one; or `None` (limit reached, upstream
@@ -150,7 +160,13 @@ impl UdpForwarder {
             Err(error) => {
                 self.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
                 if let Some(suppressed) = state.failures.allow() {
-                    warn!(%error, suppressed, "upstream unavailable, dropping datagram");
+                    warn!(
+                        listen = %self.local_addr,
+                        target = %self.target,
+                        %error,
+                        suppressed,
+                        "upstream unavailable, dropping datagram"
+                    );
                 }
                 return None;
             }
@@ -164,7 +180,7 @@ impl UdpForwarder {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(client, Arc::clone(&session));
-        debug!(%client, "session opened");
+        debug!(listen = %self.local_addr, %client, "session opened");
         let replies = Replies {
             session: Arc::clone(&session),
             client,
@@ -174,11 +190,9 @@ impl UdpForwarder {
             idle_timeout: self.idle_timeout,
             stats: Arc::clone(&self.stats),
         };
-        state.tasks.spawn(
-            replies
-                .run(state.shutdown.clone(), permit)
-                .in_current_span(),
-        );
+        state
+            .tasks
+            .spawn(replies.run(state.shutdown.clone(), permit));
         Some(session)
     }
 }
@@ -237,17 +251,25 @@ impl Replies {
     /// timeout or `shutdown` is cancelled.
     async fn run(self, shutdown: CancellationToken, permit: Permit) {
         let idle_ms = self.idle_timeout.as_millis() as u64;
-        loop {
+        let deadline = || {
             let last = self.session.last_active.load(Ordering::Relaxed);
-            let deadline = self.epoch + Duration::from_millis(last + idle_ms);
+            self.epoch + Duration::from_millis(last + idle_ms)
+        };
+        // One timer for the session's life, re-armed only when it fires (traffic moves the
+        // deadline, checked then), and one cancellation future: nothing per datagram.
+        let mut idle = std::pin::pin!(tokio::time::sleep_until(deadline()));
+        let mut cancelled = std::pin::pin!(shutdown.cancelled());
+        loop {
             tokio::select! {
-                () = shutdown.cancelled() => break,
-                () = tokio::time::sleep_until(deadline) => {
+                () = &mut cancelled => break,
+                () = &mut idle => {
                     if self.expire_if_idle(idle_ms) {
                         break;
                     }
+                    idle.as_mut().reset(deadline());
                 }
-                readable = self.session.upstream.readable() => {
+                // The session's socket has one reader, this task: polled like the listener.
+                readable = std::future::poll_fn(|cx| self.session.upstream.poll_recv_ready(cx)) => {
                     if readable.is_err() {
                         continue;
                     }
