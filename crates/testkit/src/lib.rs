@@ -92,6 +92,27 @@ pub fn free_port(ip: Ipv4Addr) -> u16 {
     panic!("no free port for TCP and UDP on {ip} below the ephemeral range");
 }
 
+/// The sockets on `port` (any address, TCP and UDP, with their processes) as `ss` lists them,
+/// for a failure message when a port from [`free_port`] turns out to be taken.
+pub fn port_holders(port: u16) -> String {
+    let filter = format!("( sport = :{port} )");
+    match Command::new("ss").args(["-Htanup", &filter]).output() {
+        Ok(output) if output.status.success() => {
+            let text = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+            if text.is_empty() {
+                format!("no socket on port {port} any more")
+            } else {
+                format!("sockets on port {port}:\n{text}")
+            }
+        }
+        Ok(output) => format!(
+            "ss failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ),
+        Err(error) => format!("ss could not run: {error}"),
+    }
+}
+
 /// Whether a TCP connection to `addr` succeeds now.
 pub fn accepts_tcp(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
