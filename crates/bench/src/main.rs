@@ -228,9 +228,11 @@ fn run(args: Args) -> anyhow::Result<bool> {
         .filter(|tool| **tool != Tool::Direct)
         .map(|tool| (tool.name(), tool.version(&env.amb_serf)))
         .collect();
+    if run_cluster || tools.contains(&Tool::AmbSerfConnect) {
+        versions.insert("serf", cluster::serf_version());
+    }
     if run_cluster {
         versions.insert("amb-serf", Tool::AmbSerf.version(&env.amb_serf));
-        versions.insert("serf", cluster::serf_version());
         versions.insert("socat", Tool::Socat.version(&env.amb_serf));
     }
     let text = report::render(&report::Context {

@@ -24,17 +24,20 @@ pub(crate) enum Tool {
     Nginx,
     /// `amb-serf run` with a Docker link variable.
     AmbSerf,
-    // `amb-serf connect` gets its column here once the Serf member is on main.
+    /// `amb-serf connect`: the consumer side, forwarding to the member of a real `serf agent`
+    /// that advertises the backend's port as its `role`.
+    AmbSerfConnect,
 }
 
 impl Tool {
-    pub(crate) const ALL: [Self; 6] = [
+    pub(crate) const ALL: [Self; 7] = [
         Self::Direct,
         Self::Socat,
         Self::Haproxy,
         Self::HaproxySplice,
         Self::Nginx,
         Self::AmbSerf,
+        Self::AmbSerfConnect,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -45,6 +48,7 @@ impl Tool {
             Self::HaproxySplice => "haproxy-splice",
             Self::Nginx => "nginx",
             Self::AmbSerf => "amb-serf",
+            Self::AmbSerfConnect => "amb-serf-connect",
         }
     }
 
@@ -65,6 +69,7 @@ impl Tool {
             Self::Socat => &["socat"],
             Self::Haproxy | Self::HaproxySplice => &["haproxy"],
             Self::Nginx => &["nginx", "libnginx-mod-stream"],
+            Self::AmbSerfConnect => &["serf"],
         }
     }
 
@@ -75,7 +80,7 @@ impl Tool {
             Self::Socat => (Path::new("socat"), &["-V"]),
             Self::Haproxy | Self::HaproxySplice => (Path::new("haproxy"), &["-v"]),
             Self::Nginx => (Path::new("nginx"), &["-v"]),
-            Self::AmbSerf => (amb_serf, &["--version"]),
+            Self::AmbSerf | Self::AmbSerfConnect => (amb_serf, &["--version"]),
         };
         let Ok(output) = Command::new(program).args(args).output() else {
             return format!("{}: not runnable", program.display());
@@ -142,6 +147,9 @@ pub(crate) struct Running {
     pub(crate) addr: SocketAddr,
     /// The proxy's process group; `None` for [`Tool::Direct`].
     pub(crate) group: Option<Group>,
+    /// What the proxy needs beside it and is not measured: the `serf agent` that provides the
+    /// role to [`Tool::AmbSerfConnect`].
+    _provider: Option<Group>,
 }
 
 impl Running {
@@ -181,6 +189,7 @@ pub(crate) fn start(
         return Ok(Running {
             addr: backend,
             group: None,
+            _provider: None,
         });
     }
     let port = free_port()?;
@@ -195,6 +204,7 @@ pub(crate) fn start(
         Command::new("env")
     };
     command.args(wrap);
+    let mut provider = None;
     match tool {
         Tool::Direct => unreachable!("handled above"),
         Tool::Socat => {
@@ -259,11 +269,39 @@ pub(crate) fn start(
                 )
                 .env("AMB_LISTEN_ADDR", "127.0.0.2");
         }
+        Tool::AmbSerfConnect => {
+            // The provider: a real agent on the backend's address whose `role` is the backend's
+            // port, so `connect` resolves the role to the backend itself.
+            let gossip = free_port()?;
+            let mut agent = Command::new("serf");
+            agent
+                .arg("agent")
+                .arg("-node=bench-provider")
+                .arg(format!("-bind={}:{gossip}", backend.ip()))
+                .arg(format!("-rpc-addr={}:{}", backend.ip(), free_port()?))
+                .arg(format!("-tag=role={}", backend.port()));
+            provider = Some(Group::spawn(
+                "serf-provider",
+                &mut agent,
+                &dir.join("serf-provider.log"),
+            )?);
+            addr = SocketAddr::from((Ipv4Addr::new(127, 0, 0, 2), backend.port()));
+            command
+                .arg(amb_serf)
+                .arg("connect")
+                .arg(backend.port().to_string())
+                .arg("--listen-addr=127.0.0.2")
+                .arg("--node=bench-connect")
+                .arg(format!("--bind=127.0.0.1:{}", free_port()?))
+                .arg("--rpc-addr=")
+                .arg(format!("--join={}:{gossip}", backend.ip()));
+        }
     }
     let group = Group::spawn(tool.name(), &mut command, &log)?;
     let mut running = Running {
         addr,
         group: Some(group),
+        _provider: provider,
     };
     let ready = procs::wait_for(Duration::from_secs(20), || {
         running.check_alive().is_ok() && crate::load::probe(addr)

@@ -85,6 +85,7 @@ fn every_metric_of_every_tool_produces_a_verified_number() {
         "haproxy-splice",
         "nginx",
         "amb-serf",
+        "amb-serf-connect",
     ] {
         assert!(
             report.contains(&format!(" {tool} |")),
