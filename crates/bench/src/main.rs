@@ -43,7 +43,7 @@ struct Args {
     #[arg(long)]
     smoke: bool,
     /// Only these tools (comma-separated): direct, socat, haproxy, haproxy-splice, nginx,
-    /// amb-serf; and `cluster` for the cluster metrics 6–9 (not run when --only omits it).
+    /// amb-serf, amb-serf-connect; and `cluster` for the cluster metrics 6–9 (not run when --only omits it).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Repetitions of every measurement (the table shows medians).

@@ -34,9 +34,10 @@ pub struct Liveness {
 }
 
 impl Liveness {
-    /// Sets the options on `stream`. Errors name the option; the socket is otherwise unchanged.
-    pub fn apply(&self, stream: &TcpStream) -> std::io::Result<()> {
-        let socket = socket2::SockRef::from(stream);
+    /// Sets the options on `socket` (a stream, or a listener whose accepted sockets inherit
+    /// them). Errors name the option; the socket is otherwise unchanged.
+    pub fn apply(&self, socket: &impl std::os::fd::AsFd) -> std::io::Result<()> {
+        let socket = socket2::SockRef::from(socket);
         if let Some(idle) = self.keepalive {
             // The kernel counts keepalive times in whole seconds, 1 at least.
             let idle = idle.max(Duration::from_secs(1));
@@ -60,6 +61,10 @@ impl Liveness {
         Ok(())
     }
 }
+
+/// Whether accepted sockets inherit `TCP_NODELAY`, keepalive and `TCP_USER_TIMEOUT` from their
+/// listener, so that [`TcpForwarder::bind`] sets them once instead of on every client socket.
+const INHERITS_OPTIONS: bool = cfg!(any(target_os = "linux", target_os = "android"));
 
 /// Unanswered keepalive probes before the kernel closes a connection.
 const KEEPALIVE_PROBES: u32 = 3;
@@ -231,6 +236,13 @@ impl TcpForwarder {
         }
         .map_err(bind_error)?;
         socket.set_reuseaddr(true).map_err(bind_error)?;
+        // Accepted sockets inherit these from the listener (Linux copies the listener's socket
+        // and TCP options into each connection it accepts): set once here, they cost a new
+        // connection no system call.
+        if INHERITS_OPTIONS {
+            socket.set_nodelay(true).map_err(bind_error)?;
+            liveness.apply(&socket).map_err(bind_error)?;
+        }
         socket.bind(listen).map_err(bind_error)?;
         let listener = socket.listen(BACKLOG).map_err(bind_error)?;
         let local_addr = listener.local_addr().map_err(bind_error)?;
@@ -343,7 +355,12 @@ impl Future for Serve {
 
 /// Connects the upstream for `client`; `None` (logged) when there is none.
 async fn open(client: TcpStream, shared: Arc<Shared>, permit: Permit) -> Option<Connection> {
-    let _ = client.set_nodelay(true);
+    if !INHERITS_OPTIONS {
+        let _ = client.set_nodelay(true);
+        if let Err(error) = shared.liveness.apply(&client) {
+            debug!(side = "client", %error, "socket option refused");
+        }
+    }
     let opened = shared
         .upstream
         .open(shared.connect_timeout, || {
@@ -368,10 +385,8 @@ async fn open(client: TcpStream, shared: Arc<Shared>, permit: Permit) -> Option<
         }
     };
     let _ = upstream.set_nodelay(true);
-    for (side, stream) in [("client", &client), ("upstream", &upstream)] {
-        if let Err(error) = shared.liveness.apply(stream) {
-            debug!(side, %error, "socket option refused");
-        }
+    if let Err(error) = shared.liveness.apply(&upstream) {
+        debug!(side = "upstream", %error, "socket option refused");
     }
     Some(Connection {
         removal: lease.removal(),
@@ -442,6 +457,58 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn accepted_clients_get_nodelay_and_liveness_from_the_listener() {
+        let liveness = Liveness {
+            keepalive: Some(Duration::from_secs(9)),
+            user_timeout: Some(Duration::from_millis(4000)),
+        };
+        let forwarder = TcpForwarder::bind(
+            "127.0.0.1:0".parse().expect("address"),
+            Upstream::Fixed(Target {
+                host: Host::Ip("127.0.0.1".parse().expect("address")),
+                port: 9,
+            }),
+            Duration::from_secs(1),
+            liveness,
+            Arc::new(Stats::new(10)),
+        )
+        .expect("bind");
+        let _client = TcpStream::connect(forwarder.local_addr())
+            .await
+            .expect("connect");
+        let (accepted, _) = forwarder.listener.accept().await.expect("accept");
+        let socket = socket2::SockRef::from(&accepted);
+        assert!(socket.tcp_nodelay().expect("TCP_NODELAY"));
+        assert_liveness(&socket, 9, 3, 4000);
+    }
+
+    /// Asserts keepalive after `idle` s, probing every `interval` s, and the user timeout.
+    fn assert_liveness(
+        socket: &socket2::SockRef<'_>,
+        idle: u64,
+        interval: u64,
+        user_timeout_ms: u64,
+    ) {
+        assert!(socket.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(
+            socket.tcp_keepalive_time().expect("TCP_KEEPIDLE"),
+            Duration::from_secs(idle)
+        );
+        assert_eq!(
+            socket.tcp_keepalive_interval().expect("TCP_KEEPINTVL"),
+            Duration::from_secs(interval)
+        );
+        assert_eq!(
+            socket.tcp_keepalive_retries().expect("TCP_KEEPCNT"),
+            KEEPALIVE_PROBES
+        );
+        assert_eq!(
+            socket.tcp_user_timeout().expect("TCP_USER_TIMEOUT"),
+            Some(Duration::from_millis(user_timeout_ms))
+        );
+    }
+
+    #[tokio::test]
     async fn liveness_sets_keepalive_and_user_timeout_on_the_socket() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -457,23 +524,7 @@ mod tests {
             user_timeout: Some(Duration::from_millis(2500)),
         };
         liveness.apply(&stream).expect("setting options");
-        assert!(socket.keepalive().expect("SO_KEEPALIVE"));
-        assert_eq!(
-            socket.tcp_keepalive_time().expect("TCP_KEEPIDLE"),
-            Duration::from_secs(6)
-        );
-        assert_eq!(
-            socket.tcp_keepalive_interval().expect("TCP_KEEPINTVL"),
-            Duration::from_secs(2)
-        );
-        assert_eq!(
-            socket.tcp_keepalive_retries().expect("TCP_KEEPCNT"),
-            KEEPALIVE_PROBES
-        );
-        assert_eq!(
-            socket.tcp_user_timeout().expect("TCP_USER_TIMEOUT"),
-            Some(Duration::from_millis(2500))
-        );
+        assert_liveness(&socket, 6, 2, 2500);
 
         // A short keepalive still probes at most once a second.
         let short = Liveness {
