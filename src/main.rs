@@ -74,7 +74,10 @@ fn init_tracing(level: Option<&str>, format: LogFormat) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let fmt = match format {
-        LogFormat::Text => fmt.with_filter(filter).boxed(),
+        LogFormat::Text => fmt
+            .fmt_fields(logs::bounded_fields())
+            .with_filter(filter)
+            .boxed(),
         LogFormat::Json => fmt.json().with_filter(filter).boxed(),
     };
     // `serf monitor` has its own level filter; keep DEBUG and above of our own code for it, but
@@ -139,7 +142,20 @@ fn first_word(args: &[std::ffi::OsString]) -> Option<&str> {
     None
 }
 
+/// Keeps glibc from raising its mmap threshold after a large block is freed: a peer can make
+/// us decode a message of megabytes (a compressed stream expands up to 20 MiB), and with the
+/// default dynamic threshold later blocks of that size come from the heap, which glibc rarely
+/// gives back. Fixed at 128 KiB, every large block is its own mapping, unmapped when freed.
+fn pin_mmap_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 fn main() -> ExitCode {
+    pin_mmap_threshold();
     let (cli, command) = parse_cli();
     init_tracing(cli.log_level.as_deref(), cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -43,6 +43,19 @@ pub enum StreamMessage {
     Err(ErrResp),
 }
 
+impl StreamMessage {
+    /// The message type's name, for logs (never the content: it is the peer's bytes).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::PushPull(_) => "push-pull",
+            Self::Ping(_) => "ping",
+            Self::Ack(_) => "ack",
+            Self::User(_) => "user",
+            Self::Err(_) => "error",
+        }
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct PushPullHeader {
