@@ -21,13 +21,15 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, trace, warn, Instrument};
 
 use crate::memberlist::{
@@ -39,8 +41,16 @@ use crate::wire::stream::MAX_STREAM_BYTES;
 
 /// The largest UDP datagram read.
 const UDP_RECEIVE_BUFFER: usize = 65_536;
-/// Inbound streams handled at once (Go: 128 concurrent push-pulls); more are refused.
+/// Inbound streams handled at once (Go: 128 concurrent push-pulls); more are refused. A stream
+/// counts until its task has ended, whatever the core did with it.
 const MAX_INBOUND_STREAMS: usize = 128;
+/// Bytes that all streams together may have read and not yet released (a stream's bytes are
+/// released when its task ends). One stream may still read up to `MAX_STREAM_BYTES`; beyond
+/// this budget a stream fails, so many large streams at once cannot pile up gigabytes.
+const STREAM_BYTES_BUDGET: usize = 32 * 1024 * 1024;
+/// How long the accept loop pauses after a failed accept (EMFILE, ENFILE, ENOBUFS), instead
+/// of spinning on a listener that stays readable.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Errors of the driver. None of them leave a half-started driver behind.
 #[derive(Debug, thiserror::Error)]
@@ -264,7 +274,9 @@ pub async fn start<D: Delegate + Send + 'static>(
         stream_tx,
         stream_rx,
         streams: BTreeMap::new(),
-        inbound: 0,
+        inbound: Arc::new(Semaphore::new(MAX_INBOUND_STREAMS)),
+        stream_bytes: Arc::new(AtomicUsize::new(0)),
+        accept_paused: None,
         joins: BTreeMap::new(),
         leaves: Vec::new(),
         tcp_timeout,
@@ -332,8 +344,13 @@ struct Driver<D> {
     events: mpsc::UnboundedSender<Event>,
     stream_tx: mpsc::UnboundedSender<(StreamId, StreamEvent)>,
     stream_rx: mpsc::UnboundedReceiver<(StreamId, StreamEvent)>,
-    streams: BTreeMap<StreamId, (mpsc::UnboundedSender<StreamCommand>, bool)>,
-    inbound: usize,
+    streams: BTreeMap<StreamId, mpsc::UnboundedSender<StreamCommand>>,
+    /// One permit per inbound stream task, held until the task ends.
+    inbound: Arc<Semaphore>,
+    /// Bytes read by stream tasks that are still running ([`STREAM_BYTES_BUDGET`]).
+    stream_bytes: Arc<AtomicUsize>,
+    /// Set after a failed accept: accepting resumes then.
+    accept_paused: Option<tokio::time::Instant>,
     joins: BTreeMap<JoinId, oneshot::Sender<Result<usize, Error>>>,
     leaves: Vec<oneshot::Sender<bool>>,
     tcp_timeout: Duration,
@@ -355,6 +372,13 @@ impl<D: Delegate + Send + 'static> Driver<D> {
                     None => std::future::pending().await,
                 }
             };
+            let accept_paused = self.accept_paused;
+            let resume_accepting = async {
+                match accept_paused {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 command = self.commands.recv() => match command {
                     None | Some(Command::Shutdown) => break,
@@ -364,10 +388,14 @@ impl<D: Delegate + Send + 'static> Driver<D> {
                     Ok((len, from)) => self.packet(from, &buffer[..len]),
                     Err(error) => debug!(%error, "udp receive failed"),
                 },
-                accepted = self.listener.accept() => match accepted {
+                accepted = self.listener.accept(), if accept_paused.is_none() => match accepted {
                     Ok((stream, from)) => self.accept(stream, from),
-                    Err(error) => debug!(%error, "tcp accept failed"),
+                    Err(error) => {
+                        debug!(%error, "tcp accept failed, pausing accepts");
+                        self.accept_paused = Some(tokio::time::Instant::now() + ACCEPT_BACKOFF);
+                    }
                 },
+                () = resume_accepting => self.accept_paused = None,
                 Some((stream, event)) = self.stream_rx.recv() => {
                     let input = match &event {
                         StreamEvent::Data(bytes) => StreamInput::Data(bytes),
@@ -469,20 +497,17 @@ impl<D: Delegate + Send + 'static> Driver<D> {
             }
             Transmit::StreamOpen { stream, to } => {
                 let source = self.udp.local_addr().ok().map(|addr| addr.ip());
-                let commands = self.spawn_stream(stream, Connection::Dial { to, source });
-                self.streams.insert(stream, (commands, false));
+                let commands = self.spawn_stream(stream, Connection::Dial { to, source }, None);
+                self.streams.insert(stream, commands);
             }
             Transmit::StreamWrite { stream, bytes } => {
-                if let Some((commands, _)) = self.streams.get(&stream) {
+                if let Some(commands) = self.streams.get(&stream) {
                     let _ = commands.send(StreamCommand::Write(bytes));
                 }
             }
             Transmit::StreamClose { stream } => {
-                if let Some((commands, inbound)) = self.streams.remove(&stream) {
+                if let Some(commands) = self.streams.remove(&stream) {
                     let _ = commands.send(StreamCommand::Close);
-                    if inbound {
-                        self.inbound -= 1;
-                    }
                 }
             }
         }
@@ -527,28 +552,34 @@ impl<D: Delegate + Send + 'static> Driver<D> {
     }
 
     fn accept(&mut self, stream: TcpStream, from: SocketAddr) {
-        if self.inbound >= MAX_INBOUND_STREAMS {
+        let Ok(permit) = Arc::clone(&self.inbound).try_acquire_owned() else {
             debug!(peer = %from, "too many inbound streams, refusing");
             return;
-        }
+        };
         let id = self.core.handle_accept(Instant::now(), from);
-        let commands = self.spawn_stream(id, Connection::Accepted(stream));
-        self.inbound += 1;
-        self.streams.insert(id, (commands, true));
+        let commands = self.spawn_stream(id, Connection::Accepted(stream), Some(permit));
+        self.streams.insert(id, commands);
     }
 
     fn spawn_stream(
         &self,
         id: StreamId,
         connection: Connection,
+        permit: Option<OwnedSemaphorePermit>,
     ) -> mpsc::UnboundedSender<StreamCommand> {
         let (commands, command_rx) = mpsc::unbounded_channel();
-        let events = self.stream_tx.clone();
-        let timeout = self.tcp_timeout;
-        let keyring = self.keyring.clone();
-        tokio::spawn(
-            stream_task(id, connection, command_rx, events, timeout, keyring).in_current_span(),
-        );
+        let task = StreamTask {
+            id,
+            events: self.stream_tx.clone(),
+            timeout: self.tcp_timeout,
+            keyring: self.keyring.clone(),
+            budget: ReadBudget {
+                total: Arc::clone(&self.stream_bytes),
+                mine: 0,
+            },
+            _permit: permit,
+        };
+        tokio::spawn(task.run(connection, command_rx).in_current_span());
         commands
     }
 }
@@ -587,107 +618,140 @@ enum Connection {
     Accepted(TcpStream),
 }
 
+/// Bytes read by one stream task, counted in the drivers' shared total until the task ends.
+struct ReadBudget {
+    total: Arc<AtomicUsize>,
+    mine: usize,
+}
+
+impl ReadBudget {
+    /// Counts `len` more bytes; false when this stream or all streams together are over budget.
+    fn take(&mut self, len: usize) -> Result<(), String> {
+        self.mine += len;
+        let total = self.total.fetch_add(len, Ordering::Relaxed) + len;
+        if self.mine > MAX_STREAM_BYTES {
+            Err(format!("stream exceeded {MAX_STREAM_BYTES} bytes"))
+        } else if total > STREAM_BYTES_BUDGET {
+            Err(format!(
+                "streams together exceeded {STREAM_BYTES_BUDGET} bytes"
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Drop for ReadBudget {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.mine, Ordering::Relaxed);
+    }
+}
+
 /// One TCP stream: dial if needed, then forward reads to the loop and writes from it, until
-/// the core closes it, the peer fails, the 20 MiB read cap or the deadline is hit. With a
-/// keyring, each write is sealed into one `0a` frame and reads are deframed and opened; only
-/// whole plaintext messages go to the loop, and anything not encrypted fails the stream.
-async fn stream_task(
+/// the core closes it, the peer fails, a read budget or the deadline is hit. The deadline
+/// bounds everything the task awaits (dial, reads, writes, shutdown), so a peer that never
+/// reads cannot hold the task, its socket or its permit. With a keyring, each write is sealed
+/// into one `0a` frame and reads are deframed and opened; only whole plaintext messages go to
+/// the loop, and anything not encrypted fails the stream.
+struct StreamTask {
     id: StreamId,
-    connection: Connection,
-    mut commands: mpsc::UnboundedReceiver<StreamCommand>,
     events: mpsc::UnboundedSender<(StreamId, StreamEvent)>,
     timeout: Duration,
     keyring: Option<SharedKeyring>,
-) {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let stream = match connection {
-        Connection::Accepted(stream) => stream,
-        Connection::Dial { to, source } => {
-            match tokio::time::timeout_at(deadline, dial(to, source)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(error)) => {
-                    let _ =
-                        events.send((id, StreamEvent::Failed(format!("dialing {to}: {error}"))));
-                    return;
-                }
-                Err(_) => {
-                    let _ = events.send((
-                        id,
-                        StreamEvent::Failed(format!("dialing {to}: timed out after {timeout:?}")),
-                    ));
-                    return;
+    budget: ReadBudget,
+    /// An inbound stream's place among [`MAX_INBOUND_STREAMS`], freed when the task ends.
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl StreamTask {
+    async fn run(
+        mut self,
+        connection: Connection,
+        commands: mpsc::UnboundedReceiver<StreamCommand>,
+    ) {
+        // The core times the stream out at `timeout`; the task gives it a second more to say so.
+        let deadline = tokio::time::Instant::now() + self.timeout + Duration::from_secs(1);
+        let outcome =
+            match tokio::time::timeout_at(deadline, self.serve(connection, commands)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(format!("timed out after {:?}", self.timeout)),
+            };
+        if let Err(reason) = outcome {
+            let _ = self.events.send((self.id, StreamEvent::Failed(reason)));
+        }
+    }
+
+    /// Ok when the core closed the stream (or the loop is gone), Err with the reason otherwise.
+    async fn serve(
+        &mut self,
+        connection: Connection,
+        mut commands: mpsc::UnboundedReceiver<StreamCommand>,
+    ) -> Result<(), String> {
+        let stream = match connection {
+            Connection::Accepted(stream) => stream,
+            Connection::Dial { to, source } => {
+                match tokio::time::timeout(self.timeout, dial(to, source)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => return Err(format!("dialing {to}: {error}")),
+                    Err(_) => {
+                        return Err(format!("dialing {to}: timed out after {:?}", self.timeout))
+                    }
                 }
             }
-        }
-    };
-    let (mut reader, mut writer) = stream.into_split();
-    let mut buffer = vec![0u8; 16 * 1024];
-    let mut total = 0usize;
-    let mut eof = false;
-    // Encrypted bytes not yet forming a whole frame.
-    let mut sealed = Vec::new();
-    loop {
-        tokio::select! {
-            command = commands.recv() => match command {
-                Some(StreamCommand::Write(bytes)) => {
-                    let bytes = match &keyring {
-                        Some(keyring) => keyring.read().encrypt_stream(nonce(), &bytes),
-                        None => bytes,
-                    };
-                    if let Err(error) = writer.write_all(&bytes).await {
-                        let _ = events.send((id, StreamEvent::Failed(format!("write: {error}"))));
-                        return;
+        };
+        let (mut reader, mut writer) = stream.into_split();
+        let mut buffer = vec![0u8; 16 * 1024];
+        let mut eof = false;
+        // Encrypted bytes not yet forming a whole frame.
+        let mut sealed = Vec::new();
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(StreamCommand::Write(bytes)) => {
+                        let bytes = match &self.keyring {
+                            Some(keyring) => keyring.read().encrypt_stream(nonce(), &bytes),
+                            None => bytes,
+                        };
+                        writer.write_all(&bytes).await.map_err(|error| format!("write: {error}"))?;
                     }
-                }
-                Some(StreamCommand::Close) | None => {
-                    let _ = writer.shutdown().await;
-                    return;
-                }
-            },
-            read = reader.read(&mut buffer), if !eof => match read {
-                Ok(0) => {
-                    eof = true;
-                    let _ = events.send((id, StreamEvent::Closed));
-                }
-                Ok(len) => {
-                    total += len;
-                    if total > MAX_STREAM_BYTES {
-                        let _ = events.send((id, StreamEvent::Failed(format!("stream exceeded {MAX_STREAM_BYTES} bytes"))));
-                        return;
+                    Some(StreamCommand::Close) | None => {
+                        let _ = writer.shutdown().await;
+                        return Ok(());
                     }
-                    let Some(keyring) = &keyring else {
-                        if events.send((id, StreamEvent::Data(buffer[..len].to_vec()))).is_err() {
-                            return;
-                        }
-                        continue;
-                    };
-                    sealed.extend_from_slice(&buffer[..len]);
-                    loop {
-                        let opened = keyring.read().decrypt_stream(&sealed);
-                        match opened {
-                            Ok(Some((plaintext, used))) => {
-                                sealed.drain(..used);
-                                if events.send((id, StreamEvent::Data(plaintext))).is_err() {
-                                    return;
+                },
+                read = reader.read(&mut buffer), if !eof => match read {
+                    Ok(0) => {
+                        eof = true;
+                        self.send(StreamEvent::Closed)?;
+                    }
+                    Ok(len) => {
+                        self.budget.take(len)?;
+                        let Some(keyring) = &self.keyring else {
+                            self.send(StreamEvent::Data(buffer[..len].to_vec()))?;
+                            continue;
+                        };
+                        sealed.extend_from_slice(&buffer[..len]);
+                        loop {
+                            let opened = keyring.read().decrypt_stream(&sealed);
+                            match opened.map_err(|error| error.to_string())? {
+                                Some((plaintext, used)) => {
+                                    sealed.drain(..used);
+                                    self.send(StreamEvent::Data(plaintext))?;
                                 }
-                            }
-                            Ok(None) => break,
-                            Err(error) => {
-                                let _ = events.send((id, StreamEvent::Failed(error.to_string())));
-                                return;
+                                None => break,
                             }
                         }
                     }
-                }
-                Err(error) => {
-                    let _ = events.send((id, StreamEvent::Failed(format!("read: {error}"))));
-                    return;
-                }
-            },
-            () = tokio::time::sleep_until(deadline + Duration::from_secs(1)) => {
-                let _ = events.send((id, StreamEvent::Failed(format!("timed out after {timeout:?}"))));
-                return;
+                    Err(error) => return Err(format!("read: {error}")),
+                },
             }
         }
+    }
+
+    /// Hands an event to the loop; an error (ending the task) when the loop is gone.
+    fn send(&self, event: StreamEvent) -> Result<(), String> {
+        self.events
+            .send((self.id, event))
+            .map_err(|_| "the driver has stopped".to_owned())
     }
 }

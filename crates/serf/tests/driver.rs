@@ -194,3 +194,73 @@ async fn garbage_on_both_ports_is_survived() {
     assert_eq!(b.join(&[target]).await.expect("join after garbage"), 1);
     drop(stalled);
 }
+
+/// A delegate whose push-pull state is 8 MiB: more than the member's send buffer and a small
+/// receive buffer of the peer hold, so a reply to a peer that never reads blocks in `write`.
+#[derive(Default)]
+struct BigState;
+
+impl Delegate for BigState {
+    fn local_state(&mut self, _join: bool) -> Vec<u8> {
+        vec![0x42; 8 * 1024 * 1024]
+    }
+}
+
+/// Peers that open push-pulls and never read the reply: each stream task ends at the TCP
+/// deadline (it used to wait in `write` for as long as the peer held the connection, holding
+/// its socket and, since the count dropped when the core closed the stream, not counting
+/// against the 128 inbound streams). The member runs in this process, so its sockets show in
+/// our own fd table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_that_never_read_are_cut_at_the_deadline() {
+    use serf::wire::stream::{encode_stream, PushPull, StreamMessage};
+    use tokio::io::AsyncWriteExt;
+
+    const PEERS: usize = 24;
+    let open_fds = || std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count);
+    let ip = loopback(68);
+    let mut options = Options::new("drv-slow", SocketAddr::from((ip, free_port(ip))));
+    options.config.tcp_timeout = Duration::from_secs(2);
+    // Sent as it is: compressed, the state would be small.
+    options.config.enable_compression = false;
+    let (member, _events) = driver::start(options, BigState)
+        .await
+        .expect("starting a member");
+    let target = member.local_addr();
+    let before = open_fds();
+    let request = encode_stream(&StreamMessage::PushPull(PushPull::default()), false);
+    let mut streams = Vec::new();
+    for _ in 0..PEERS {
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        let mut stream = socket.connect(target).await.expect("connecting");
+        stream.write_all(&request).await.expect("writing");
+        streams.push(stream);
+    }
+    // The member accepts them all (its ends show in our fd table)...
+    let wait_for = |what: &'static str, done: &'static dyn Fn(usize, usize) -> bool| {
+        let started = Instant::now();
+        async move {
+            while !done(open_fds(), before) {
+                assert!(
+                    started.elapsed() < testkit::DEADLINE,
+                    "{what}: {} fds open, {before} before {PEERS} peers connected",
+                    open_fds()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    wait_for("the member accepts every stream", &|fds, before| {
+        fds >= before + 2 * PEERS - 2
+    })
+    .await;
+    // ...and closes its ends once the deadline passes, though our ends stay open. (Other
+    // tests of this binary may hold a few fds meanwhile.)
+    wait_for(
+        "the member holds the streams of peers that never read",
+        &|fds, before| fds <= before + PEERS + PEERS / 4,
+    )
+    .await;
+    drop(streams);
+}
