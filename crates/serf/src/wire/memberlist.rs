@@ -36,7 +36,8 @@ pub const COMPOUND_PART_OVERHEAD: usize = 2;
 pub const CRC_OVERHEAD: usize = 5;
 /// The most parts a compound can hold.
 pub const MAX_COMPOUND_PARTS: usize = 255;
-/// The largest decompressed UDP message accepted.
+/// The most bytes one UDP packet may decompress to, all its compressed parts together (a
+/// 64 KiB packet of compound parts, each a bomb, would otherwise expand once per part).
 pub const MAX_DECOMPRESSED_PACKET: usize = 1 << 20;
 /// How deeply wrappers may nest in one packet.
 const MAX_NESTING: usize = 4;
@@ -451,17 +452,20 @@ pub fn compress(message: &[u8]) -> Vec<u8> {
 /// returned after all parts were tried (a bad part does not hide the good ones, as in Go).
 pub fn decode_packet(packet: &[u8], out: &mut Vec<Message>) -> Result<(), DecodeError> {
     let mut first_error = None;
-    decode_nested(packet, out, 0, &mut first_error);
+    let mut budget = MAX_DECOMPRESSED_PACKET;
+    decode_nested(packet, out, 0, &mut budget, &mut first_error);
     match first_error {
         Some(error) => Err(error),
         None => Ok(()),
     }
 }
 
+/// `budget`: the decompressed bytes the rest of the packet may still produce.
 fn decode_nested(
     buf: &[u8],
     out: &mut Vec<Message>,
     depth: usize,
+    budget: &mut usize,
     first_error: &mut Option<DecodeError>,
 ) {
     if depth > MAX_NESTING {
@@ -498,10 +502,13 @@ fn decode_nested(
                 record(first_error, DecodeError::Crc { expected, actual });
                 return;
             }
-            decode_nested(&body[4..], out, depth + 1, first_error);
+            decode_nested(&body[4..], out, depth + 1, budget, first_error);
         }
-        kind::COMPRESS => match decompress_body(body, MAX_DECOMPRESSED_PACKET) {
-            Ok(inner) => decode_nested(&inner, out, depth + 1, first_error),
+        kind::COMPRESS => match decompress_body(body, *budget) {
+            Ok(inner) => {
+                *budget -= inner.len();
+                decode_nested(&inner, out, depth + 1, budget, first_error);
+            }
             Err(error) => record(first_error, error),
         },
         kind::COMPOUND => {
@@ -543,7 +550,7 @@ fn decode_nested(
                     return;
                 }
                 let (part, tail) = parts.split_at(length);
-                decode_nested(part, out, depth + 1, first_error);
+                decode_nested(part, out, depth + 1, budget, first_error);
                 parts = tail;
             }
         }
