@@ -131,6 +131,7 @@ pub struct Sim {
     /// (node, its stream) -> (peer node, peer's stream).
     links: HashMap<(usize, StreamId), (usize, StreamId)>,
     by_addr: HashMap<SocketAddr, usize>,
+    config: Config,
     /// Packets delivered so far.
     pub packets: u64,
     /// Bytes the members sent so far: datagram payloads (delivered or not) and stream bytes.
@@ -174,6 +175,7 @@ impl Sim {
             timers: BinaryHeap::new(),
             links: HashMap::new(),
             by_addr,
+            config,
             packets: 0,
             bytes_sent: 0,
         };
@@ -202,6 +204,32 @@ impl Sim {
                 .expect("join before leave");
             self.flush(i);
         }
+    }
+
+    /// Member `i` leaves gracefully: it gossips its own death, then stays up answering.
+    pub fn leave(&mut self, i: usize, timeout: Duration) {
+        let now = self.now;
+        self.nodes[i].core.leave(now, timeout);
+        self.flush(i);
+    }
+
+    /// Replaces member `i` by a fresh member called `name` at the same address, not yet
+    /// joined: a container replaced under a new name. Its old streams are cut.
+    pub fn replace(&mut self, i: usize, name: &str) {
+        self.links.retain(|(a, _), (b, _)| *a != i && *b != i);
+        let local = LocalNode::new(name, self.nodes[i].addr);
+        let core_rng = StdRng::seed_from_u64(self.rng.random());
+        let core = Memberlist::new(self.config.clone(), local, core_rng, self.now)
+            .expect("valid simulation config");
+        self.nodes[i] = SimNode {
+            core,
+            delegate: SimDelegate::new(name.to_owned()),
+            addr: self.nodes[i].addr,
+            running: true,
+            events: Vec::new(),
+            group: 0,
+        };
+        self.flush(i);
     }
 
     /// Stops member `i` dead: no more packets, streams or timers (a SIGKILL).

@@ -95,8 +95,9 @@ impl NodeTable {
         self.by_name.insert(entry.name.clone(), entry);
     }
 
-    /// Drops members dead for longer than `keep_dead` and reshuffles the probe order
-    /// (ml/state.go `resetNodes`). Never drops `local`.
+    /// Drops members dead or left for longer than `keep_dead` and reshuffles the probe order
+    /// (ml/state.go `resetNodes`, as memberlist does since it fixed `moveDeadNodes`; Debian's
+    /// 0.2.2 drops only dead ones, so left members piled up). Never drops `local`.
     pub(crate) fn reset(
         &mut self,
         now: Instant,
@@ -107,7 +108,7 @@ impl NodeTable {
         let by_name = &mut self.by_name;
         self.order.retain(|name| {
             let expired = by_name.get(name).is_some_and(|entry| {
-                entry.state == NodeState::Dead
+                entry.is_dead_or_left()
                     && entry.name != local
                     && now.saturating_duration_since(entry.state_change) > keep_dead
             });

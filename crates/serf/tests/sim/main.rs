@@ -261,3 +261,51 @@ fn user_broadcasts_and_user_state_pass_through_the_delegate() {
         "seed {seed}: user broadcasts did not reach all {n} members within 10 s"
     );
 }
+
+/// Container churn: a member joins under a new name, leaves, and is replaced, 1,000 times. Left
+/// members are dropped after `gossip_to_the_dead_time` (as memberlist does since it fixed
+/// `moveDeadNodes`), so the seed's table stays the size of what churned in the last half
+/// minute or so, not of everything that ever joined.
+#[test]
+fn left_members_are_reaped_so_churn_leaves_the_table_flat() {
+    let seed = seed(1000);
+    let config = Config::lan();
+    let keep_left = config.gossip_to_the_dead_time;
+    let mut sim = Sim::new(seed, 3, config, Net::default());
+    sim.join([1], 0);
+    let cycles = 1_000;
+    let mut largest = 0;
+    for cycle in 0..cycles {
+        let name = format!("churn-{cycle}");
+        sim.replace(2, &name);
+        sim.join([2], 0);
+        let joined = sim.run_until(secs(10), |sim| {
+            sim.view(0).get(&name) == Some(&NodeState::Alive)
+        });
+        assert!(joined.is_some(), "seed {seed}: {name} never joined");
+        sim.leave(2, secs(1));
+        let left = sim.run_until(secs(10), |sim| {
+            sim.view(0).get(&name) == Some(&NodeState::Left)
+        });
+        assert!(left.is_some(), "seed {seed}: {name} never left");
+        // The container is gone a moment later.
+        sim.run_for(secs(1));
+        sim.kill(2);
+        largest = largest.max(sim.view(0).len());
+    }
+    // Each cycle takes a few virtual seconds, so at most about keep_left / 2 s of left
+    // members are waiting to be dropped at any time.
+    let bound = 3 + (keep_left.as_secs() as usize) + 10;
+    assert!(
+        largest <= bound,
+        "seed {seed}: the seed's table grew to {largest} members over {cycles} cycles (bound {bound})"
+    );
+    sim.run_for(keep_left + secs(10));
+    let view = sim.view(0);
+    assert!(
+        view.len() <= 3,
+        "seed {seed}: after the churn the seed still holds {} members: {:?}",
+        view.len(),
+        view.keys().take(10).collect::<Vec<_>>()
+    );
+}
