@@ -281,11 +281,16 @@ impl Memberlist {
                 }
             }
             (_, StreamMessage::Err(err)) => {
-                self.fail_stream(stream, format!("peer error: {}", err.error));
+                // The peer's text is kept only in part: it ends up in join errors and logs.
+                let mut end = err.error.len().min(256);
+                while !err.error.is_char_boundary(end) {
+                    end -= 1;
+                }
+                self.fail_stream(stream, format!("peer error: {}", &err.error[..end]));
             }
             (purpose, message) => {
                 self.stats.stream_errors += 1;
-                debug!(peer = %peer, ?purpose, ?message, "unexpected stream message");
+                debug!(peer = %peer, ?purpose, kind = message.kind(), "unexpected stream message");
                 self.fail_stream(stream, "unexpected stream message".into());
             }
         }

@@ -82,9 +82,10 @@ impl SerfState {
                 self.config.tombstone_timeout,
                 self.config.recent_intent_timeout,
             );
+            let events_before = self.events.len();
             self.members
                 .reap(now, reconnect, tombstone, intents, &mut self.events);
-            self.forget_reaped();
+            self.forget_reaped(events_before);
         }
         if now >= self.next_reconnect {
             self.next_reconnect = now + self.config.reconnect_interval;
@@ -103,8 +104,9 @@ impl SerfState {
             self.next_queue_check = now + self.config.queue_check_interval;
             self.check_queue_depths();
         }
+        let events_before = self.events.len();
         self.members.run_prunes(now, &mut self.events);
-        self.forget_reaped();
+        self.forget_reaped(events_before);
         let mut expired = Vec::new();
         self.queries.expire(now, &mut expired);
         for event in expired {

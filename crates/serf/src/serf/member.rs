@@ -137,6 +137,11 @@ impl IntentOutcome {
     }
 }
 
+/// The most intents kept about nodes memberlist has not introduced yet (Go keeps them all for
+/// `recent_intent_timeout`; a peer could name millions). Past it, such intents are dropped:
+/// the node's status time then starts at its first intent after memberlist introduces it.
+pub(crate) const MAX_RECENT_INTENTS: usize = 16 * 1024;
+
 /// Serf's member table and member clock.
 #[derive(Debug)]
 pub(crate) struct Members {
@@ -171,6 +176,11 @@ impl Members {
 
     pub(crate) fn len(&self) -> usize {
         self.members.len()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn recent_intents(&self) -> usize {
+        self.recent_intents.len()
     }
 
     #[cfg(test)]
@@ -373,6 +383,10 @@ impl Members {
     ) -> bool {
         match self.recent_intents.get(node) {
             Some(existing) if ltime <= existing.ltime => false,
+            None if self.recent_intents.len() >= MAX_RECENT_INTENTS => {
+                tracing::debug!(node, "too many intents about unknown nodes, dropping one");
+                false
+            }
             _ => {
                 self.recent_intents.insert(
                     node.to_owned(),

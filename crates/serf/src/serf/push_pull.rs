@@ -2,10 +2,16 @@
 //! status times, left members, the three clocks and the recent user events, so that a member
 //! joining late learns what happened and does not replay old events.
 
+use std::collections::HashSet;
+
 use super::member::IntentOutcome;
 use super::state::SerfState;
 use super::LamportTime;
 use crate::wire::serf::{self as wire, SerfMessage};
+
+/// The most names merged from one push-pull's `StatusLTimes` and, separately, `LeftMembers`
+/// (memberlist's own bound on the nodes of one push-pull); a longer list is merged in part.
+pub(crate) const MAX_MERGED_NAMES: usize = crate::wire::stream::MAX_PUSH_NODES;
 
 impl SerfState {
     /// `02` + `messagePushPull` with our state.
@@ -71,7 +77,15 @@ impl SerfState {
                 .clock
                 .witness(LamportTime(remote.query_ltime - 1));
         }
-        for name in &remote.left_members {
+        // One pass over each list, at most MAX_MERGED_NAMES of each: a push-pull is merged
+        // on the gossip loop, so its cost must stay linear and bounded.
+        let left: HashSet<&str> = remote
+            .left_members
+            .iter()
+            .take(MAX_MERGED_NAMES)
+            .map(String::as_str)
+            .collect();
+        for name in remote.left_members.iter().take(MAX_MERGED_NAMES) {
             let status = remote.status_ltimes.get(name).copied().unwrap_or(0);
             let leave = wire::Leave {
                 ltime: status.saturating_add(1),
@@ -82,8 +96,8 @@ impl SerfState {
             let _: IntentOutcome = self.apply_leave_intent(&leave);
         }
         let now = self.now;
-        for (name, ltime) in &remote.status_ltimes {
-            if remote.left_members.contains(name) {
+        for (name, ltime) in remote.status_ltimes.iter().take(MAX_MERGED_NAMES) {
+            if left.contains(name.as_str()) {
                 continue;
             }
             self.members

@@ -11,6 +11,16 @@ use super::Event;
 
 pub use crate::wire::serf::Filter;
 
+/// The longest a query from another member stays open here, whatever its wire timeout says
+/// (the wire carries nanoseconds up to `i64::MAX`).
+pub(crate) const MAX_QUERY_TIMEOUT: Duration = Duration::from_secs(600);
+/// The most queries from other members open here at once; more are not delivered (they are
+/// still de-duplicated and gossiped on).
+pub(crate) const MAX_INBOUND_QUERIES: usize = 1024;
+/// The longest node name accepted as a query's source (Serf's own limit on node names is 128
+/// characters; this leaves room for older agents).
+pub(crate) const MAX_NODE_NAME_BYTES: usize = 512;
+
 /// Parameters of a query we send.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QueryParams {
@@ -214,12 +224,16 @@ impl Queries {
         }
     }
 
-    /// Remembers a query from someone else so the application can answer it.
-    pub(crate) fn add_inbound(&mut self, inbound: Inbound) -> ResponderId {
+    /// Remembers a query from someone else so the application can answer it; `None` when
+    /// [`MAX_INBOUND_QUERIES`] are open already.
+    pub(crate) fn add_inbound(&mut self, inbound: Inbound) -> Option<ResponderId> {
+        if self.inbound.len() >= MAX_INBOUND_QUERIES {
+            return None;
+        }
         let id = ResponderId(self.next_responder);
         self.next_responder += 1;
         self.inbound.insert(id, inbound);
-        id
+        Some(id)
     }
 
     pub(crate) fn inbound_mut(&mut self, id: ResponderId) -> Option<&mut Inbound> {

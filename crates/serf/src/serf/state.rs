@@ -13,7 +13,10 @@ use rand::seq::SliceRandom;
 use super::event::UserEvents;
 use super::layer::LeavePhase;
 use super::member::{IntentOutcome, Members, NodeInfo};
-use super::query::{should_process, Inbound, Queries, QueryHandle, ResponderId};
+use super::query::{
+    should_process, Inbound, Queries, QueryHandle, ResponderId, MAX_NODE_NAME_BYTES,
+    MAX_QUERY_TIMEOUT,
+};
 use super::{internal, Config, Error, Event, LamportTime, MemberStatus, Query, UserEvent};
 use crate::coordinate;
 use crate::memberlist::{BroadcastQueue, BroadcastToken, Delegate, JoinId, Node};
@@ -160,6 +163,7 @@ impl SerfState {
     pub(crate) fn apply_leave_intent(&mut self, leave: &wire::Leave) -> IntentOutcome {
         let prune_delay = self.config.broadcast_timeout + self.config.leave_propagate_delay;
         let local_alive = self.lifecycle == Lifecycle::Alive;
+        let events_before = self.events.len();
         let outcome = self.members.handle_leave_intent(
             self.now,
             LamportTime(leave.ltime),
@@ -173,13 +177,14 @@ impl SerfState {
             let ltime = self.members.clock.time();
             self.broadcast_join(ltime);
         }
-        self.forget_reaped();
+        self.forget_reaped(events_before);
         outcome
     }
 
-    /// Drops coordinates of members that were just reaped.
-    pub(crate) fn forget_reaped(&mut self) {
-        for event in &self.events {
+    /// Drops coordinates of members that were just reaped: those of the reap events from
+    /// index `from` of the pending events on.
+    pub(crate) fn forget_reaped(&mut self, from: usize) {
+        for event in self.events.iter().skip(from) {
             if let Event::MemberReap(member) = event {
                 if let Some(client) = &mut self.coordinates {
                     client.forget_node(&member.name);
@@ -209,6 +214,13 @@ impl SerfState {
             return false;
         }
         let rebroadcast = query.flags & QUERY_FLAG_NO_BROADCAST == 0;
+        if query.source_node.len() > MAX_NODE_NAME_BYTES {
+            tracing::debug!(
+                len = query.source_node.len(),
+                "query source name too long, dropped"
+            );
+            return false;
+        }
         let mut filters = Vec::with_capacity(query.filters.len());
         for raw in &query.filters {
             match Filter::decode(raw) {
@@ -239,17 +251,22 @@ impl SerfState {
             self.sends.push((reply_to, raw.clone()));
             self.relay(query.relay_factor, reply_to, &query.source_node, raw);
         }
-        let deadline = self.now + query.timeout;
-        let responder = self.queries.add_inbound(Inbound {
+        // The wire allows centuries; nobody waits that long for an answer.
+        let timeout = query.timeout.min(MAX_QUERY_TIMEOUT);
+        let deadline = self.now + timeout;
+        let Some(responder) = self.queries.add_inbound(Inbound {
             ltime,
             id: query.id,
             reply_to,
             source_node: query.source_node.clone(),
             relay_factor: query.relay_factor,
             deadline,
-            forget_at: deadline + query.timeout,
+            forget_at: deadline + timeout,
             responded: false,
-        });
+        }) else {
+            tracing::debug!(name = %query.name, "too many open queries, not delivered");
+            return rebroadcast;
+        };
         let delivered = Query {
             id: responder,
             ltime,

@@ -769,3 +769,95 @@ fn key_queries_change_the_shared_keyring_with_gos_answers() {
     assert_eq!(ring.keys().count(), 60);
     assert!(!ring.keys().any(|key| key == [0; 16]));
 }
+
+#[test]
+fn the_event_ring_is_bounded_in_size_count_and_bytes() {
+    use super::event::{MAX_RING_BYTES, MAX_SLOT_EVENTS};
+    let mut buffer = UserEvents::new(512);
+    let mut events = Vec::new();
+    // Larger than Go lets anyone send: dropped.
+    let huge = vec![0; crate::serf::config::USER_EVENT_SIZE_HARD_LIMIT];
+    assert!(!buffer.handle(user_event(1, "x", &huge), &mut events));
+    // Many distinct events forged at one time: the slot keeps MAX_SLOT_EVENTS.
+    let kept = (0..1_000)
+        .filter(|i| buffer.handle(user_event(2, &format!("e{i}"), b""), &mut events))
+        .count();
+    assert_eq!(kept, MAX_SLOT_EVENTS);
+    // 8 KiB events at every time: the ring stops at MAX_RING_BYTES...
+    let payload = vec![7; 8 * 1024];
+    let delivered = (3..600)
+        .filter(|t| buffer.handle(user_event(*t, "big", &payload), &mut events))
+        .count();
+    let held: usize = buffer
+        .ring()
+        .iter()
+        .flatten()
+        .flat_map(|slot| &slot.events)
+        .map(|(name, payload)| name.len() + payload.len())
+        .sum();
+    assert!(held <= MAX_RING_BYTES, "{held}");
+    assert!(delivered < 600 - 3 && delivered > 100, "{delivered}");
+    // ... and so does the push-pull that carries it.
+    let mut state = state("me");
+    state.user_events = buffer;
+    assert!(state.encode_local_state(false).len() < MAX_RING_BYTES + 64 * 1024);
+}
+
+#[test]
+fn queries_from_others_are_clamped_and_capped() {
+    use super::query::{MAX_INBOUND_QUERIES, MAX_QUERY_TIMEOUT};
+    let mut serf = state("me");
+    let query = |ltime: u64, timeout: Duration, source: &str| wire::Query {
+        ltime,
+        id: ltime as u32,
+        addr: vec![127, 0, 0, 2],
+        port: 7946,
+        source_node: source.to_owned(),
+        filters: Vec::new(),
+        flags: 0,
+        relay_factor: 0,
+        timeout,
+        name: "q".to_owned(),
+        payload: Vec::new(),
+    };
+    // i64::MAX nanoseconds on the wire (292 years): open for MAX_QUERY_TIMEOUT at most.
+    serf.apply_query(&query(1, Duration::from_nanos(i64::MAX as u64), "peer"));
+    let Some(Event::Query(delivered)) = serf.events.pop() else {
+        panic!("query not delivered: {:?}", serf.events);
+    };
+    assert_eq!(delivered.deadline, serf.now + MAX_QUERY_TIMEOUT);
+    assert!(serf.queries.next_deadline() <= Some(serf.now + 2 * MAX_QUERY_TIMEOUT));
+    // A source name no agent would have: dropped, not gossiped on.
+    assert!(!serf.apply_query(&query(2, Duration::from_secs(1), &"n".repeat(100_000))));
+    assert!(serf.events.is_empty());
+    // Thousands of open queries: at most MAX_INBOUND_QUERIES are delivered and remembered.
+    let delivered = (3..5_000)
+        .filter(|ltime| {
+            serf.apply_query(&query(*ltime, HOUR, "peer"));
+            serf.events.pop().is_some()
+        })
+        .count();
+    assert_eq!(delivered, MAX_INBOUND_QUERIES - 1);
+}
+
+#[test]
+fn a_huge_push_pull_is_merged_in_part_and_intents_stay_bounded() {
+    use super::member::MAX_RECENT_INTENTS;
+    use super::push_pull::MAX_MERGED_NAMES;
+    use crate::wire::serf::{PushPull, SerfMessage};
+    let names = MAX_MERGED_NAMES + 1_000;
+    let remote = PushPull {
+        ltime: 10,
+        status_ltimes: (0..names).map(|i| (format!("ghost-{i}"), 3)).collect(),
+        left_members: (0..names)
+            .step_by(2)
+            .map(|i| format!("ghost-{i}"))
+            .collect(),
+        ..PushPull::default()
+    };
+    let encoded = SerfMessage::PushPull(remote).encode();
+    let mut serf = state("me");
+    serf.merge_state(&encoded, false);
+    assert_eq!(serf.members.recent_intents(), MAX_RECENT_INTENTS);
+    assert_eq!(serf.members.len(), 0);
+}
