@@ -85,8 +85,16 @@ use timer::{Timer, Timers};
 
 use crate::wire::DecodeError;
 
-/// The largest node meta Go accepts (`MetaMaxSize`).
+/// The largest node meta Go accepts (`MetaMaxSize`); an alive message with more is ignored.
 pub const META_MAX_SIZE: usize = 512;
+/// The longest node name accepted from a peer (Serf validates names to 128 characters when
+/// asked to, a host name has at most 253; memberlist sets no limit, so a peer could name a
+/// node with 60 KiB).
+pub const MAX_NODE_NAME_BYTES: usize = 256;
+/// The most nodes the table holds, alive or not; alive messages about further new nodes are
+/// ignored. With names and meta bounded too, nodes forged by a peer cost at most some tens of
+/// MiB, and a cluster of this size is far beyond one LAN gossip pool of sidecars.
+pub const MAX_NODES: usize = 1 << 14;
 
 /// A member's incarnation number: bumped by the member itself to refute suspicion or to
 /// publish new meta. Never 0 for a live member.

@@ -12,7 +12,7 @@ use super::suspicion::Suspicion;
 use super::timer::Timer;
 use super::{
     ip_from_bytes, suspicion_timeout, Event, Incarnation, Memberlist, Node, NodeState, Vsn,
-    LEAVE_TOKEN,
+    LEAVE_TOKEN, MAX_NODES, MAX_NODE_NAME_BYTES, META_MAX_SIZE,
 };
 use crate::wire::memberlist::{Alive, Dead, Message, Suspect};
 
@@ -169,6 +169,14 @@ impl Memberlist {
                 return;
             }
         }
+        if alive.node.len() > MAX_NODE_NAME_BYTES || alive.meta.len() > META_MAX_SIZE {
+            debug!(
+                name_len = alive.node.len(),
+                meta_len = alive.meta.len(),
+                "ignoring alive with an oversized name or meta"
+            );
+            return;
+        }
         let Some(ip) = ip_from_bytes(&alive.addr) else {
             debug!(node = %alive.node, addr = ?alive.addr, "ignoring alive with a bad address");
             return;
@@ -182,6 +190,10 @@ impl Memberlist {
             None => {
                 if alive.incarnation == 0 {
                     debug!(node = %alive.node, "ignoring alive with incarnation 0");
+                    return;
+                }
+                if self.nodes.len() >= MAX_NODES {
+                    debug!(node = %alive.node, "node table full, ignoring a new node");
                     return;
                 }
                 let entry = Entry {

@@ -1145,3 +1145,43 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn forged_nodes_are_bounded_in_count_name_and_meta() {
+    let now = Instant::now();
+    let mut memberlist = core(now);
+    let peer = addr(2);
+    // An oversized name or meta is ignored.
+    let mut long_name = alive(&"n".repeat(MAX_NODE_NAME_BYTES + 1), 3, 1, 5);
+    feed(
+        &mut memberlist,
+        now,
+        peer,
+        Message::Alive(long_name.clone()),
+    );
+    long_name.node = "ok-name".into();
+    long_name.meta = vec![0; META_MAX_SIZE + 1];
+    feed(&mut memberlist, now, peer, Message::Alive(long_name));
+    assert_eq!(memberlist.num_members(), 1);
+    // More new nodes than the table holds: it stops at MAX_NODES.
+    for i in 0..MAX_NODES + 100 {
+        feed(
+            &mut memberlist,
+            now,
+            peer,
+            Message::Alive(alive(&format!("forged-{i}"), 3, 1, 5)),
+        );
+        while memberlist.poll_event().is_some() {}
+    }
+    assert_eq!(memberlist.num_members(), MAX_NODES);
+    // A node already known is still updated.
+    feed(
+        &mut memberlist,
+        now,
+        peer,
+        Message::Alive(alive("forged-7", 3, 2, 5)),
+    );
+    assert!(memberlist
+        .members()
+        .any(|node| node.name == "forged-7" && node.incarnation == Incarnation(2)));
+}

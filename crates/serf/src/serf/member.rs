@@ -15,6 +15,7 @@ use rand::Rng;
 
 use super::lamport::{LamportClock, LamportTime};
 use super::Event;
+use crate::memberlist::MAX_NODES;
 
 /// A member's status as Serf reports it (`serf members`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -140,7 +141,12 @@ impl IntentOutcome {
 /// The most intents kept about nodes memberlist has not introduced yet (Go keeps them all for
 /// `recent_intent_timeout`; a peer could name millions). Past it, such intents are dropped:
 /// the node's status time then starts at its first intent after memberlist introduces it.
-pub(crate) const MAX_RECENT_INTENTS: usize = 16 * 1024;
+pub(crate) const MAX_RECENT_INTENTS: usize = 1024;
+
+/// The most members the table holds. memberlist holds at most [`MAX_NODES`] at a time, but
+/// Serf keeps failed and left members for a day; when full, the oldest of those are reaped
+/// early, so a peer forging nodes cannot grow the table past this.
+pub(crate) const MAX_MEMBERS: usize = 2 * MAX_NODES;
 
 /// Serf's member table and member clock.
 #[derive(Debug)]
@@ -220,6 +226,13 @@ impl Members {
         node: NodeInfo,
         events: &mut Vec<Event>,
     ) {
+        if !self.members.contains_key(&node.name) && self.members.len() >= MAX_MEMBERS {
+            self.evict_oldest_gone(events);
+            if self.members.len() >= MAX_MEMBERS {
+                tracing::debug!(node = %node.name, "member table full of live members, ignoring a join");
+                return;
+            }
+        }
         let member = match self.members.get_mut(&node.name) {
             None => {
                 let mut state = MemberState {
@@ -259,6 +272,23 @@ impl Members {
         };
         tracing::debug!(node = %member.member.name, addr = %member.member.addr, "member join");
         events.push(Event::MemberJoin(member.member.clone()));
+    }
+
+    /// Makes room in a full table: reaps the tenth of failed and left members that went
+    /// longest ago (early, as a reap would later), so the next joins need no scan each.
+    fn evict_oldest_gone(&mut self, events: &mut Vec<Event>) {
+        let mut gone: Vec<(Instant, String)> = self
+            .members
+            .values()
+            .filter_map(|state| Some((state.leave_time?, state.member.name.clone())))
+            .collect();
+        gone.sort_unstable();
+        for (_, name) in gone.into_iter().take((MAX_MEMBERS / 10).max(1)) {
+            if let Some(state) = self.members.remove(&name) {
+                tracing::debug!(node = %name, status = %state.member.status, "member reap (table full)");
+                events.push(Event::MemberReap(state.member));
+            }
+        }
     }
 
     /// memberlist reports a node dead (`left` is memberlist's view: dead from itself, which

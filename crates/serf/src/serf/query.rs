@@ -17,9 +17,6 @@ pub(crate) const MAX_QUERY_TIMEOUT: Duration = Duration::from_secs(600);
 /// The most queries from other members open here at once; more are not delivered (they are
 /// still de-duplicated and gossiped on).
 pub(crate) const MAX_INBOUND_QUERIES: usize = 1024;
-/// The longest node name accepted as a query's source (Serf's own limit on node names is 128
-/// characters; this leaves room for older agents).
-pub(crate) const MAX_NODE_NAME_BYTES: usize = 512;
 
 /// Parameters of a query we send.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

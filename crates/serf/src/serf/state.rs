@@ -13,12 +13,10 @@ use rand::seq::SliceRandom;
 use super::event::UserEvents;
 use super::layer::LeavePhase;
 use super::member::{IntentOutcome, Members, NodeInfo};
-use super::query::{
-    should_process, Inbound, Queries, QueryHandle, ResponderId, MAX_NODE_NAME_BYTES,
-    MAX_QUERY_TIMEOUT,
-};
+use super::query::{should_process, Inbound, Queries, QueryHandle, ResponderId, MAX_QUERY_TIMEOUT};
 use super::{internal, Config, Error, Event, LamportTime, MemberStatus, Query, UserEvent};
 use crate::coordinate;
+use crate::memberlist::MAX_NODE_NAME_BYTES;
 use crate::memberlist::{BroadcastQueue, BroadcastToken, Delegate, JoinId, Node};
 use crate::wire::serf::{
     self as wire, Filter, SerfMessage, QUERY_FLAG_ACK, QUERY_FLAG_NO_BROADCAST,

@@ -861,3 +861,31 @@ fn a_huge_push_pull_is_merged_in_part_and_intents_stay_bounded() {
     assert_eq!(serf.members.recent_intents(), MAX_RECENT_INTENTS);
     assert_eq!(serf.members.len(), 0);
 }
+
+#[test]
+fn a_full_member_table_reaps_its_oldest_gone_members_first() {
+    use super::member::MAX_MEMBERS;
+    let mut clock = Clock::new();
+    let mut members = Members::new("me");
+    let mut events = Vec::new();
+    for i in 0..MAX_MEMBERS {
+        let now = clock.advance(Duration::from_millis(1));
+        members.handle_node_join(now, node(&format!("n{i}")), &mut events);
+        if i % 2 == 0 {
+            members.handle_node_leave(now, &format!("n{i}"), &mut events);
+        }
+    }
+    events.clear();
+    let now = clock.advance(Duration::from_millis(1));
+    members.handle_node_join(now, node("newcomer"), &mut events);
+    assert_eq!(status(&members, "newcomer"), Some(MemberStatus::Alive));
+    assert!(members.len() <= MAX_MEMBERS);
+    // The first reaped are the ones failed longest ago; live members stay.
+    assert_eq!(kinds(&events[..1]), ["reap n0"]);
+    assert!(status(&members, "n0").is_none());
+    assert_eq!(status(&members, "n1"), Some(MemberStatus::Alive));
+    assert_eq!(
+        status(&members, &format!("n{}", MAX_MEMBERS - 2)),
+        Some(MemberStatus::Failed)
+    );
+}

@@ -37,8 +37,10 @@ pub const CRC_OVERHEAD: usize = 5;
 /// The most parts a compound can hold.
 pub const MAX_COMPOUND_PARTS: usize = 255;
 /// The most bytes one UDP packet may decompress to, all its compressed parts together (a
-/// 64 KiB packet of compound parts, each a bomb, would otherwise expand once per part).
-pub const MAX_DECOMPRESSED_PACKET: usize = 1 << 20;
+/// 64 KiB packet of compound parts, each a bomb, would otherwise expand once per part). A
+/// sender compresses a message only to fit it in one datagram, and no Serf message comes near
+/// this: it bounds the work a forged packet can cost.
+pub const MAX_DECOMPRESSED_PACKET: usize = 128 * 1024;
 /// How deeply wrappers may nest in one packet.
 const MAX_NESTING: usize = 4;
 
@@ -509,7 +511,12 @@ fn decode_nested(
                 *budget -= inner.len();
                 decode_nested(&inner, out, depth + 1, budget, first_error);
             }
-            Err(error) => record(first_error, error),
+            Err(error) => {
+                // What it decoded before failing cost as much: nothing more of this packet
+                // is decompressed.
+                *budget = 0;
+                record(first_error, error);
+            }
         },
         kind::COMPOUND => {
             let Some((&count, rest)) = body.split_first() else {
