@@ -9,6 +9,7 @@ mod etcd;
 mod faults;
 mod health;
 mod health_check;
+mod hostile;
 mod proxy;
 mod rpc_cli;
 mod soak;

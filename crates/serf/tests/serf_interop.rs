@@ -489,3 +489,70 @@ fn force_leave_stats_and_coordinates_on_the_handle() {
         .block_on(member.handle.force_leave("nobody", false))
         .expect("force-leave of an unknown node");
 }
+
+/// Left members are dropped from memberlist's table after `gossip_to_the_dead_time`, as
+/// current memberlist does; Debian's agents (memberlist 0.2.2) keep them and still send them
+/// as left in every push-pull. The dropped node must not come back as a member: memberlist
+/// ignores news of the death of a node it does not know, and Serf keeps it `left` for its
+/// tombstone time.
+#[test]
+fn a_reaped_left_member_stays_gone_while_real_agents_still_gossip_it() {
+    let seed = SerfAgent::start("agent-reap-seed", loopback(40), &[]);
+    let ip = loopback(41);
+    let config = Config {
+        node_name: "native-reap".to_owned(),
+        ..Config::default()
+    };
+    let member = Native::start_tuned(
+        config,
+        SocketAddr::from((ip, free_port(ip))),
+        None,
+        |memberlist| {
+            memberlist.gossip_to_the_dead_time = Duration::from_secs(2);
+            memberlist.push_pull_interval = Duration::from_secs(2);
+        },
+    );
+    join(&member, &seed);
+    let leaver = SerfAgent::start(
+        "agent-reap-leaver",
+        loopback(42),
+        &[&format!("-join={}", seed.bind)],
+    );
+    let serf_status = |name: &str| {
+        member
+            .members()
+            .into_iter()
+            .find(|m| m.name == name)
+            .map(|m| m.status.to_string())
+    };
+    eventually(DEADLINE, "the native member sees the leaver alive", || {
+        (serf_status(&leaver.name).as_deref() == Some("alive")).then_some(())
+    });
+    let output = leaver.cli(&["leave"]);
+    assert!(output.status.success(), "serf leave: {output:?}");
+    eventually(DEADLINE, "the native member sees the leaver left", || {
+        (serf_status(&leaver.name).as_deref() == Some("left")).then_some(())
+    });
+    let table = || {
+        member
+            .block_on(member.handle.memberlist_nodes())
+            .expect("the driver runs")
+    };
+    let reaped_after = eventually(DEADLINE, "memberlist drops the left node", || {
+        let (nodes, stats) = table();
+        (!nodes.iter().any(|node| node.name == leaver.name)).then_some(stats.merges)
+    });
+    // The seed, a 0.2.2 agent, still has it (as left) in what it sends us.
+    assert!(seed.members_json().contains(&leaver.name));
+    // Two more push-pulls with the seed carry it; it stays out of memberlist and left in Serf.
+    eventually(DEADLINE, "two more push-pulls with the seed", || {
+        let (nodes, stats) = table();
+        assert!(
+            !nodes.iter().any(|node| node.name == leaver.name),
+            "the reaped node came back: {nodes:?}"
+        );
+        (stats.merges >= reaped_after + 2).then_some(())
+    });
+    assert_eq!(serf_status(&leaver.name).as_deref(), Some("left"));
+    assert_eq!(serf_status(&seed.name).as_deref(), Some("alive"));
+}

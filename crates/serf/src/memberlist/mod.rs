@@ -376,9 +376,11 @@ pub struct NoDelegate;
 
 impl Delegate for NoDelegate {}
 
-/// Counters of what was dropped or refused.
+/// Counters of push-pulls merged, and of what was dropped or refused.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
+    /// Remote push-pull states merged (both directions).
+    pub merges: u64,
     /// Packets (or compound parts) that did not decode.
     pub packet_decode_errors: u64,
     /// Stream messages that did not decode, or came unexpected.

@@ -427,6 +427,7 @@ impl Memberlist {
         if !remote.user_state.is_empty() {
             delegate.merge_remote_state(&remote.user_state, remote.join);
         }
+        self.stats.merges += 1;
         Ok(())
     }
 

@@ -461,6 +461,17 @@ impl Handle {
             .await?)
     }
 
+    /// memberlist's table (alive, suspect, dead and left nodes not yet dropped) and counters:
+    /// what the member knows below the Serf layer, for diagnostics and tests.
+    pub async fn memberlist_nodes(
+        &self,
+    ) -> Result<(Vec<crate::memberlist::Node>, crate::memberlist::Stats), Error> {
+        Ok(self
+            .inner
+            .with(|memberlist, _, _| (memberlist.members().collect(), memberlist.stats().clone()))
+            .await?)
+    }
+
     /// Stops the member without leaving (peers will see it fail).
     pub fn shutdown(&self) {
         self.inner.shutdown();

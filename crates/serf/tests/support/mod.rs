@@ -29,6 +29,16 @@ impl Native {
         addr: SocketAddr,
         keyring: Option<serf::wire::crypto::SharedKeyring>,
     ) -> Self {
+        Self::start_tuned(config, addr, keyring, |_| {})
+    }
+
+    /// [`Native::start_with`], with memberlist's tunables changed by `tune`.
+    pub(crate) fn start_tuned(
+        config: Config,
+        addr: SocketAddr,
+        keyring: Option<serf::wire::crypto::SharedKeyring>,
+        tune: impl FnOnce(&mut serf::memberlist::Config),
+    ) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -37,6 +47,7 @@ impl Native {
         let mut options = serf::driver::Options::new(config.node_name.clone(), addr);
         options.seed = Some(u64::from(addr.port()));
         options.keyring = keyring;
+        tune(&mut options.config);
         let (handle, events) = runtime
             .block_on(driver::start(config, options))
             .expect("starting the member");
