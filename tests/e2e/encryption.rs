@@ -1,7 +1,8 @@
 //! Gossip encryption through the binary: `amb-serf agent --encrypt`/`--keyring-file` in a
 //! cluster with Debian's `serf agent -encrypt`, key rotation with the real `serf keys` against
-//! amb-serf's RPC, bad keys rejected with exit 2 (never echoing the key), and the warning for
-//! an RPC address beyond loopback without `--rpc-auth`.
+//! amb-serf's RPC, bad keys rejected with exit 2 (never echoing the key), the warning for
+//! an RPC address beyond loopback without `--rpc-auth`, and a wrong RPC auth key refused and
+//! logged.
 
 use std::net::SocketAddr;
 use std::process::Output;
@@ -249,6 +250,29 @@ fn rpc_beyond_loopback_without_auth_is_warned_about() {
         amb.log().contains("rpc server listening").then_some(())
     });
     assert!(!amb.log().contains("without --rpc-auth"), "{}", amb.log());
+}
+
+#[test]
+fn wrong_rpc_auth_is_refused_and_logged_with_the_peer_not_the_key() {
+    let amb = AmbAgent::start("amb-authlog", 68, &["--rpc-auth", "s3cret"]);
+    let output = amb.serf(&["members", "-rpc-auth=n0pe-guess"]);
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stdout)
+            .contains("Error connecting to Serf agent: Invalid authentication token"),
+        "{output:?}"
+    );
+    let line = eventually(DEADLINE, "the failure is logged", || {
+        amb.log()
+            .lines()
+            .find(|line| line.contains("wrong auth key"))
+            .map(str::to_owned)
+    });
+    assert!(line.contains(r#""level":"WARN""#), "{line}");
+    assert!(line.contains(r#""peer":"127.0.0.1:"#), "{line}");
+    assert!(!amb.log().contains("n0pe-guess"), "{}", amb.log());
+    let listing = ok(&amb.serf(&["members", "-rpc-auth=s3cret"]), "members");
+    assert!(listing.contains("amb-authlog "), "{listing}");
 }
 
 impl AmbAgent {

@@ -125,7 +125,10 @@ pub struct Stats {
     pub active: AtomicUsize,
     /// Connections and sessions opened since start.
     pub accepted: AtomicU64,
-    /// Clients closed at once because `max_connections` was reached.
+    /// UDP sessions open or opening (part of `active`), under [`udp::session_limit`].
+    pub udp_sessions: AtomicUsize,
+    /// Clients closed at once because `max_connections` (or for UDP, the session limit) was
+    /// reached.
     pub rejected: AtomicU64,
     /// Upstream connections that failed (refused, timed out, unresolvable).
     pub upstream_failures: AtomicU64,
@@ -143,6 +146,7 @@ impl Stats {
             max_connections,
             active: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
+            udp_sessions: AtomicUsize::new(0),
             rejected: AtomicU64::new(0),
             upstream_failures: AtomicU64::new(0),
             bytes_to_upstream: AtomicU64::new(0),

@@ -3,14 +3,27 @@
 //! The listening socket receives from every client; the first datagram from a new address
 //! opens a session (an unbound socket connected to the target) whose task sends the replies
 //! back from the listening socket, so the client sees them come from the address it used.
-//! Datagrams are never queued: if a socket buffer is full the datagram is dropped, as UDP
-//! would drop it anyway. A host-name target is resolved when a session opens; the receive loop
-//! waits for that lookup, bounded by the connect timeout.
+//! Datagrams are never queued and the receive loop never waits on one client: if a socket
+//! buffer is full the datagram is dropped, as UDP would drop it anyway.
+//!
+//! Opening a session never blocks the receive loop. For an IP target the socket is made and
+//! the first datagram sent at once (a few syscalls that never wait). A host-name target is resolved for each new
+//! session in a task of its own, bounded by the connect timeout, carrying only the client's
+//! first datagram; what else that client sends before the name has resolved is dropped. At
+//! most [`MAX_OPENING`] sessions per listener resolve at once.
+//!
+//! Sessions of every UDP listener of the process together stay below [`session_limit`]: half
+//! the open-file limit read at bind time, less [`FD_RESERVE`], and never more than
+//! [`MAX_SESSIONS`]. A new client past it (or past the shared connection limit) is dropped
+//! and counted as rejected, logged at most once a second; the process never runs out of
+//! descriptors because of UDP clients.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,7 +31,7 @@ use tokio::net::UdpSocket;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use crate::link_env::{Host, Target};
 use crate::tcp::RateLimit;
@@ -27,10 +40,83 @@ use crate::{Error, Permit, Stats};
 /// The largest UDP payload.
 const MAX_DATAGRAM: usize = 65_536;
 
+/// UDP sessions of the whole process at most, whatever the open-file limit: each is a socket,
+/// a task and a map entry.
+pub const MAX_SESSIONS: usize = 65_536;
+
+/// Descriptors never given to UDP sessions: listeners, the member's sockets, stdio, files.
+pub const FD_RESERVE: u64 = 64;
+
+/// Sessions of one listener whose target name is being resolved. Each holds its client's
+/// first datagram: at most 256 × 64 KiB = 16 MiB.
+pub const MAX_OPENING: usize = 256;
+
 thread_local! {
     /// Replies are read into the worker thread's buffer, never into one per session.
     static REPLY_BUFFER: RefCell<Box<[u8]>> =
         RefCell::new(vec![0; MAX_DATAGRAM].into_boxed_slice());
+}
+
+/// UDP sessions allowed under a soft open-file limit of `open_files` (`None`: unlimited).
+/// Half of what is left after [`FD_RESERVE`]: the other half is for TCP connections, which
+/// take two descriptors each.
+pub fn session_limit(open_files: Option<u64>) -> usize {
+    match open_files {
+        None => MAX_SESSIONS,
+        Some(limit) => {
+            let half = limit.saturating_sub(FD_RESERVE) / 2;
+            usize::try_from(half).map_or(MAX_SESSIONS, |half| half.min(MAX_SESSIONS))
+        }
+    }
+}
+
+/// The soft open-file limit, from `/proc/self/limits` (no `unsafe` for `getrlimit`); `None`
+/// if unlimited or unknown.
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    parse_open_files_limit(&limits)
+}
+
+/// The soft limit of the `Max open files` row of a `/proc/<pid>/limits` text.
+fn parse_open_files_limit(limits: &str) -> Option<u64> {
+    let row = limits
+        .lines()
+        .find_map(|line| line.strip_prefix("Max open files"))?;
+    row.split_whitespace().next()?.parse().ok()
+}
+
+/// Turns a target host name and port into the address a new session sends to.
+type ResolveFn = dyn Fn(String, u16) -> Pin<Box<dyn Future<Output = std::io::Result<SocketAddr>> + Send>>
+    + Send
+    + Sync;
+
+/// The system resolver, or a test's.
+#[derive(Clone)]
+struct Resolver(Arc<ResolveFn>);
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Resolver")
+    }
+}
+
+impl Resolver {
+    fn system() -> Self {
+        Self(Arc::new(|name, port| Box::pin(resolve(name, port))))
+    }
+}
+
+/// The first address of `name` (the system resolver: `/etc/hosts`, then DNS).
+async fn resolve(name: String, port: u16) -> std::io::Result<SocketAddr> {
+    tokio::net::lookup_host((name.as_str(), port))
+        .await?
+        .next()
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{name} has no address"),
+            )
+        })
 }
 
 /// A bound UDP socket and the target its datagrams go to.
@@ -41,6 +127,9 @@ pub struct UdpForwarder {
     target: Target,
     idle_timeout: Duration,
     resolve_timeout: Duration,
+    /// Sessions of the process this listener may bring the count to ([`session_limit`]).
+    session_limit: usize,
+    resolver: Resolver,
     stats: Arc<Stats>,
 }
 
@@ -50,11 +139,26 @@ struct Session {
     last_active: AtomicU64,
 }
 
-type Sessions = Arc<Mutex<HashMap<SocketAddr, Arc<Session>>>>;
+/// A client's place in the session map.
+enum Entry {
+    /// The target's name is being resolved; the client's datagrams are dropped meanwhile.
+    Opening,
+    Open(Arc<Session>),
+}
+
+type Sessions = Arc<Mutex<HashMap<SocketAddr, Entry>>>;
+
+/// What the receive loop does with one datagram.
+enum Route {
+    Send(Arc<Session>),
+    Drop,
+    New,
+}
 
 impl UdpForwarder {
     /// Binds `listen`. Sessions close after `idle_timeout` without traffic; resolving a host
-    /// name for a new session may take up to `resolve_timeout`.
+    /// name for a new session may take up to `resolve_timeout`. The session limit is taken
+    /// from the open-file limit now.
     pub async fn bind(
         listen: SocketAddr,
         target: Target,
@@ -75,6 +179,8 @@ impl UdpForwarder {
             target,
             idle_timeout,
             resolve_timeout,
+            session_limit: session_limit(open_files_limit()),
+            resolver: Resolver::system(),
             stats,
         })
     }
@@ -82,6 +188,11 @@ impl UdpForwarder {
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The most UDP sessions (of every listener of the process) this one opens up to.
+    pub fn session_limit(&self) -> usize {
+        self.session_limit
     }
 
     /// Forwards datagrams until `shutdown` is cancelled; session tasks run on `tasks`.
@@ -93,7 +204,9 @@ impl UdpForwarder {
         let state = State {
             epoch: Instant::now(),
             sessions: Arc::default(),
-            failures: RateLimit::per_second(),
+            opening: Arc::new(AtomicUsize::new(0)),
+            failures: Arc::new(RateLimit::per_second()),
+            rejections: RateLimit::per_second(),
             tasks,
             shutdown,
         };
@@ -120,80 +233,135 @@ impl UdpForwarder {
                     continue;
                 }
             };
-            let Some(session) = self.session_for(client, &state).await else {
-                continue;
-            };
-            // A new socket is not known to be writable until the reactor says so: wait for
-            // that instead of dropping the first datagram of every session.
-            match session.upstream.send(&buffer[..len]).await {
-                Ok(sent) => {
-                    self.stats
-                        .bytes_to_upstream
-                        .fetch_add(sent as u64, Ordering::Relaxed);
-                }
-                Err(error) => {
-                    debug!(%listen, %target, %client, %error, "dropping datagram to upstream")
-                }
+            let datagram = &buffer[..len];
+            match route(client, &state) {
+                Route::Send(session) => send_upstream(&session, datagram, client, &self.stats),
+                Route::Drop => trace!(%listen, %client, "dropping datagram, session opening"),
+                Route::New => self.open(client, datagram, &state),
             }
         }
         info!(%listen, %target, "stopped receiving");
     }
 
-    /// The session of `client`, touched; or a new one; or `None` (limit reached, upstream
-    /// unavailable) and the datagram is dropped.
-    async fn session_for(&self, client: SocketAddr, state: &State) -> Option<Arc<Session>> {
-        let now_ms = state.epoch.elapsed().as_millis() as u64;
-        {
-            let map = state.sessions.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(session) = map.get(&client) {
-                // Touched under the lock, so expiry (also under the lock) sees it.
-                session.last_active.store(now_ms, Ordering::Relaxed);
-                return Some(Arc::clone(session));
-            }
-        }
-        let Some(permit) = self.stats.try_acquire() else {
-            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-            return None;
-        };
-        let upstream = match open_upstream(&self.target, self.resolve_timeout).await {
-            Ok(upstream) => upstream,
-            Err(error) => {
-                self.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
-                if let Some(suppressed) = state.failures.allow() {
-                    warn!(
-                        listen = %self.local_addr,
-                        target = %self.target,
-                        %error,
-                        suppressed,
-                        "upstream unavailable, dropping datagram"
-                    );
+    /// Opens a session for `client` whose first datagram is `datagram`, without waiting: at
+    /// once for an IP target, in a task for a host name. Drops the datagram past a limit.
+    fn open(&self, client: SocketAddr, datagram: &[u8], state: &State) {
+        let opening = match &self.target.host {
+            Host::Ip(_) => None,
+            Host::Name(_) => match OpeningSlot::acquire(&state.opening) {
+                Some(slot) => Some(slot),
+                None => {
+                    self.reject(client, "too many sessions resolving the target", state);
+                    return;
                 }
-                return None;
-            }
+            },
         };
-        let session = Arc::new(Session {
-            upstream,
-            last_active: AtomicU64::new(now_ms),
-        });
-        state
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(client, Arc::clone(&session));
-        debug!(listen = %self.local_addr, %client, "session opened");
-        let replies = Replies {
-            session: Arc::clone(&session),
+        let Some(slot) = SessionSlot::acquire(&self.stats, self.session_limit) else {
+            self.reject(client, "session limit reached", state);
+            return;
+        };
+        let opener = Opener {
             client,
             listener: Arc::clone(&self.socket),
+            listen: self.local_addr,
+            target: self.target.clone(),
             sessions: Arc::clone(&state.sessions),
             epoch: state.epoch,
             idle_timeout: self.idle_timeout,
+            failures: Arc::clone(&state.failures),
             stats: Arc::clone(&self.stats),
         };
-        state
-            .tasks
-            .spawn(replies.run(state.shutdown.clone(), permit));
-        Some(session)
+        match &self.target.host {
+            Host::Ip(ip) => {
+                let addr = SocketAddr::new(*ip, self.target.port);
+                if let Some(replies) = opener.connect(addr, datagram) {
+                    state.tasks.spawn(replies.run(state.shutdown.clone(), slot));
+                }
+            }
+            Host::Name(name) => {
+                state
+                    .sessions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(client, Entry::Opening);
+                let resolving = (self.resolver.0)(name.clone(), self.target.port);
+                let (timeout, shutdown) = (self.resolve_timeout, state.shutdown.clone());
+                let datagram = datagram.to_vec();
+                state.tasks.spawn(async move {
+                    let resolved = tokio::select! {
+                        () = shutdown.cancelled() => None,
+                        resolved = tokio::time::timeout(timeout, resolving) => Some(resolved),
+                    };
+                    drop(opening);
+                    let resolved = match resolved {
+                        None => {
+                            opener.forget();
+                            return;
+                        }
+                        Some(Ok(resolved)) => resolved,
+                        Some(Err(_)) => Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "resolving timed out",
+                        )),
+                    };
+                    let replies = match resolved {
+                        Ok(addr) => opener.connect(addr, &datagram),
+                        Err(error) => {
+                            opener.failed(&error);
+                            None
+                        }
+                    };
+                    drop(datagram);
+                    if let Some(replies) = replies {
+                        replies.run(shutdown, slot).await;
+                    }
+                });
+            }
+        }
+    }
+
+    fn reject(&self, client: SocketAddr, reason: &'static str, state: &State) {
+        self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = state.rejections.allow() {
+            warn!(
+                listen = %self.local_addr,
+                target = %self.target,
+                %client,
+                reason,
+                limit = self.session_limit,
+                suppressed,
+                "dropping a new udp client"
+            );
+        }
+    }
+}
+
+/// The session of `client`, touched, if it has one.
+fn route(client: SocketAddr, state: &State) -> Route {
+    let map = state.sessions.lock().unwrap_or_else(|e| e.into_inner());
+    match map.get(&client) {
+        Some(Entry::Open(session)) => {
+            // Touched under the lock, so expiry (also under the lock) sees it.
+            let now_ms = state.epoch.elapsed().as_millis() as u64;
+            session.last_active.store(now_ms, Ordering::Relaxed);
+            Route::Send(Arc::clone(session))
+        }
+        Some(Entry::Opening) => Route::Drop,
+        None => Route::New,
+    }
+}
+
+/// Sends one datagram on the session's socket, or drops it if the socket buffer is full.
+fn send_upstream(session: &Session, datagram: &[u8], client: SocketAddr, stats: &Stats) {
+    // A direct syscall: tokio's `try_send` would refuse until the reactor has seen a new socket
+    // writable, dropping the datagrams that follow a session's first.
+    match socket2::SockRef::from(&session.upstream).send(datagram) {
+        Ok(sent) => {
+            stats
+                .bytes_to_upstream
+                .fetch_add(sent as u64, Ordering::Relaxed);
+        }
+        Err(error) => debug!(%client, %error, "dropping datagram to upstream"),
     }
 }
 
@@ -201,38 +369,143 @@ impl UdpForwarder {
 struct State {
     epoch: Instant,
     sessions: Sessions,
-    failures: RateLimit,
+    /// Sessions of this listener resolving the target ([`MAX_OPENING`]).
+    opening: Arc<AtomicUsize>,
+    failures: Arc<RateLimit>,
+    rejections: RateLimit,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
 
-/// An unbound socket of the target's family, connected to the target (resolved now).
-async fn open_upstream(target: &Target, timeout: Duration) -> std::io::Result<UdpSocket> {
-    let addr = match &target.host {
-        Host::Ip(ip) => SocketAddr::new(*ip, target.port),
-        Host::Name(name) => {
-            let lookup = tokio::net::lookup_host((name.as_str(), target.port));
-            tokio::time::timeout(timeout, lookup)
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "resolving timed out")
-                })??
-                .next()
-                .ok_or_else(|| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        format!("{name} has no address"),
-                    )
-                })?
+/// One session under the process's UDP session limit and the shared connection limit,
+/// released on drop.
+struct SessionSlot {
+    _permit: Permit,
+    stats: Arc<Stats>,
+}
+
+impl SessionSlot {
+    fn acquire(stats: &Arc<Stats>, limit: usize) -> Option<Self> {
+        if stats.udp_sessions.fetch_add(1, Ordering::AcqRel) >= limit {
+            stats.udp_sessions.fetch_sub(1, Ordering::AcqRel);
+            return None;
         }
-    };
+        let Some(permit) = stats.try_acquire() else {
+            stats.udp_sessions.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        };
+        Some(Self {
+            _permit: permit,
+            stats: Arc::clone(stats),
+        })
+    }
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.stats.udp_sessions.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One session resolving its target, under [`MAX_OPENING`], released on drop.
+struct OpeningSlot(Arc<AtomicUsize>);
+
+impl OpeningSlot {
+    fn acquire(opening: &Arc<AtomicUsize>) -> Option<Self> {
+        if opening.fetch_add(1, Ordering::AcqRel) >= MAX_OPENING {
+            opening.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Self(Arc::clone(opening)))
+    }
+}
+
+impl Drop for OpeningSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Everything needed to open one client's session once the target's address is known.
+struct Opener {
+    client: SocketAddr,
+    listener: Arc<UdpSocket>,
+    listen: SocketAddr,
+    target: Target,
+    sessions: Sessions,
+    epoch: Instant,
+    idle_timeout: Duration,
+    failures: Arc<RateLimit>,
+    stats: Arc<Stats>,
+}
+
+impl Opener {
+    /// Makes the session's socket, sends the first datagram and enters the session in the
+    /// map; the returned reply path must then run. `None` (logged) if no socket could be made.
+    fn connect(self, addr: SocketAddr, first: &[u8]) -> Option<Replies> {
+        let upstream = match connected_socket(addr) {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                self.failed(&error);
+                return None;
+            }
+        };
+        let now_ms = self.epoch.elapsed().as_millis() as u64;
+        let session = Arc::new(Session {
+            upstream,
+            last_active: AtomicU64::new(now_ms),
+        });
+        send_upstream(&session, first, self.client, &self.stats);
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.client, Entry::Open(Arc::clone(&session)));
+        debug!(listen = %self.listen, client = %self.client, "session opened");
+        Some(Replies {
+            session,
+            client: self.client,
+            listener: self.listener,
+            sessions: self.sessions,
+            epoch: self.epoch,
+            idle_timeout: self.idle_timeout,
+            stats: self.stats,
+        })
+    }
+
+    /// Logs (rate-limited) and counts an upstream that could not be reached.
+    fn failed(self, error: &std::io::Error) {
+        self.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.failures.allow() {
+            warn!(
+                listen = %self.listen,
+                target = %self.target,
+                %error,
+                suppressed,
+                "upstream unavailable, dropping datagram"
+            );
+        }
+        self.forget();
+    }
+
+    /// Removes the client's `Opening` entry, so its next datagram tries again.
+    fn forget(self) {
+        let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(map.get(&self.client), Some(Entry::Opening)) {
+            map.remove(&self.client);
+        }
+    }
+}
+
+/// An unbound socket of `addr`'s family, connected to it (syscalls that never wait).
+fn connected_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let unspecified = match addr.ip() {
         IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
     };
-    let socket = UdpSocket::bind(SocketAddr::new(unspecified, 0)).await?;
-    socket.connect(addr).await?;
-    Ok(socket)
+    let socket = std::net::UdpSocket::bind(SocketAddr::new(unspecified, 0))?;
+    socket.connect(addr)?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket)
 }
 
 /// One session's reply path: upstream → listening socket → client.
@@ -249,7 +522,7 @@ struct Replies {
 impl Replies {
     /// Sends the upstream's replies to the client until the session is idle for the idle
     /// timeout or `shutdown` is cancelled.
-    async fn run(self, shutdown: CancellationToken, permit: Permit) {
+    async fn run(self, shutdown: CancellationToken, slot: SessionSlot) {
         let idle_ms = self.idle_timeout.as_millis() as u64;
         let deadline = || {
             let last = self.session.last_active.load(Ordering::Relaxed);
@@ -284,7 +557,7 @@ impl Replies {
         }
         let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         remove_if_same(&mut map, self.client, &self.session);
-        drop(permit);
+        drop(slot);
     }
 
     fn count_reply(&self, sent: usize) {
@@ -336,76 +609,14 @@ impl Replies {
 
 /// Removes `client`'s entry only if it is still `session` (a new one may have replaced it).
 fn remove_if_same(
-    map: &mut HashMap<SocketAddr, Arc<Session>>,
+    map: &mut HashMap<SocketAddr, Entry>,
     client: SocketAddr,
     session: &Arc<Session>,
 ) {
-    if map
-        .get(&client)
-        .is_some_and(|current| Arc::ptr_eq(current, session))
-    {
+    if matches!(map.get(&client), Some(Entry::Open(current)) if Arc::ptr_eq(current, session)) {
         map.remove(&client);
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::link_env::Host;
-
-    #[tokio::test]
-    async fn sessions_route_replies_and_expire_when_idle() {
-        let upstream = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
-        let target = Target {
-            host: Host::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-            port: upstream.local_addr().expect("addr").port(),
-        };
-        tokio::spawn(async move {
-            let mut buffer = [0u8; 1500];
-            while let Ok((n, from)) = upstream.recv_from(&mut buffer).await {
-                let _ = upstream.send_to(&buffer[..n], from).await;
-            }
-        });
-        let stats = Arc::new(Stats::new(10));
-        let forwarder = UdpForwarder::bind(
-            "127.0.0.1:0".parse().expect("addr"),
-            target,
-            Duration::from_millis(200),
-            Duration::from_secs(5),
-            Arc::clone(&stats),
-        )
-        .await
-        .expect("bind");
-        let listen = forwarder.local_addr();
-        let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
-        tasks.spawn(forwarder.run(tasks.clone(), shutdown.clone()));
-
-        let mut clients = Vec::new();
-        for index in 0..2u8 {
-            let client = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
-            client.connect(listen).await.expect("connect");
-            client.send(&[index; 3]).await.expect("send");
-            let mut buffer = [0u8; 16];
-            let n = tokio::time::timeout(Duration::from_secs(10), client.recv(&mut buffer))
-                .await
-                .expect("a reply")
-                .expect("recv");
-            assert_eq!(&buffer[..n], &[index; 3]);
-            clients.push(client);
-        }
-        assert_eq!(stats.accepted.load(Ordering::Relaxed), 2);
-        assert_eq!(stats.bytes_to_upstream.load(Ordering::Relaxed), 6);
-        assert_eq!(stats.bytes_to_client.load(Ordering::Relaxed), 6);
-        // Both sessions expire after 200 ms without traffic.
-        tokio::time::timeout(Duration::from_secs(10), async {
-            while stats.active.load(Ordering::Relaxed) > 0 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("idle sessions expire");
-        shutdown.cancel();
-        tasks.close();
-        tasks.wait().await;
-    }
-}
+mod tests;

@@ -811,6 +811,7 @@ async fn serf_cli_with_rpc_auth() {
     .await;
     let config = auth_config("k3y");
     let real = start_agent("au", 1, &[&config.arg]).await;
+    let mut refusals = Vec::new();
     for rpc in [real.rpc, server.addr] {
         let output = serf_cli(rpc, &["members", "-rpc-auth=k3y"]).await;
         assert!(output.status.success(), "{}", describe(&output));
@@ -823,7 +824,13 @@ async fn serf_cli_with_rpc_auth() {
             "{}",
             describe(&output)
         );
+        refusals.push((
+            output.status.code(),
+            all_output(&output).replace(&rpc.to_string(), "ADDR"),
+        ));
     }
+    // A wrong key reads exactly as from a Go agent.
+    assert_eq!(refusals[0], refusals[1]);
     let output = serf_cli(server.addr, &["info"]).await;
     assert!(!output.status.success());
     assert!(
@@ -1169,6 +1176,113 @@ async fn hostile_clients_get_serf_errors_and_never_affect_others() {
 
     assert_eq!(good.members().await.unwrap().len(), 1);
     auth_server.stop().await;
+    server.stop().await;
+}
+
+/// Log lines written by the subscriber of the current thread.
+#[derive(Clone, Default)]
+struct CapturedLogs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for CapturedLogs {
+    type Writer = Self;
+
+    fn make_writer(&'a self) -> Self {
+        self.clone()
+    }
+}
+
+/// A brute-force client: thousands of wrong keys, then the right one, in one write. Only
+/// `MAX_AUTH_FAILURES` are answered (with Go's error), each is logged at warn with the peer and
+/// without the key, and the connection is closed before the right key is read.
+// One thread: the server's tasks log through this thread's subscriber.
+#[tokio::test(flavor = "current_thread")]
+async fn wrong_auth_keys_close_the_connection_and_are_logged() {
+    let logs = CapturedLogs::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(logs.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let backend = MemoryBackend::new("bf", gossip(1, 7946), &[]);
+    let server = TestServer::start(
+        backend,
+        Config {
+            auth_key: Some("right-key".to_owned()),
+            ..Config::default()
+        },
+    )
+    .await;
+
+    let mut raw = Raw::connect(server.addr).await;
+    let local = raw.stream.local_addr().unwrap();
+    raw.handshake().await;
+    let mut bytes = Vec::new();
+    for (seq, key) in (2..2002)
+        .map(|seq| (seq, format!("guess-{seq}")))
+        .chain([(2002, "right-key".to_owned())])
+    {
+        let header = RequestHeader {
+            command: "auth".to_owned(),
+            seq,
+        };
+        encode_into(&mut bytes, &header);
+        encode_into(
+            &mut bytes,
+            &serf::rpc::messages::AuthRequest { auth_key: key },
+        );
+    }
+    // The server may close (and reset) before taking all of it.
+    let _ = raw.stream.write_all(&bytes).await;
+
+    let mut answered = Vec::new();
+    while let Some(frame) = raw.frame().await {
+        let header: ResponseHeader = decode("responseHeader", &frame).unwrap();
+        answered.push((header.seq, header.error));
+    }
+    let invalid = "Invalid authentication token".to_owned();
+    assert_eq!(
+        answered,
+        [(2, invalid.clone()), (3, invalid.clone()), (4, invalid)],
+        "three wrong keys are answered, then the connection closes"
+    );
+    assert_eq!(serf::rpc::server::MAX_AUTH_FAILURES, 3);
+
+    let text = logs.text();
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("wrong auth key"))
+        .collect();
+    assert_eq!(warnings.len(), 3, "{text}");
+    for line in &warnings {
+        assert!(line.contains("WARN"), "{line}");
+        assert!(line.contains(&format!("peer={local}")), "{line}");
+    }
+    assert!(!text.contains("guess-"), "a key reached the log:\n{text}");
+
+    // The server still serves a client with the right key.
+    let client = Client::connect(&server.addr.to_string(), Some("right-key"))
+        .await
+        .expect("the right key");
+    assert_eq!(client.members().await.unwrap().len(), 1);
+    drop(client);
     server.stop().await;
 }
 

@@ -10,7 +10,11 @@
 //! Differences from Go, all in the direction of robustness: a command refused with
 //! "Authentication required" has its body consumed (Go leaves it to be misread as the next
 //! header); a bad `members-filtered` regex gets an error reply with an empty member list
-//! (Go closes the connection silently).
+//! (Go closes the connection silently). The auth key is compared in constant time, and after
+//! [`MAX_AUTH_FAILURES`] wrong keys the connection is closed (Go compares with `==` and
+//! lets one connection guess forever); each failure is answered with Go's "Invalid
+//! authentication token" and logged at warn with the peer's address, never the key, at most
+//! [`AUTH_LOG_BURST`] lines a second per server.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -44,6 +48,13 @@ pub const INTERNAL_QUERY_PREFIX: &str = "_serf_";
 /// Event streams one connection may hold open (Go has no limit; each costs a task).
 pub const MAX_STREAMS: usize = 64;
 
+/// Wrong auth keys one connection may send; the last is answered, then the connection closes.
+pub const MAX_AUTH_FAILURES: u32 = 3;
+
+/// Auth warnings (wrong keys, commands before auth) logged per second by one server; the
+/// rest are counted and reported as `suppressed` on the next line logged.
+pub const AUTH_LOG_BURST: u32 = 10;
+
 /// Server settings.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -73,6 +84,7 @@ impl Default for Config {
 pub struct Server<B> {
     backend: Arc<B>,
     config: Arc<Config>,
+    auth_log: Arc<LogLimit>,
 }
 
 impl<B> Clone for Server<B> {
@@ -80,6 +92,7 @@ impl<B> Clone for Server<B> {
         Self {
             backend: Arc::clone(&self.backend),
             config: Arc::clone(&self.config),
+            auth_log: Arc::clone(&self.auth_log),
         }
     }
 }
@@ -90,6 +103,7 @@ impl<B: Backend> Server<B> {
         Self {
             backend,
             config: Arc::new(config),
+            auth_log: Arc::new(LogLimit::new(AUTH_LOG_BURST)),
         }
     }
 
@@ -163,8 +177,12 @@ impl<B: Backend> Server<B> {
             frames: FrameBuffer::new(self.config.max_frame),
             out,
             token: token.child_token(),
+            peer,
+            auth_log: Arc::clone(&self.auth_log),
             version: 0,
-            authed: self.config.auth_key.is_none(),
+            // As Go: an empty key means no authentication.
+            authed: self.config.auth_key.as_deref().is_none_or(str::is_empty),
+            auth_failures: 0,
             streams: HashMap::new(),
             monitor: None,
             queries: Arc::new(Queries::default()),
@@ -243,8 +261,12 @@ struct Connection<B> {
     out: mpsc::Sender<Outgoing>,
     /// Cancelled when the connection ends: stops every stream, monitor and query task.
     token: CancellationToken,
+    peer: SocketAddr,
+    auth_log: Arc<LogLimit>,
     version: i32,
     authed: bool,
+    /// Wrong keys sent so far; at [`MAX_AUTH_FAILURES`] the connection is closed.
+    auth_failures: u32,
     streams: HashMap<u64, CancellationToken>,
     monitor: Option<(u64, CancellationToken)>,
     queries: Arc<Queries>,
@@ -356,7 +378,9 @@ impl<B: Backend> Connection<B> {
             )));
         }
         if !self.authed && name != command::AUTH && name != command::HANDSHAKE {
-            warn!(command = %name, "rpc client sending commands before auth");
+            if let Some(suppressed) = self.auth_log.allow() {
+                warn!(peer = %self.peer, command = %name, suppressed, "rpc client sending commands before auth");
+            }
             if is_known(&name) && has_body(&name) {
                 let _: serde::de::IgnoredAny = self.body("request body").await?;
             }
@@ -377,13 +401,7 @@ impl<B: Backend> Connection<B> {
             }
             command::AUTH => {
                 let request: AuthRequest = self.body("authRequest").await?;
-                let error = if self.config.auth_key.as_deref() == Some(request.auth_key.as_str()) {
-                    self.authed = true;
-                    ""
-                } else {
-                    errors::INVALID_AUTH_TOKEN
-                };
-                self.send::<()>(seq, error, None).await
+                self.auth(seq, &request.auth_key).await
             }
             command::EVENT => {
                 let request: EventRequest = self.body("eventRequest").await?;
@@ -527,6 +545,29 @@ impl<B: Backend> Connection<B> {
                 )))
             }
         }
+    }
+
+    /// Checks a key; a wrong one is answered as Go answers it, and the last allowed closes
+    /// the connection once the answer is written.
+    async fn auth(&mut self, seq: u64, given: &str) -> Result<(), ConnectionError> {
+        let expected = self.config.auth_key.as_deref().unwrap_or_default();
+        if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+            self.authed = true;
+            return self.send::<()>(seq, "", None).await;
+        }
+        self.auth_failures += 1;
+        let failures = self.auth_failures;
+        if let Some(suppressed) = self.auth_log.allow() {
+            warn!(peer = %self.peer, failures, suppressed, "rpc client sent a wrong auth key");
+        }
+        self.send::<()>(seq, errors::INVALID_AUTH_TOKEN, None)
+            .await?;
+        if failures >= MAX_AUTH_FAILURES {
+            return Err(ConnectionError::Protocol(format!(
+                "{failures} wrong auth keys"
+            )));
+        }
+        Ok(())
     }
 
     async fn start_stream(&mut self, seq: u64, spec: &str) -> Result<(), ConnectionError> {
@@ -746,6 +787,68 @@ impl<B: Backend> Connection<B> {
     }
 }
 
+/// Whether `given` equals `expected`, in a time that depends only on `given.len()`: every byte
+/// of `given` is compared (against `expected` repeated), and the lengths are compared in the
+/// same fold, so neither where the first difference is nor `expected`'s length shows.
+fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
+    if expected.is_empty() {
+        return given.is_empty();
+    }
+    let mut difference = u8::from(given.len() != expected.len());
+    for (index, byte) in given.iter().enumerate() {
+        difference |= byte ^ expected[index % expected.len()];
+        // Keeps the compiler from ending the loop early once `difference` is non-zero.
+        difference = std::hint::black_box(difference);
+    }
+    given.len() == expected.len() && difference == 0
+}
+
+/// At most `burst` lines a second, across every connection of one server.
+#[derive(Debug)]
+struct LogLimit {
+    burst: u32,
+    state: Mutex<LogWindow>,
+}
+
+#[derive(Debug)]
+struct LogWindow {
+    start: Option<tokio::time::Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl LogLimit {
+    fn new(burst: u32) -> Self {
+        Self {
+            burst,
+            state: Mutex::new(LogWindow {
+                start: None,
+                logged: 0,
+                suppressed: 0,
+            }),
+        }
+    }
+
+    /// `Some(lines suppressed since the last one logged)` if this line may be logged.
+    fn allow(&self) -> Option<u64> {
+        let now = tokio::time::Instant::now();
+        let mut window = self.state.lock().expect("log limit lock is never poisoned");
+        if window
+            .start
+            .is_none_or(|start| now.duration_since(start) >= Duration::from_secs(1))
+        {
+            window.start = Some(now);
+            window.logged = 0;
+        }
+        if window.logged < self.burst {
+            window.logged += 1;
+            return Some(std::mem::take(&mut window.suppressed));
+        }
+        window.suppressed += 1;
+        None
+    }
+}
+
 fn is_known(name: &str) -> bool {
     matches!(
         name,
@@ -770,4 +873,47 @@ fn is_known(name: &str) -> bool {
             | command::STATS
             | command::GET_COORDINATE
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(given: &str, expected: &str, equal: bool) {
+        assert_eq!(
+            constant_time_eq(given.as_bytes(), expected.as_bytes()),
+            equal,
+            "{given:?} vs {expected:?}"
+        );
+    }
+
+    #[test]
+    fn constant_time_eq_is_equality() {
+        check("k3y", "k3y", true);
+        check("", "", true);
+        check("k3y", "k3Y", false);
+        check("x3y", "k3y", false);
+        check("k3", "k3y", false);
+        check("k3yk3y", "k3y", false); // `expected` repeated must not match
+        check("k3y", "", false);
+        check("", "k3y", false);
+        check("\u{e9}", "\u{e9}", true);
+    }
+
+    #[test]
+    fn auth_warnings_are_limited_per_second() {
+        let limit = LogLimit::new(2);
+        assert_eq!(limit.allow(), Some(0));
+        assert_eq!(limit.allow(), Some(0));
+        assert_eq!(limit.allow(), None);
+        assert_eq!(limit.allow(), None);
+        let mut window = limit.state.lock().unwrap();
+        window.start = window.start.map(|start| start - Duration::from_secs(1));
+        drop(window);
+        assert_eq!(
+            limit.allow(),
+            Some(2),
+            "the next line counts the suppressed ones"
+        );
+    }
 }
