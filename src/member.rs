@@ -19,7 +19,7 @@
 //!
 //! let mut tags = args.member.tags()?;                  // --tags-file, then --tag
 //! tags.insert("role".into(), "3306".into());           // the caller's own tags: complete set
-//! let seeds = args.member.gossip.seeds(std::env::vars())?;   // --join, --retry-join, the link
+//! let seeds = args.member.gossip.seeds(environment::vars())?; // --join, --retry-join, the link
 //! let extras = Extras { handler_env: vec![("AMB_BACKEND_HOST".into(), host)] };
 //! let member = member::start(&args.member, tags, seeds, extras).await?;
 //! let mut events = member.subscribe();                 // any number of consumers

@@ -79,7 +79,7 @@ impl RpcArgs {
             Err(error @ serf::rpc::Error::Connect { .. }) => error,
             Err(other) => return Err(other.into()),
         };
-        let seeds = self.gossip.seeds(std::env::vars())?;
+        let seeds = self.gossip.seeds(crate::environment::vars())?;
         if seeds.is_empty() {
             return Err(anyhow::anyhow!(
                 "{error}; no seed to join either (no --join, no {}_PORT_7946_TCP)",
@@ -294,7 +294,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     // Check the regexes here, so a typo is a usage error rather than an agent error.
     let local_filter = MemberFilter::new(&filter.tags, &filter.status, &filter.name)
         .map_err(|error| UsageError(error.to_string()))?;
-    if let Registry::Etcd(etcd) = args.registry.registry(std::env::vars())? {
+    if let Registry::Etcd(etcd) = args.registry.registry(crate::environment::vars())? {
         return etcd_members(&args, &etcd, &local_filter).await;
     }
     let session = args.rpc.connect(None).await?;
