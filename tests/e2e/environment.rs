@@ -1,12 +1,12 @@
 //! What the binary takes from its environment: a variable that is not UTF-8 crashes no command,
-//! and an absurd duration is refused at start.
+//! an absurd duration is refused at start, and event handlers do not inherit secrets.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use testkit::{eventually, free_port, loopback, Child, DEADLINE};
+use testkit::{eventually, free_port, loopback, require, Child, DEADLINE};
 
 use crate::support::{self, Ambassador};
 
@@ -161,4 +161,77 @@ fn a_100_year_drain_timeout_still_stops_cleanly() {
     ambassador.signal(libc::SIGTERM);
     let status = ambassador.wait_exit(DEADLINE);
     assert!(status.success(), "{status}:\n{}", ambassador.log());
+}
+
+/// A handler that dumps its environment sees the Serf variables but none of the daemon's
+/// secrets: the link's `<ALIAS>_ENV_*`, `AMB_ENCRYPT`, `AMB_RPC_AUTH`.
+#[test]
+fn event_handlers_do_not_inherit_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("env.txt");
+    let handler = format!("user:dump=env > {}.tmp && mv {0}.tmp {0}", dump.display());
+    let rpc = format!("127.0.0.1:{}", free_port(loopback(1)));
+    let bind = format!("127.0.0.1:{}", free_port(loopback(1)));
+    const SECRETS: [(&str, &str); 4] = [
+        ("MYSQL_ENV_MARIADB_ROOT_PASSWORD", "root-secret-1"),
+        ("SERF_1_ENV_TOKEN", "serf-secret-2"),
+        ("AMB_ENCRYPT", "cg8StVXbQJ0gPvMd9o7yrg=="),
+        ("AMB_RPC_AUTH", "rpc-secret-3"),
+    ];
+    let mut vars = SECRETS.to_vec();
+    vars.push(("MYSQL_PORT_3306_TCP", "tcp://127.0.0.1:3306"));
+    let log = dir.path().join("agent.log");
+    let mut agent = Child::spawn(
+        "amb-serf agent",
+        &mut support::command(
+            &vars,
+            &[
+                "agent",
+                "--node",
+                "h",
+                "--bind",
+                &bind,
+                "--rpc-addr",
+                &rpc,
+                "--event-handler",
+                &handler,
+            ],
+        ),
+        Some(&log),
+    );
+    let agent_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let serf = require("serf");
+    eventually(DEADLINE, "the user event sent over RPC", || {
+        if let Some(status) = agent.wait_timeout(Duration::ZERO) {
+            panic!("amb-serf agent exited ({status}):\n{}", agent_log());
+        }
+        let output = testkit::run_with_timeout(
+            Command::new(&serf).args([
+                "event",
+                &format!("-rpc-addr={rpc}"),
+                "-rpc-auth=rpc-secret-3",
+                "dump",
+                "x",
+            ]),
+            DEADLINE,
+        );
+        output.status.success().then_some(())
+    });
+    let env = eventually(DEADLINE, "the handler's environment dump", || {
+        std::fs::read_to_string(&dump).ok()
+    });
+    assert!(env.contains("SERF_EVENT=user\n"), "{env}");
+    assert!(env.contains("SERF_USER_EVENT=dump\n"), "{env}");
+    assert!(env.contains("MYSQL_PORT_3306_TCP="), "{env}");
+    for (name, value) in SECRETS {
+        assert!(!env.contains(name), "{name} reached the handler:\n{env}");
+        assert!(
+            !env.contains(value),
+            "{name}'s value reached the handler:\n{env}"
+        );
+    }
+    let logged = agent_log();
+    for (_, value) in SECRETS {
+        assert!(!logged.contains(value), "a secret was logged:\n{logged}");
+    }
 }
