@@ -82,8 +82,10 @@ impl RpcArgs {
         let seeds = self.gossip.seeds(crate::environment::vars())?;
         if seeds.is_empty() {
             return Err(anyhow::anyhow!(
-                "{error}; no seed to join either (no --join, no {}_PORT_7946_TCP)",
-                self.gossip.serf_link.to_uppercase()
+                "{error}; no seed to join either (no --join, no {link}_PORT_7946_TCP or {link}_NAME, \
+                 no {alias} in /etc/hosts)",
+                link = self.gossip.serf_link.to_uppercase(),
+                alias = self.gossip.serf_link,
             ));
         }
         tracing::info!(rpc_addr = %self.rpc_addr, seeds = ?seeds, "no agent answers; joining the cluster");
