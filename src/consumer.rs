@@ -46,7 +46,7 @@ pub(crate) struct ConsumeArgs {
     pub(crate) connect_retries: usize,
 
     /// With no provider, how long a new client waits for one before it is closed.
-    #[arg(long, env = "AMB_WAIT_FOR_TARGET", default_value = "5s", value_parser = crate::cmd::run::parse_duration)]
+    #[arg(long, env = "AMB_WAIT_FOR_TARGET", default_value = "5s", value_parser = crate::duration::parse)]
     pub(crate) wait_for_target: Duration,
 
     /// Close open connections whose provider leaves, fails or turns critical (by default they

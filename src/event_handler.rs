@@ -7,9 +7,18 @@
 //! caller adds (the ambassador adds `AMB_BACKEND_HOST`/`AMB_BACKEND_PORT`). Stdin is the payload
 //! (with a newline added, as Go does) or, for member events, one `name\taddr\trole\ttags` line
 //! per member. A query handler's output (first 8 KiB) is the query's response.
+//!
+//! Unlike Go, a handler does not get the whole environment of the daemon: the secrets it holds
+//! are withheld ([`is_withheld`]: every Docker link `<ALIAS>_ENV_<NAME>` variable, which carries
+//! the linked container's own settings such as `MYSQL_ENV_MARIADB_ROOT_PASSWORD`, and our
+//! `AMB_ENCRYPT` and `AMB_RPC_AUTH`). Any member can trigger a handler with a payload of its
+//! choosing, so a handler is code that untrusted input reaches. Handler output is logged only
+//! as a bounded excerpt ([`excerpt`]).
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::fmt;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -22,6 +31,65 @@ use tracing::{debug, warn};
 const MAX_OUTPUT: usize = 8 * 1024;
 /// A handler running longer than this is logged as slow (Go's `warnSlow`).
 const WARN_SLOW: Duration = Duration::from_secs(1);
+/// Handler output (stdout, stderr) reaches the log as at most this many lines…
+const LOG_MAX_LINES: usize = 8;
+/// …of at most this many bytes each, then a note of the whole length.
+const LOG_MAX_LINE_BYTES: usize = 256;
+/// Variables of the daemon that hold secrets of its own (`--encrypt`, `--rpc-auth`); a handler
+/// never sees them.
+const OUR_SECRETS: [&str; 2] = ["AMB_ENCRYPT", "AMB_RPC_AUTH"];
+
+/// Whether a variable of the daemon's environment is kept from handlers: one of
+/// [`OUR_SECRETS`], or anything of the Docker link form `<ALIAS>_ENV_<NAME>` (the linked
+/// container's environment: passwords, keys).
+pub(crate) fn is_withheld(name: &OsStr) -> bool {
+    let name = name.as_bytes();
+    if OUR_SECRETS.iter().any(|secret| secret.as_bytes() == name) {
+        return true;
+    }
+    const MARK: &[u8] = b"_ENV_";
+    name.windows(MARK.len())
+        .enumerate()
+        .any(|(at, window)| window == MARK && at > 0 && at + MARK.len() < name.len())
+}
+
+/// A bounded, printable excerpt of handler output for the log: the first [`LOG_MAX_LINES`]
+/// lines, each cut at [`LOG_MAX_LINE_BYTES`], plus a note of the whole length when anything
+/// was left out.
+pub(crate) fn excerpt(output: &[u8]) -> String {
+    let text = String::from_utf8_lossy(output);
+    let text = text.trim_end();
+    let mut out = String::new();
+    let mut cut = false;
+    for (index, line) in text.lines().enumerate() {
+        if index == LOG_MAX_LINES {
+            cut = true;
+            break;
+        }
+        if index > 0 {
+            out.push('\n');
+        }
+        if line.len() > LOG_MAX_LINE_BYTES {
+            let mut end = LOG_MAX_LINE_BYTES;
+            while !line.is_char_boundary(end) {
+                end -= 1;
+            }
+            out.push_str(&line[..end]);
+            out.push('…');
+            cut = true;
+        } else {
+            out.push_str(line);
+        }
+    }
+    if cut {
+        out.push_str(&format!(
+            " [{} bytes, {} lines in all]",
+            output.len(),
+            text.lines().count()
+        ));
+    }
+    out
+}
 
 /// The event kinds a handler can subscribe to.
 const KINDS: [&str; 8] = [
@@ -198,6 +266,11 @@ async fn invoke(command: &str, me: &SelfInfo, event: &HandlerEvent) -> std::io::
         process.args(words);
         process
     };
+    for (name, _) in std::env::vars_os() {
+        if is_withheld(&name) {
+            process.env_remove(name);
+        }
+    }
     process
         .env("SERF_EVENT", event.kind())
         .env("SERF_SELF_NAME", &me.name)
@@ -273,11 +346,11 @@ async fn invoke(command: &str, me: &SelfInfo, event: &HandlerEvent) -> std::io::
     };
     let status = child.wait().await?;
     let _ = writer.await;
-    debug!(%command, event = event.kind(), output = %String::from_utf8_lossy(&output), "event handler done");
+    debug!(%command, event = event.kind(), output = %excerpt(&output), "event handler done");
     if !status.success() {
         return Err(std::io::Error::other(format!(
             "{status}: {}",
-            String::from_utf8_lossy(&errors).trim()
+            excerpt(&errors)
         )));
     }
     Ok(output)
@@ -368,6 +441,48 @@ mod tests {
         assert!(!Handler::parse("user:other=x").unwrap().wants(&user));
         assert!(!Handler::parse("query=x").unwrap().wants(&user));
         assert!(Handler::parse("x").unwrap().wants(&user));
+    }
+
+    #[test]
+    fn link_env_variables_and_our_secrets_are_withheld() {
+        let check = |name: &str, withheld: bool| {
+            assert_eq!(is_withheld(OsStr::new(name)), withheld, "{name}");
+        };
+        check("MYSQL_ENV_MARIADB_ROOT_PASSWORD", true);
+        check("SERF_1_ENV_PATH", true);
+        check("DB_ENV_X", true);
+        check("AMB_ENCRYPT", true);
+        check("AMB_RPC_AUTH", true);
+        check("PATH", false);
+        check("MYSQL_PORT_3306_TCP", false);
+        check("MYSQL_NAME", false);
+        check("AMB_BACKEND_HOST", false);
+        check("AMB_ENCRYPTED", false);
+        check("_ENV_X", false);
+        check("MYSQL_ENV_", false);
+        assert!(is_withheld(OsStr::from_bytes(b"DB\xff_ENV_PASS")));
+    }
+
+    #[test]
+    fn logged_output_is_bounded() {
+        assert_eq!(excerpt(b"ok\n"), "ok");
+        assert_eq!(excerpt(b"a\nb"), "a\nb");
+        let long = "x".repeat(1000);
+        assert_eq!(
+            excerpt(long.as_bytes()),
+            format!("{}… [1000 bytes, 1 lines in all]", "x".repeat(256))
+        );
+        let many = "line\n".repeat(100);
+        let logged = excerpt(many.as_bytes());
+        assert_eq!(logged.lines().count(), LOG_MAX_LINES, "{logged}");
+        assert!(
+            logged.ends_with("line [500 bytes, 100 lines in all]"),
+            "{logged}"
+        );
+        // A cut never splits a character.
+        let wide = "é".repeat(200);
+        assert!(excerpt(wide.as_bytes()).starts_with(&"é".repeat(128)));
+        assert!(excerpt(&vec![b'y'; 8 * 1024]).len() < 2 * LOG_MAX_LINE_BYTES);
     }
 
     #[tokio::test]

@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 mod advertisement;
 mod cmd;
 mod consumer;
+mod duration;
+mod environment;
 mod event_handler;
 mod health;
 mod logs;

@@ -5,8 +5,9 @@
 //! starts the native member (Serf protocol 5, like the agent), the RPC server on it, the event
 //! handlers, and the join loop; the returned [`Member`] is the handle callers keep.
 //!
-//! Join loop: with no seed (no `--join`/`--retry-join`, no `<ALIAS>_PORT_7946_TCP`) the member is
-//! a cluster of one and says so. Otherwise it joins every seed it can reach; while none answers
+//! Join loop: with no seed (no `--join`/`--retry-join`, no `<ALIAS>_PORT_7946_TCP`, no
+//! `<ALIAS>_NAME` or `/etc/hosts` line of the Serf link's alias) the member is a cluster of one
+//! and says so. Otherwise it joins every seed it can reach; while none answers
 //! it retries with capped exponential backoff (250 ms doubling to 1 s: a seed that comes up is
 //! joined within about a second, however long it was away), forever, logging the 1st, 2nd, 4th,
 //! 8th… failure so a long outage costs a log line per doubling, not per attempt. Later, whenever every peer is lost (all others failed or left, e.g.
@@ -19,7 +20,7 @@
 //!
 //! let mut tags = args.member.tags()?;                  // --tags-file, then --tag
 //! tags.insert("role".into(), "3306".into());           // the caller's own tags: complete set
-//! let seeds = args.member.gossip.seeds(std::env::vars())?;   // --join, --retry-join, the link
+//! let seeds = args.member.gossip.seeds(environment::vars())?; // --join, --retry-join, the link
 //! let extras = Extras { handler_env: vec![("AMB_BACKEND_HOST".into(), host)] };
 //! let member = member::start(&args.member, tags, seeds, extras).await?;
 //! let mut events = member.subscribe();                 // any number of consumers
@@ -301,23 +302,75 @@ impl GossipArgs {
         self.node.clone().unwrap_or_else(hostname)
     }
 
-    /// The seeds to join: `--join`, `--retry-join`, then the Serf link's 7946/tcp address.
-    /// A malformed link variable is a usage error naming it.
+    /// The seeds to join (see [`GossipArgs::find_seeds`]), each logged with the rule that
+    /// found it. Reads `/etc/hosts` (for a link with no port variable).
     pub(crate) fn seeds(
         &self,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> anyhow::Result<Vec<String>> {
-        let mut seeds: Vec<String> = self.join.iter().chain(&self.retry_join).cloned().collect();
-        let link = proxy::link_env::link_ports(vars, &self.serf_link)
+        let etc_hosts = std::fs::read_to_string(ETC_HOSTS).ok();
+        let seeds = self.find_seeds(vars, etc_hosts.as_deref())?;
+        for seed in &seeds {
+            info!(seed = %seed.addr, rule = %seed.rule, "seed to join");
+        }
+        Ok(seeds.into_iter().map(|seed| seed.addr).collect())
+    }
+
+    /// The seeds to join, in order: `--join`, `--retry-join`, then the Serf link. The link
+    /// gives its `<ALIAS>_PORT_7946_TCP` address; a link with no port variable (an image
+    /// without `EXPOSE`: Docker then sets only `<ALIAS>_NAME` and the `/etc/hosts` line) gives
+    /// `<alias>:7946`, when `<ALIAS>_NAME` is set or `etc_hosts` names the alias. Pure: the
+    /// caller reads the environment and `/etc/hosts`. A malformed link variable is a usage
+    /// error naming it.
+    pub(crate) fn find_seeds(
+        &self,
+        vars: impl IntoIterator<Item = (String, String)>,
+        etc_hosts: Option<&str>,
+    ) -> Result<Vec<Seed>, UsageError> {
+        let vars: Vec<(String, String)> = vars.into_iter().collect();
+        let mut seeds: Vec<Seed> = Vec::new();
+        let mut add = |addr: String, rule: String| {
+            if !seeds.iter().any(|seed| seed.addr == addr) {
+                seeds.push(Seed { addr, rule });
+            }
+        };
+        for addr in &self.join {
+            add(addr.clone(), "--join".to_owned());
+        }
+        for addr in &self.retry_join {
+            add(addr.clone(), "--retry-join".to_owned());
+        }
+        let link = proxy::link_env::link_ports(vars.iter().cloned(), &self.serf_link)
             .map_err(|error| UsageError(error.to_string()))?;
-        seeds.extend(
-            link.iter()
-                .filter(|spec| {
-                    spec.listen_port == SERF_PORT && spec.protocol == proxy::link_env::Protocol::Tcp
-                })
-                .map(|spec| spec.target.to_string()),
-        );
-        seeds.dedup();
+        let gossip_ports: Vec<_> = link
+            .iter()
+            .filter(|spec| {
+                spec.listen_port == SERF_PORT && spec.protocol == proxy::link_env::Protocol::Tcp
+            })
+            .collect();
+        for spec in &gossip_ports {
+            let var = match &spec.origin {
+                proxy::link_env::Origin::Link { var, .. } => var.as_str(),
+                proxy::link_env::Origin::Forward(_) => "",
+            };
+            add(spec.target.to_string(), format!("link variable {var}"));
+        }
+        if gossip_ports.is_empty() {
+            let alias = &self.serf_link;
+            let rule = match proxy::link_env::link_name_var(vars, alias) {
+                Some(name) => Some(format!(
+                    "link {name} without a port variable (the linked image exposes no port)"
+                )),
+                None => etc_hosts
+                    .is_some_and(|hosts| hosts_names(hosts, alias))
+                    .then(|| {
+                        format!("{ETC_HOSTS} names the link alias {alias} (no link variable)")
+                    }),
+            };
+            if let Some(rule) = rule {
+                add(format!("{alias}:{SERF_PORT}"), rule);
+            }
+        }
         Ok(seeds)
     }
 
@@ -333,6 +386,28 @@ impl GossipArgs {
         };
         SocketAddr::new(ip, bound.port())
     }
+}
+
+/// A seed to join and the rule that found it (logged).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Seed {
+    /// `HOST[:PORT]`.
+    pub(crate) addr: String,
+    /// Why: `--join`, `link variable SERF_1_PORT_7946_TCP`, ….
+    pub(crate) rule: String,
+}
+
+/// Where Docker writes a link's alias (`172.17.0.2 serf_1 3f2a… amb-serf_1`).
+const ETC_HOSTS: &str = "/etc/hosts";
+
+/// Whether a hosts file (`/etc/hosts` syntax) gives an address for `name`.
+fn hosts_names(hosts: &str, name: &str) -> bool {
+    hosts.lines().any(|line| {
+        let line = line.split('#').next().unwrap_or_default();
+        let mut fields = line.split_whitespace();
+        fields.next().is_some_and(|ip| ip.parse::<IpAddr>().is_ok())
+            && fields.any(|host| host.eq_ignore_ascii_case(name))
+    })
 }
 
 /// What a caller adds to [`start`].
@@ -668,7 +743,7 @@ impl Member {
     fn spawn_join_loop(&self, seeds: Vec<String>, ignore_old: bool, joined: watch::Sender<bool>) {
         if seeds.is_empty() {
             info!(
-                "no seed to join (no --join, no Serf link variable): running as a cluster of one"
+                "no seed to join (no --join, no Serf link variable, link name or /etc/hosts entry): running as a cluster of one"
             );
             return;
         }
@@ -850,11 +925,25 @@ mod tests {
             .collect()
     }
 
+    /// Seeds and their rules from `flags`, `env` and an `/etc/hosts` text.
+    fn seeds(flags: &[&str], env: &[(&str, &str)], hosts: Option<&str>) -> Vec<(String, String)> {
+        args(flags)
+            .gossip
+            .find_seeds(vars(env), hosts)
+            .expect("valid seeds")
+            .into_iter()
+            .map(|seed| (seed.addr, seed.rule))
+            .collect()
+    }
+
     #[test]
     fn seeds_come_from_flags_then_the_serf_link() {
         let check = |flags: &[&str], env: &[(&str, &str)], expected: &[&str]| {
-            let seeds = args(flags).gossip.seeds(vars(env)).expect("valid seeds");
-            assert_eq!(seeds, expected, "{flags:?} {env:?}");
+            let found: Vec<String> = seeds(flags, env, None)
+                .into_iter()
+                .map(|(addr, _)| addr)
+                .collect();
+            assert_eq!(found, expected, "{flags:?} {env:?}");
         };
         check(&[], &[], &[]);
         check(
@@ -886,15 +975,107 @@ mod tests {
             ],
             &["a:1", "b:2", "10.0.0.9:7946"],
         );
+        // The same seed twice is joined once, wherever it came from.
+        check(
+            &["--join", "a:1", "--retry-join", "a:1", "--join", "b:2"],
+            &[],
+            &["a:1", "b:2"],
+        );
+    }
+
+    /// `--link serf_1:serf_1` to an image with no `EXPOSE` (issue #26): Docker sets no port
+    /// variable, only `SERF_1_NAME` and the alias's `/etc/hosts` line. The alias is the seed.
+    #[test]
+    fn a_serf_link_without_a_port_variable_joins_its_alias() {
+        const HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n\
+                             172.17.0.2\tserf_1 3f2a9c1d77e0 amb-serf_1\n\
+                             172.17.0.3\tamb # serf_1 in a comment\n";
+        let check = |flags: &[&str],
+                     env: &[(&str, &str)],
+                     hosts: Option<&str>,
+                     expected: &[(&str, &str)]| {
+            let found = seeds(flags, env, hosts);
+            let expected: Vec<(String, String)> = expected
+                .iter()
+                .map(|(addr, rule)| ((*addr).to_owned(), (*rule).to_owned()))
+                .collect();
+            assert_eq!(found, expected, "{flags:?} {env:?} {hosts:?}");
+        };
+        let by_name = "link SERF_1_NAME without a port variable (the linked image exposes no port)";
+        let by_hosts = "/etc/hosts names the link alias serf_1 (no link variable)";
+        check(
+            &[],
+            &[("SERF_1_NAME", "/amb/serf_1")],
+            None,
+            &[("serf_1:7946", by_name)],
+        );
+        check(
+            &[],
+            &[("SERF_1_NAME", "/amb/serf_1")],
+            Some(HOSTS),
+            &[("serf_1:7946", by_name)],
+        );
+        check(&[], &[], Some(HOSTS), &[("serf_1:7946", by_hosts)]);
+        // With the port variable, it alone is the link's seed.
+        check(
+            &[],
+            &[
+                ("SERF_1_NAME", "/amb/serf_1"),
+                ("SERF_1_PORT_7946_TCP", "tcp://172.17.0.2:7946"),
+            ],
+            Some(HOSTS),
+            &[("172.17.0.2:7946", "link variable SERF_1_PORT_7946_TCP")],
+        );
+        // A link exposing only other ports still names the alias.
+        check(
+            &[],
+            &[
+                ("SERF_1_NAME", "/amb/serf_1"),
+                ("SERF_1_PORT_7373_TCP", "tcp://172.17.0.2:7373"),
+            ],
+            None,
+            &[("serf_1:7946", by_name)],
+        );
+        // Added to --join, as the port variable is.
+        check(
+            &["--join", "10.0.0.1"],
+            &[("SERF_1_NAME", "/amb/serf_1")],
+            None,
+            &[("10.0.0.1", "--join"), ("serf_1:7946", by_name)],
+        );
+        check(
+            &["--join", "serf_1:7946"],
+            &[],
+            Some(HOSTS),
+            &[("serf_1:7946", "--join")],
+        );
+        // Another alias, case-insensitive in /etc/hosts as name lookups are.
+        check(
+            &["--serf-link", "seed"],
+            &[],
+            Some("10.0.0.7 SEED\n"),
+            &[(
+                "seed:7946",
+                "/etc/hosts names the link alias seed (no link variable)",
+            )],
+        );
+        // Nothing names the alias: a cluster of one.
+        check(
+            &[],
+            &[("MYSQL_NAME", "/amb/mysql")],
+            Some("127.0.0.1 localhost\n"),
+            &[],
+        );
+        check(&[], &[], Some("172.17.0.3 amb # serf_1\nserf_1\n"), &[]);
+        check(&[], &[("SERF_1_NAME", "not-docker")], None, &[]);
     }
 
     #[test]
     fn a_malformed_link_variable_is_a_usage_error_naming_it() {
         let error = args(&[])
             .gossip
-            .seeds(vars(&[("SERF_1_PORT_7946_TCP", "tcp://nowhere")]))
+            .find_seeds(vars(&[("SERF_1_PORT_7946_TCP", "tcp://nowhere")]), None)
             .unwrap_err();
-        assert!(error.downcast_ref::<UsageError>().is_some(), "{error:#}");
         assert!(
             format!("{error:#}").contains("SERF_1_PORT_7946_TCP"),
             "{error:#}"

@@ -47,7 +47,7 @@ pub(crate) struct RegistryArgs {
     pub(crate) etcd_prefix: String,
 
     /// etcd: lease TTL of the registration (kept alive every ttl/3; whole seconds).
-    #[arg(long, env = "AMB_TTL", default_value = "15s", value_parser = crate::cmd::run::parse_duration)]
+    #[arg(long, env = "AMB_TTL", default_value = "15s", value_parser = crate::duration::parse)]
     pub(crate) ttl: Duration,
 }
 

@@ -19,7 +19,7 @@ pub(crate) struct Args {
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let tags = args.member.tags()?;
-    let seeds = args.member.gossip.seeds(std::env::vars())?;
+    let seeds = args.member.gossip.seeds(crate::environment::vars())?;
     let member = member::start(&args.member, tags, seeds, member::Extras::default()).await?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let stop_from_rpc = tokio::select! {

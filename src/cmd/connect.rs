@@ -20,7 +20,7 @@ use proxy::{CancellationToken, Proxy, TaskTracker};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::run::{drain, parse_duration, raise_open_file_limit, LivenessArgs, Signals};
+use super::run::{drain, raise_open_file_limit, LivenessArgs, Signals};
 use super::UsageError;
 use crate::consumer::{self, ConsumeArgs, Consumer};
 use crate::member::{self, MemberArgs};
@@ -64,7 +64,7 @@ pub(crate) struct Args {
     listen_addr: IpAddr,
 
     /// Time allowed to resolve and connect to one provider (e.g. 5s, 500ms).
-    #[arg(long, env = "AMB_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "AMB_CONNECT_TIMEOUT", default_value = "5s", value_parser = crate::duration::parse)]
     connect_timeout: Duration,
 
     #[command(flatten)]
@@ -75,7 +75,7 @@ pub(crate) struct Args {
     max_connections: usize,
 
     /// On SIGTERM/SIGINT, how long leaving and then draining open connections may take.
-    #[arg(long, env = "AMB_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "AMB_DRAIN_TIMEOUT", default_value = "10s", value_parser = crate::duration::parse)]
     drain_timeout: Duration,
 
     /// Serve /healthz (200 while every role has a provider) and Prometheus /metrics here (off
@@ -96,9 +96,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let mut tags = args.member.tags()?;
     tags.entry(registrar::tags::ROLE.to_owned())
         .or_insert_with(|| "connect".to_owned());
-    let registry = args.registry.registry(std::env::vars())?;
+    let registry = args.registry.registry(crate::environment::vars())?;
     let seeds = match registry {
-        Registry::Serf => args.member.gossip.seeds(std::env::vars())?,
+        Registry::Serf => args.member.gossip.seeds(crate::environment::vars())?,
         Registry::Etcd(_) => Vec::new(),
     };
     raise_open_file_limit();

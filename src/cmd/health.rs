@@ -30,7 +30,7 @@ pub(crate) struct Args {
     addr: String,
 
     /// Give up after this long (resolve, connect and answer), e.g. 3s or 500ms.
-    #[arg(long, env = "AMB_HEALTH_TIMEOUT", default_value = "3s", value_parser = super::run::parse_duration)]
+    #[arg(long, env = "AMB_HEALTH_TIMEOUT", default_value = "3s", value_parser = crate::duration::parse)]
     timeout: Duration,
 }
 

@@ -79,11 +79,13 @@ impl RpcArgs {
             Err(error @ serf::rpc::Error::Connect { .. }) => error,
             Err(other) => return Err(other.into()),
         };
-        let seeds = self.gossip.seeds(std::env::vars())?;
+        let seeds = self.gossip.seeds(crate::environment::vars())?;
         if seeds.is_empty() {
             return Err(anyhow::anyhow!(
-                "{error}; no seed to join either (no --join, no {}_PORT_7946_TCP)",
-                self.gossip.serf_link.to_uppercase()
+                "{error}; no seed to join either (no --join, no {link}_PORT_7946_TCP or {link}_NAME, \
+                 no {alias} in /etc/hosts)",
+                link = self.gossip.serf_link.to_uppercase(),
+                alias = self.gossip.serf_link,
             ));
         }
         tracing::info!(rpc_addr = %self.rpc_addr, seeds = ?seeds, "no agent answers; joining the cluster");
@@ -294,7 +296,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     // Check the regexes here, so a typo is a usage error rather than an agent error.
     let local_filter = MemberFilter::new(&filter.tags, &filter.status, &filter.name)
         .map_err(|error| UsageError(error.to_string()))?;
-    if let Registry::Etcd(etcd) = args.registry.registry(std::env::vars())? {
+    if let Registry::Etcd(etcd) = args.registry.registry(crate::environment::vars())? {
         return etcd_members(&args, &etcd, &local_filter).await;
     }
     let session = args.rpc.connect(None).await?;

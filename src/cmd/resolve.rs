@@ -54,7 +54,7 @@ pub(crate) struct Args {
     all: bool,
 
     /// Wait up to this long for a member to appear (e.g. `10s`, `500ms`, `2m`).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = crate::duration::parse)]
     wait: Option<Duration>,
 
     #[command(flatten)]
@@ -63,30 +63,6 @@ pub(crate) struct Args {
     /// Serf (the default) or etcd.
     #[command(flatten)]
     registry: crate::registry::RegistryArgs,
-}
-
-/// Parses `10s`, `500ms`, `2m`, `1h` or plain seconds.
-pub(crate) fn parse_duration(value: &str) -> Result<Duration, String> {
-    let value = value.trim();
-    let split = value
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(value.len());
-    let (number, unit) = value.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("{value:?} is not a duration like 10s, 500ms or 2m"))?;
-    let seconds = match unit {
-        "" | "s" => number,
-        "ms" => number / 1000.0,
-        "m" => number * 60.0,
-        "h" => number * 3600.0,
-        _ => {
-            return Err(format!(
-                "{value:?}: unknown unit {unit:?} (use ms, s, m or h)"
-            ))
-        }
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|error| format!("{value:?}: {error}"))
 }
 
 /// Where to reach a member's service.
@@ -234,7 +210,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         (Some(role), false) => format!("role={role} and the --tag filters"),
         (None, _) => "the --tag filters".to_owned(),
     };
-    if let crate::registry::Registry::Etcd(etcd) = args.registry.registry(std::env::vars())? {
+    if let crate::registry::Registry::Etcd(etcd) =
+        args.registry.registry(crate::environment::vars())?
+    {
         return resolve_etcd(&args, &etcd, &local_filter, &wanted).await;
     }
     let session = args.rpc.connect(args.wait).await?;
@@ -460,19 +438,5 @@ mod tests {
             render(&no_port, Format::Env, "WEB", false).unwrap(),
             "WEB_HOST=10.0.0.9"
         );
-    }
-
-    #[test]
-    fn durations() {
-        for (input, expected) in [
-            ("10s", Duration::from_secs(10)),
-            ("500ms", Duration::from_millis(500)),
-            ("2m", Duration::from_secs(120)),
-            ("1.5", Duration::from_millis(1500)),
-        ] {
-            assert_eq!(parse_duration(input), Ok(expected), "{input}");
-        }
-        assert!(parse_duration("10x").is_err());
-        assert!(parse_duration("soon").is_err());
     }
 }

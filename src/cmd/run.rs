@@ -72,7 +72,7 @@ pub(crate) struct Args {
     listen_addr: IpAddr,
 
     /// Time allowed to resolve and connect to an upstream (e.g. 5s, 500ms).
-    #[arg(long, env = "AMB_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "AMB_CONNECT_TIMEOUT", default_value = "5s", value_parser = crate::duration::parse)]
     connect_timeout: Duration,
 
     /// Concurrent connections (TCP connections plus UDP sessions); past it new clients are
@@ -81,11 +81,11 @@ pub(crate) struct Args {
     max_connections: usize,
 
     /// On SIGTERM/SIGINT, how long open connections may take to finish.
-    #[arg(long, env = "AMB_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "AMB_DRAIN_TIMEOUT", default_value = "10s", value_parser = crate::duration::parse)]
     drain_timeout: Duration,
 
     /// A UDP session idle this long (no datagram either way) is closed.
-    #[arg(long, env = "AMB_UDP_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "AMB_UDP_IDLE_TIMEOUT", default_value = "60s", value_parser = crate::duration::parse)]
     udp_idle_timeout: Duration,
 
     #[command(flatten)]
@@ -102,7 +102,7 @@ pub(crate) struct Args {
 
     /// How often to check the backend (see --health-check); 0 turns checking off (the backend
     /// is then always advertised as passing).
-    #[arg(long, env = "AMB_HEALTH_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, env = "AMB_HEALTH_INTERVAL", default_value = "2s", value_parser = crate::duration::parse)]
     health_interval: Duration,
 
     /// How to check the backend: tcp (it accepts a connection), mysql (greeting, a login
@@ -159,16 +159,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         serf_link: serf_link.clone(),
         forwards: args.forwards.clone(),
     };
-    // `vars_os`, not `vars`: an unrelated non-UTF-8 variable must not abort the ambassador, and a
-    // non-UTF-8 link variable still reaches the parser (lossily) and is reported there.
-    let vars: Vec<(String, String)> = std::env::vars_os()
-        .map(|(name, value)| {
-            (
-                name.to_string_lossy().into_owned(),
-                value.to_string_lossy().into_owned(),
-            )
-        })
-        .collect();
+    let vars = crate::environment::vars();
     let registry = args.registry.registry(vars.iter().cloned())?;
     let vars = match &registry {
         // The etcd link names the registry, not a backend to forward.
@@ -503,14 +494,14 @@ impl Signals {
 pub(crate) struct LivenessArgs {
     /// TCP keepalive on both sides of every connection: idle time before the first probe
     /// (probes then every third of it, three unanswered close the connection); 0 turns it off.
-    #[arg(long, env = "AMB_TCP_KEEPALIVE", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "AMB_TCP_KEEPALIVE", default_value = "30s", value_parser = crate::duration::parse)]
     tcp_keepalive: Duration,
 
     /// TCP_USER_TIMEOUT on both sides: data unacknowledged this long closes the connection
     /// (the client sees a reset); 0 keeps the kernel default (~15 min of retransmissions).
     /// Off by default: the kernel also applies it to a peer that keeps its receive window
     /// closed (a client that stops reading), so set it above the longest such stall.
-    #[arg(long, env = "AMB_TCP_USER_TIMEOUT", default_value = "0", value_parser = parse_duration)]
+    #[arg(long, env = "AMB_TCP_USER_TIMEOUT", default_value = "0", value_parser = crate::duration::parse)]
     tcp_user_timeout: Duration,
 }
 
@@ -551,51 +542,11 @@ pub(crate) fn raise_open_file_limit() {
     }
 }
 
-/// `5s`, `500ms`, `2m`, or a bare number of seconds.
-pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration (e.g. 5s, 500ms, 2m)"))?;
-    let seconds = match unit.trim() {
-        "" | "s" => number,
-        "ms" => number / 1000.0,
-        "m" => number * 60.0,
-        "h" => number * 3600.0,
-        other => {
-            return Err(format!(
-                "{text:?}: unknown unit {other:?} (use ms, s, m or h)"
-            ))
-        }
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is out of range"))
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{parse_duration, LivenessArgs};
+    use super::LivenessArgs;
     use clap::Parser;
     use std::time::Duration;
-
-    #[test]
-    fn durations() {
-        for (text, expected) in [
-            ("5s", Duration::from_secs(5)),
-            ("500ms", Duration::from_millis(500)),
-            ("2m", Duration::from_secs(120)),
-            ("10", Duration::from_secs(10)),
-            ("1.5s", Duration::from_millis(1500)),
-        ] {
-            assert_eq!(parse_duration(text), Ok(expected), "{text}");
-        }
-        for text in ["", "s", "5x", "-1s", "fast"] {
-            assert!(parse_duration(text).is_err(), "{text}");
-        }
-    }
 
     #[test]
     fn liveness_defaults_to_keepalive_only_and_zero_turns_either_off() {

@@ -3,8 +3,8 @@
 //!
 //! Nothing can be pulled here, so `scripts/docker-test-images` makes the base images from this
 //! machine and Debian's mirror (a debootstrap + host-toolchain build base, passed as
-//! `--build-arg RUST_IMAGE`, and a redis backend); they are tagged by content hash and kept for
-//! the next run. Everything else the test creates (the image under test, containers, networks)
+//! `--build-arg RUST_IMAGE`, a redis backend, and Debian's Go `serf agent` with no EXPOSE line);
+//! they are tagged by content hash and kept for the next run. Everything else the test creates (the image under test, containers, networks)
 //! is removed by ID when it ends, pass or fail.
 //!
 //! Runs when a Docker engine answers; under `AMB_REQUIRE_PEERS=1` (the README's test command,
@@ -27,6 +27,8 @@ const BUILD_DEADLINE: Duration = Duration::from_secs(1200);
 const STOP_LIMIT: Duration = Duration::from_secs(30);
 /// "Within 5 s" of `docker run`, serf_1 shows the ambassador alive.
 const SERF_ALIVE_LIMIT: Duration = Duration::from_secs(5);
+/// Generous: Go's agent, the ambassador's health check and gossip on a loaded machine.
+const GO_SERF_ALIVE_DEADLINE: Duration = Duration::from_secs(60);
 
 fn required() -> bool {
     std::env::var_os("AMB_REQUIRE_PEERS").is_some_and(|value| value == "1")
@@ -116,8 +118,18 @@ impl Drop for Created {
     }
 }
 
+/// The images `scripts/docker-test-images` makes.
+struct BaseImages {
+    /// The build base (`--build-arg RUST_IMAGE`).
+    rust: String,
+    /// A redis backend.
+    redis: String,
+    /// Debian's Go `serf agent`, with no EXPOSE line.
+    serf: String,
+}
+
 /// `name=tag` lines from `scripts/docker-test-images`, built or reused.
-fn base_images() -> (String, String) {
+fn base_images() -> BaseImages {
     let start = Instant::now();
     let script = Path::new(REPO).join("scripts/docker-test-images");
     let output = testkit::run_with_timeout(Command::new(&script).arg("all"), BUILD_DEADLINE);
@@ -137,7 +149,11 @@ fn base_images() -> (String, String) {
             .to_owned()
     };
     eprintln!("base images ready in {:.1?}", start.elapsed());
-    (tag("rust"), tag("redis"))
+    BaseImages {
+        rust: tag("rust"),
+        redis: tag("redis"),
+        serf: tag("serf"),
+    }
 }
 
 /// `docker build` of the root Dockerfile with the local build base; returns the image ID.
@@ -316,7 +332,11 @@ fn image_forwards_links_and_resolves_names() {
     }
     let start = Instant::now();
     let mut created = Created::default();
-    let (rust_image, redis_image) = base_images();
+    let BaseImages {
+        rust: rust_image,
+        redis: redis_image,
+        serf: go_serf_image,
+    } = base_images();
     let image = build_image(&mut created, &rust_image);
     check_image(&image);
     let version = docker(&["run", "--rm", &image, "--version"]);
@@ -408,6 +428,14 @@ fn image_forwards_links_and_resolves_names() {
     stops_cleanly(&ambassador);
     serf_member(&serf_1, &hostname, "left", DEADLINE);
 
+    joins_a_serf_image_that_exposes_no_port(
+        &mut created,
+        &image,
+        &go_serf_image,
+        &name("redis"),
+        &prefix,
+    );
+
     // A user-defined network (compose's case): no link variables, Docker's DNS, AMB_FORWARD.
     let network = name("net");
     created.network(&network);
@@ -446,6 +474,99 @@ fn image_forwards_links_and_resolves_names() {
     );
     stops_cleanly(&ambassador);
     eprintln!("docker test took {:.1?}", start.elapsed());
+}
+
+/// Issue #26: `--link serf_1:serf_1` to an image with no EXPOSE line (Debian's Go `serf agent`)
+/// gives no `SERF_1_PORT_7946_TCP`, only `SERF_1_NAME` and the `/etc/hosts` line. The
+/// ambassador joins `serf_1:7946`, and the Go agent's own `serf members` shows it alive with
+/// its role.
+fn joins_a_serf_image_that_exposes_no_port(
+    created: &mut Created,
+    image: &str,
+    go_serf_image: &str,
+    redis_name: &str,
+    prefix: &str,
+) {
+    let exposed = docker(&[
+        "image",
+        "inspect",
+        "-f",
+        "{{json .Config.ExposedPorts}}",
+        go_serf_image,
+    ]);
+    assert_eq!(exposed, "null", "{go_serf_image} must expose no port");
+    let go_serf_name = format!("{prefix}-go-serf");
+    let go_serf = created.run(
+        "go serf agent",
+        &[
+            "--name",
+            &go_serf_name,
+            go_serf_image,
+            "agent",
+            "-node",
+            "go_serf_1",
+        ],
+    );
+    let ambassador = created.run(
+        "ambassador (go serf)",
+        &[
+            "--read-only",
+            "--name",
+            &format!("{prefix}-ambassador-go"),
+            "--link",
+            &format!("{redis_name}:redis"),
+            "--link",
+            &format!("{go_serf_name}:serf_1"),
+            image,
+        ],
+    );
+    // Link variables are in the process's environment, not in the container's config.
+    let pid = docker(&["inspect", "-f", "{{.State.Pid}}", &ambassador]);
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("reading /proc");
+    let link_vars: Vec<String> = environ
+        .split(|&byte| byte == 0)
+        .map(|var| String::from_utf8_lossy(var).into_owned())
+        .filter(|var| var.starts_with("SERF_1_"))
+        .collect();
+    assert!(
+        link_vars.iter().any(|var| var.starts_with("SERF_1_NAME=/"))
+            && !link_vars.iter().any(|var| var.starts_with("SERF_1_PORT")),
+        "a link to a portless image should give SERF_1_NAME and no port variable: {link_vars:?}"
+    );
+    let hostname = docker(&["inspect", "-f", "{{.Config.Hostname}}", &ambassador]);
+    let ambassador_ip = container_ip(&ambassador, None);
+    let member = eventually(
+        GO_SERF_ALIVE_DEADLINE,
+        &format!("Go serf members showing {hostname} alive with role=6379"),
+        || {
+            let output = docker_output(
+                &["exec", &go_serf, "serf", "members", "-format", "json"],
+                DEADLINE,
+            );
+            let members: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+            members["members"]
+                .as_array()?
+                .iter()
+                .find(|member| {
+                    member["name"] == hostname.as_str()
+                        && member["status"] == "alive"
+                        && member["tags"]["role"] == "6379"
+                })
+                .cloned()
+        },
+    );
+    assert_eq!(
+        member["addr"],
+        format!("{ambassador_ip}:7946"),
+        "member {member}"
+    );
+    let logs = docker_output(&["logs", &ambassador], DEADLINE);
+    let logs = String::from_utf8_lossy(&logs.stderr);
+    assert!(
+        logs.contains("seed to join") && logs.contains("link SERF_1_NAME without a port variable"),
+        "the ambassador should log the rule that found serf_1:7946:\n{logs}"
+    );
+    stops_cleanly(&ambassador);
 }
 
 /// `docker-compose.yml` is valid and tells the whole story (it cannot run here: no pulls).

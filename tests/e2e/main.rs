@@ -5,6 +5,7 @@ mod ambassador;
 mod connect;
 mod docker;
 mod encryption;
+mod environment;
 mod etcd;
 mod faults;
 mod health;

@@ -139,7 +139,8 @@ fn members_reports_a_missing_agent() {
         String::from_utf8_lossy(&output.stderr).trim(),
         format!(
             "amb-serf: no Serf agent at 127.0.0.1:{port}: connection refused; \
-             no seed to join either (no --join, no SERF_1_PORT_7946_TCP)"
+             no seed to join either (no --join, no SERF_1_PORT_7946_TCP or SERF_1_NAME, \
+             no serf_1 in /etc/hosts)"
         )
     );
 }

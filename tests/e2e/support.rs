@@ -111,6 +111,12 @@ impl Ambassador {
         Self::spawn(command(vars, full_args))
     }
 
+    /// Starts a command made with [`command`] and then adjusted (e.g. given a variable that is
+    /// not UTF-8) and waits until it logs that it is ready.
+    pub(crate) fn start_prepared(command: Command) -> Self {
+        Self::spawn(command)
+    }
+
     /// Starts `amb-serf run --listen-addr <host ip> ARGS` inside simulated host `host` (its
     /// environment is `vars` only) and waits until it is ready.
     pub(crate) fn start_in(

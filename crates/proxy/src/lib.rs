@@ -35,7 +35,9 @@
 //! use proxy::{link_env, Config, Proxy};
 //! use tokio_util::{sync::CancellationToken, task::TaskTracker};
 //!
-//! let specs = link_env::parse(std::env::vars(), &link_env::Options::default())?;
+//! // The binary passes its whole environment; any `(name, value)` pairs will do.
+//! let vars = [("MYSQL_PORT_3306_TCP".to_owned(), "tcp://172.17.0.5:3306".to_owned())];
+//! let specs = link_env::parse(vars, &link_env::Options::default())?;
 //! let proxy = Proxy::bind(&specs, &Config::default()).await?;
 //! let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
 //! proxy.spawn(&tasks, &shutdown);

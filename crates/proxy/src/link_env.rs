@@ -225,6 +225,23 @@ pub fn link_ports(
     Ok(specs)
 }
 
+/// The `<ALIAS>_NAME` variable by which Docker says the container is linked to `alias`, if it
+/// is set: `SERF_1_NAME=/amb/serf_1` (`/<this container>/<alias>`). Docker sets it for every
+/// link, also to a container that exposes no port and so gets no `<ALIAS>_PORT_*` variables;
+/// then the alias itself (an `/etc/hosts` name Docker wrote) is the way to reach it. A value
+/// of another form is not Docker's and is ignored.
+pub fn link_name_var(
+    vars: impl IntoIterator<Item = (String, String)>,
+    alias: &str,
+) -> Option<String> {
+    let wanted = format!("{}_NAME", normalize_alias(alias));
+    vars.into_iter().find_map(|(name, value)| {
+        let (_, last) = value.rsplit_once('/')?;
+        (name == wanted && value.starts_with('/') && last.eq_ignore_ascii_case(alias))
+            .then_some(name)
+    })
+}
+
 fn insert(
     specs: &mut BTreeMap<(u16, Protocol), (ForwardSpec, String)>,
     spec: ForwardSpec,

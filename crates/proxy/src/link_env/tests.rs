@@ -156,6 +156,44 @@ fn the_serf_link_ports_are_found_on_request() {
 }
 
 #[test]
+fn the_link_name_variable_says_a_portless_container_is_linked() {
+    let check = |pairs: &[(&str, &str)], alias: &str, expected: Option<&str>| {
+        assert_eq!(
+            link_name_var(env(pairs), alias).as_deref(),
+            expected,
+            "{pairs:?} {alias}"
+        );
+    };
+    // `--link serf_1:serf_1` to an image without EXPOSE: no port variable, only the name.
+    check(
+        &[("SERF_1_NAME", "/amb/serf_1")],
+        "serf_1",
+        Some("SERF_1_NAME"),
+    );
+    check(
+        &[
+            ("SEED_X_NAME", "/amb-serf_2/seed-x"),
+            ("SERF_1_NAME", "/amb/serf_1"),
+        ],
+        "seed-x",
+        Some("SEED_X_NAME"),
+    );
+    check(
+        &[("SERF_1_NAME", "/amb/SERF_1")],
+        "serf_1",
+        Some("SERF_1_NAME"),
+    );
+    check(&[], "serf_1", None);
+    check(&[("MYSQL_NAME", "/amb/mysql")], "serf_1", None);
+    // Not Docker's form, or another alias's name: not a link to `serf_1`.
+    check(&[("SERF_1_NAME", "serf_1")], "serf_1", None);
+    check(&[("SERF_1_NAME", "/amb/mysql")], "serf_1", None);
+    check(&[("SERF_1_NAME", "")], "serf_1", None);
+    // A linked container's own environment is never a link of ours.
+    check(&[("DB_ENV_SERF_1_NAME", "/amb/serf_1")], "serf_1", None);
+}
+
+#[test]
 fn env_copies_are_never_links() {
     // The backend was itself linked to `db`: Docker copies its DB_PORT_* variables as ENV.
     check(

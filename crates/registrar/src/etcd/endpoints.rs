@@ -68,7 +68,7 @@ impl Endpoints {
     }
 
     /// The endpoint from an `ETCD_PORT_2379_TCP=tcp://IP:PORT` link variable among `vars`, if
-    /// present. Pass `std::env::vars()` in the binary and a slice in tests.
+    /// present. Pass the process environment in the binary and a slice in tests.
     pub fn from_link_env(
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Option<Self>, EndpointError> {
