@@ -2,8 +2,8 @@
 //! tags.
 //!
 //! - [`run_checks`] probes the backend every interval with the check `--health-check` chose
-//!   ([`Kind`]: `tcp` connects and closes, [`mysql`] logs in politely and quits, [`redis`]
-//!   sends `PING`; `auto` picks by the backend's port) and publishes [`Health`] on a `watch`
+//!   ([`Kind`]: `tcp` connects and closes, `proxy::health::mysql` logs in politely and quits,
+//!   `proxy::health::redis` sends `PING`; `auto` picks by the backend's port) and publishes [`Health`] on a `watch`
 //!   channel; transitions are logged (warn when it goes down, info when it comes back). A
 //!   probe never outlives its timeout.
 //! - [`advertise`] watches that channel and applies `registrar::tags::desired(&ad, health)`
@@ -14,18 +14,15 @@
 //! Both loops stop on their cancellation token; `run` stops them before leaving the cluster,
 //! so no tag update races the leave.
 
-mod mysql;
-mod redis;
-
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
+use proxy::health::{mysql, redis};
 use proxy::Target;
 use registrar::tags::{desired, Advertisement, Health};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -134,39 +131,6 @@ impl Check {
         .await;
         Ok(verdict)
     }
-}
-
-/// Bytes from the server as text fit for a log line: lossy UTF-8, no control characters, at
-/// most `max` characters.
-fn printable(bytes: &[u8], max: usize) -> String {
-    String::from_utf8_lossy(bytes)
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(max)
-        .collect()
-}
-
-/// Reads what the server sends next onto `buffer`; the server closing first is an error
-/// that says when (`mid-handshake`).
-async fn read_more(stream: &mut TcpStream, buffer: &mut Vec<u8>, when: &str) -> Result<(), String> {
-    let mut chunk = [0u8; 1024];
-    let n = stream
-        .read(&mut chunk)
-        .await
-        .map_err(|error| format!("reading from the server: {error}"))?;
-    if n == 0 {
-        return Err(format!("the server closed the connection {when}"));
-    }
-    buffer.extend_from_slice(&chunk[..n]);
-    Ok(())
-}
-
-/// Writes all of `bytes` to the server.
-async fn write(stream: &mut TcpStream, bytes: &[u8]) -> Result<(), String> {
-    stream
-        .write_all(bytes)
-        .await
-        .map_err(|error| format!("writing to the server: {error}"))
 }
 
 /// Logs the check chosen for `target` (once, at startup).

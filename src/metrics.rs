@@ -22,8 +22,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-/// Largest request head accepted.
-const MAX_HEAD: usize = 8 * 1024;
+use request::{head_complete, parse_request};
+
+// Pure and free of this crate's items, so that the fuzz target can include it by path.
+mod request;
+
 /// Time a client has to send its request head.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Member statuses always exported (as 0 when nobody has them), so dashboards see every series.
@@ -115,10 +118,7 @@ async fn answer(mut stream: TcpStream, observed: &Observed) -> std::io::Result<(
 async fn read_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     let mut head = Vec::with_capacity(512);
     let mut buffer = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
-        if head.len() > MAX_HEAD {
-            break;
-        }
+    while !head_complete(&head) {
         let n = stream.read(&mut buffer).await?;
         if n == 0 {
             break;
@@ -126,28 +126,6 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
         head.extend_from_slice(&buffer[..n]);
     }
     Ok(head)
-}
-
-/// The method and path of a request head, or the status to answer with.
-fn parse_request(head: &[u8]) -> Result<(&str, &str), u16> {
-    if head.len() > MAX_HEAD {
-        return Err(431);
-    }
-    let line_end = head.iter().position(|&b| b == b'\n').ok_or(400u16)?;
-    let line = std::str::from_utf8(&head[..line_end]).map_err(|_| 400u16)?;
-    let mut words = line.trim_end().split(' ');
-    let (Some(method), Some(target), Some(version)) = (words.next(), words.next(), words.next())
-    else {
-        return Err(400);
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Err(400);
-    }
-    if method != "GET" && method != "HEAD" {
-        return Err(405);
-    }
-    let path = target.split('?').next().unwrap_or(target);
-    Ok((method, path))
 }
 
 async fn route(path: &str, observed: &Observed) -> Response {
@@ -338,6 +316,7 @@ fn reason(status: u16) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    use super::request::MAX_HEAD;
     use super::*;
 
     #[test]

@@ -1,6 +1,14 @@
-//! The health probe the registrar uses: does the upstream accept a TCP connection now?
+//! Backend health probes: does the upstream accept a TCP connection now ([`probe`])? And the
+//! protocol checks, each a sans-IO core with a thin I/O shell: [`mysql`] (log in politely and
+//! quit) and [`redis`] (`PING`).
+
+pub mod mysql;
+pub mod redis;
 
 use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::link_env::Target;
 use crate::tcp::{connect, UpstreamError};
@@ -13,6 +21,43 @@ pub async fn probe(target: &Target, timeout: Duration) -> Result<Duration, Upstr
     let stream = connect(target, timeout).await?;
     drop(stream);
     Ok(start.elapsed())
+}
+
+/// Bytes from the server as text fit for a log line: lossy UTF-8, no control characters, at
+/// most `max` characters.
+pub(crate) fn printable(bytes: &[u8], max: usize) -> String {
+    String::from_utf8_lossy(bytes)
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(max)
+        .collect()
+}
+
+/// Reads what the server sends next onto `buffer`; the server closing first is an error
+/// that says when (`mid-handshake`).
+pub(crate) async fn read_more(
+    stream: &mut TcpStream,
+    buffer: &mut Vec<u8>,
+    when: &str,
+) -> Result<(), String> {
+    let mut chunk = [0u8; 1024];
+    let n = stream
+        .read(&mut chunk)
+        .await
+        .map_err(|error| format!("reading from the server: {error}"))?;
+    if n == 0 {
+        return Err(format!("the server closed the connection {when}"));
+    }
+    buffer.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
+/// Writes all of `bytes` to the server.
+pub(crate) async fn write(stream: &mut TcpStream, bytes: &[u8]) -> Result<(), String> {
+    stream
+        .write_all(bytes)
+        .await
+        .map_err(|error| format!("writing to the server: {error}"))
 }
 
 #[cfg(test)]

@@ -54,7 +54,7 @@ const LOGIN_REFUSED: [u16; 9] = [1044, 1045, 1251, 1698, 1862, 3118, 3159, 4150,
 
 /// Why the server is not healthy (or not MySQL).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Failure {
+pub enum Failure {
     /// The server answered with an ERR packet that is not an access denial.
     Server {
         /// The MySQL error code (e.g. 1129 host blocked, 1040 too many connections).
@@ -77,7 +77,7 @@ impl fmt::Display for Failure {
 
 /// How a healthy exchange ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Outcome {
+pub enum Outcome {
     /// The check user logged in (and we sent `COM_QUIT`).
     LoggedIn,
     /// The server refused the check user: it is up and authenticating.
@@ -91,7 +91,7 @@ pub(crate) enum Outcome {
 
 /// What to do after a packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Reply {
+pub enum Reply {
     /// Send these bytes (a framed packet) and read the next packet.
     Send(Vec<u8>),
     /// Read the next packet.
@@ -107,14 +107,16 @@ pub(crate) enum Reply {
 
 /// A packet: its sequence number and payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Packet<'a> {
-    pub(crate) seq: u8,
-    pub(crate) payload: &'a [u8],
+pub struct Packet<'a> {
+    /// The sequence number (the fourth header byte).
+    pub seq: u8,
+    /// The payload, without the header.
+    pub payload: &'a [u8],
 }
 
 /// The first complete packet in `buffer` and how many bytes it took, `Ok(None)` if more bytes
 /// are needed. A length over [`MAX_PACKET`] is an error before anything is buffered.
-pub(crate) fn next_packet(buffer: &[u8]) -> Result<Option<(Packet<'_>, usize)>, Failure> {
+pub fn next_packet(buffer: &[u8]) -> Result<Option<(Packet<'_>, usize)>, Failure> {
     let Some(header) = buffer.get(..4) else {
         return Ok(None);
     };
@@ -151,11 +153,13 @@ fn frame(seq: u8, payload: &[u8]) -> Vec<u8> {
 
 /// The parts of the server's greeting we use.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Greeting {
-    pub(crate) server_version: String,
-    pub(crate) capabilities: u32,
+pub struct Greeting {
+    /// The server's version text, made printable.
+    pub server_version: String,
+    /// The capability flags, both halves.
+    pub capabilities: u32,
     /// The default auth plugin, when the server names one.
-    pub(crate) auth_plugin: Option<String>,
+    pub auth_plugin: Option<String>,
 }
 
 /// A little cursor over a payload: every read is bounds-checked.
@@ -198,7 +202,7 @@ impl<'a> Cursor<'a> {
 }
 
 /// Parses an ERR packet's payload (it starts with 0xFF).
-pub(crate) fn parse_err(payload: &[u8]) -> Result<(u16, String), Failure> {
+pub fn parse_err(payload: &[u8]) -> Result<(u16, String), Failure> {
     let mut cursor = Cursor {
         bytes: payload,
         what: "an ERR packet",
@@ -213,7 +217,7 @@ pub(crate) fn parse_err(payload: &[u8]) -> Result<(u16, String), Failure> {
 }
 
 /// Parses the Initial Handshake packet (protocol 10), or the ERR packet sent in its place.
-pub(crate) fn parse_greeting(payload: &[u8]) -> Result<Greeting, Failure> {
+pub fn parse_greeting(payload: &[u8]) -> Result<Greeting, Failure> {
     match payload.first() {
         Some(0xFF) => {
             let (code, message) = parse_err(payload)?;
@@ -271,14 +275,14 @@ enum State {
 
 /// The sans-IO login: feed it the server's packets in order with [`Login::handle_packet`].
 #[derive(Debug, Clone)]
-pub(crate) struct Login {
+pub struct Login {
     user: String,
     state: State,
 }
 
 impl Login {
     /// A login as `user` with an empty password.
-    pub(crate) fn new(user: &str) -> Self {
+    pub fn new(user: &str) -> Self {
         Self {
             user: user.to_owned(),
             state: State::Greeting,
@@ -286,7 +290,7 @@ impl Login {
     }
 
     /// The next step after `packet`. An `Err` ends the exchange: the backend is critical.
-    pub(crate) fn handle_packet(&mut self, packet: Packet<'_>) -> Result<Reply, Failure> {
+    pub fn handle_packet(&mut self, packet: Packet<'_>) -> Result<Reply, Failure> {
         let next_seq = packet.seq.wrapping_add(1);
         match self.state {
             State::Greeting => {
@@ -381,7 +385,7 @@ impl Login {
 }
 
 /// Runs the login over `stream` until the verdict. The caller bounds it with a timeout.
-pub(crate) async fn talk(stream: &mut TcpStream, user: &str) -> Result<String, String> {
+pub async fn talk(stream: &mut TcpStream, user: &str) -> Result<String, String> {
     let mut login = Login::new(user);
     let mut buffer = Vec::with_capacity(256);
     loop {

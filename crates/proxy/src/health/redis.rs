@@ -14,14 +14,14 @@ use std::fmt;
 use tokio::net::TcpStream;
 
 /// What we send: `PING`, then `QUIT` so the server closes the connection itself.
-pub(crate) const REQUEST: &[u8] = b"PING\r\nQUIT\r\n";
+pub const REQUEST: &[u8] = b"PING\r\nQUIT\r\n";
 
 /// A first line longer than this is not an answer to `PING`.
 const MAX_LINE: usize = 512;
 
 /// Why the server is not healthy (or not Redis).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Failure {
+pub enum Failure {
     /// An error reply, e.g. `LOADING Redis is loading the dataset in memory`.
     Server(String),
     /// Not a Redis reply.
@@ -39,7 +39,7 @@ impl fmt::Display for Failure {
 
 /// The verdict on what the server sent so far: `None` until the first line is complete.
 /// `Ok` carries a note for the debug log.
-pub(crate) fn verdict(received: &[u8]) -> Option<Result<&'static str, Failure>> {
+pub fn verdict(received: &[u8]) -> Option<Result<&'static str, Failure>> {
     let Some(end) = received.windows(2).position(|pair| pair == b"\r\n") else {
         return (received.len() > MAX_LINE).then(|| {
             Err(Failure::Protocol(format!(
@@ -58,7 +58,7 @@ pub(crate) fn verdict(received: &[u8]) -> Option<Result<&'static str, Failure>> 
 }
 
 /// Sends `PING` and `QUIT` and reads until the verdict. The caller bounds it with a timeout.
-pub(crate) async fn talk(stream: &mut TcpStream) -> Result<String, String> {
+pub async fn talk(stream: &mut TcpStream) -> Result<String, String> {
     super::write(stream, REQUEST).await?;
     let mut received = Vec::with_capacity(64);
     loop {
