@@ -107,7 +107,7 @@ impl Check {
     /// what is left of it) for the server to close first, so it sees an orderly goodbye.
     async fn converse(&self) -> Result<String, String> {
         let deadline = Instant::now() + self.timeout;
-        let mut stream = proxy::tcp::connect(&self.target, self.timeout)
+        let mut stream = proxy::dial::connect(&self.target, self.timeout)
             .await
             .map_err(|error| error.to_string())?;
         let talk = async {

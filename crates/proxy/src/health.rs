@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::dial::{connect, UpstreamError};
 use crate::link_env::Target;
-use crate::tcp::{connect, UpstreamError};
 
 /// Connects to `target` (resolving a name now) and closes the connection at once.
 ///

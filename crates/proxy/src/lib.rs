@@ -59,17 +59,20 @@ pub use tokio_util::sync::CancellationToken;
 pub use tokio_util::task::TaskTracker;
 
 mod copy;
+pub mod dial;
 pub mod health;
 pub mod link_env;
 #[cfg(target_os = "linux")]
+mod rate_limit;
 mod splice;
 pub mod tcp;
 pub mod udp;
 pub mod upstream;
 
 pub use copy::{CopyError, Side};
+pub use dial::UpstreamError;
 pub use link_env::{ForwardSpec, Host, LinkEnvError, Origin, Protocol, Target};
-pub use tcp::{Liveness, TcpForwarder, UpstreamError};
+pub use tcp::{Liveness, TcpForwarder};
 pub use udp::UdpForwarder;
 pub use upstream::{Candidate, Outcome, Policy, Pool, Upstream};
 

@@ -3,17 +3,18 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::link_env::{Host, Target};
+use crate::dial::UpstreamError;
+use crate::rate_limit::RateLimit;
 use crate::upstream::{Lease, Removal, Upstream};
 use crate::{copy, Error, Permit, Stats};
 
@@ -68,131 +69,6 @@ const INHERITS_OPTIONS: bool = cfg!(any(target_os = "linux", target_os = "androi
 
 /// Unanswered keepalive probes before the kernel closes a connection.
 const KEEPALIVE_PROBES: u32 = 3;
-
-/// Why an upstream connection could not be made. Nothing was forwarded.
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    /// The target's host name did not resolve.
-    #[error("resolving {host}: {source}")]
-    Resolve {
-        /// The name.
-        host: String,
-        /// The resolver's error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The name resolved to no address.
-    #[error("{host} has no address")]
-    NoAddress {
-        /// The name.
-        host: String,
-    },
-    /// The connection was refused or failed.
-    #[error("connecting to {addr}: {source}")]
-    Connect {
-        /// The address tried last.
-        addr: SocketAddr,
-        /// The error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Resolution and connection together took longer than the connect timeout.
-    #[error("connecting to {target}: timed out after {timeout:?}")]
-    Timeout {
-        /// The target.
-        target: String,
-        /// The connect timeout.
-        timeout: Duration,
-    },
-    /// A dynamic upstream offered no usable target within the wait.
-    #[error("no target for {pool} after waiting {waited:?}")]
-    NoTarget {
-        /// The pool (for example `role 6379`).
-        pool: String,
-        /// How long the client waited.
-        waited: Duration,
-    },
-}
-
-/// Connects to `target`, resolving a host name now (never cached: a container that comes back
-/// with a new address is found), trying each address in turn, all within `timeout`.
-pub async fn connect(target: &Target, timeout: Duration) -> Result<TcpStream, UpstreamError> {
-    let attempt = async {
-        match &target.host {
-            Host::Ip(ip) => {
-                let addr = SocketAddr::new(*ip, target.port);
-                TcpStream::connect(addr)
-                    .await
-                    .map_err(|source| UpstreamError::Connect { addr, source })
-            }
-            Host::Name(name) => {
-                let addrs = tokio::net::lookup_host((name.as_str(), target.port))
-                    .await
-                    .map_err(|source| UpstreamError::Resolve {
-                        host: name.clone(),
-                        source,
-                    })?;
-                let mut last = UpstreamError::NoAddress { host: name.clone() };
-                for addr in addrs {
-                    match TcpStream::connect(addr).await {
-                        Ok(stream) => return Ok(stream),
-                        Err(source) => last = UpstreamError::Connect { addr, source },
-                    }
-                }
-                Err(last)
-            }
-        }
-    };
-    match tokio::time::timeout(timeout, attempt).await {
-        Ok(result) => result,
-        Err(_) => Err(UpstreamError::Timeout {
-            target: target.to_string(),
-            timeout,
-        }),
-    }
-}
-
-/// Lets one log line through per interval and counts the ones held back, so a storm of failing
-/// connections logs a line a second instead of a line per connection.
-#[derive(Debug)]
-pub(crate) struct RateLimit {
-    start: Instant,
-    interval_ms: u64,
-    next_ms: AtomicU64,
-    suppressed: AtomicU64,
-}
-
-impl RateLimit {
-    pub(crate) fn per_second() -> Self {
-        Self {
-            start: Instant::now(),
-            interval_ms: 1000,
-            next_ms: AtomicU64::new(0),
-            suppressed: AtomicU64::new(0),
-        }
-    }
-
-    /// `Some(number held back since the last line)` when a line may be logged now.
-    pub(crate) fn allow(&self) -> Option<u64> {
-        let now = self.start.elapsed().as_millis() as u64;
-        let next = self.next_ms.load(Ordering::Relaxed);
-        if now >= next
-            && self
-                .next_ms
-                .compare_exchange(
-                    next,
-                    now + self.interval_ms,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-        {
-            return Some(self.suppressed.swap(0, Ordering::Relaxed));
-        }
-        self.suppressed.fetch_add(1, Ordering::Relaxed);
-        None
-    }
-}
 
 /// What every connection task of one forwarder shares.
 #[derive(Debug)]
@@ -434,18 +310,7 @@ impl Future for Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rate_limit_lets_one_line_through_and_counts_the_rest() {
-        let limit = RateLimit::per_second();
-        assert_eq!(limit.allow(), Some(0));
-        for _ in 0..5 {
-            assert_eq!(limit.allow(), None);
-        }
-        // The next window reports what was held back.
-        limit.next_ms.store(0, Ordering::Relaxed);
-        assert_eq!(limit.allow(), Some(5));
-    }
+    use crate::link_env::{Host, Target};
 
     #[test]
     fn an_idle_connection_holds_only_what_forwarding_needs() {

@@ -34,7 +34,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, trace, warn};
 
 use crate::link_env::{Host, Target};
-use crate::tcp::RateLimit;
+use crate::rate_limit::RateLimit;
 use crate::{Error, Permit, Stats};
 
 /// The largest UDP payload.

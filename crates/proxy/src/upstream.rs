@@ -19,8 +19,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::debug;
 
+use crate::dial::{connect, UpstreamError};
 use crate::link_env::Target;
-use crate::tcp::{connect, UpstreamError};
 
 /// How often a waiting client looks again when the pool has not changed: a target backed off
 /// after a refusal becomes usable again by time alone, with no change to announce.
