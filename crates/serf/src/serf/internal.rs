@@ -2,15 +2,17 @@
 //! and never shown to the application. `_serf_ping` needs only the generic ack;
 //! `_serf_conflict` reports what we know about a node name; the key-management queries
 //! (serf/keymanager.go) change or list the shared keyring the driver encrypts with, and answer
-//! with Go's texts ("No keyring to modify (encryption not enabled)" without one).
+//! with Go's texts ("No keyring to modify (encryption not enabled)" without one). [`answer`]
+//! only computes the answer from a [`Context`]; the caller sends it.
 
 use std::net::SocketAddr;
 
-use super::state::{ConflictResolution, SerfState};
-use super::Query;
 use base64::Engine as _;
 
-use super::Error;
+use super::member::Members;
+use super::query::QueryHandle;
+use super::Query;
+use crate::wire::crypto::SharedKeyring;
 use crate::wire::serf::{self as wire, ConflictMember, KeyResponse};
 
 /// Go's `minEncodedKeyLength`: the list-keys answer starts with at most
@@ -22,28 +24,44 @@ pub(crate) const PREFIX: &str = "_serf_";
 /// The name-conflict query.
 pub(crate) const CONFLICT: &str = "_serf_conflict";
 
-/// Answers an internal query addressed to us.
-pub(crate) fn handle(state: &mut SerfState, query: &Query) {
-    let result = match &query.name[PREFIX.len()..] {
-        "ping" => Ok(()),
-        "conflict" => answer_conflict(state, query),
-        "install-key" | "use-key" | "remove-key" | "list-keys" => answer_key_query(state, query),
+/// What an internal query may read or change of the member.
+pub(crate) struct Context<'a> {
+    /// The gossip keyring (key queries change it); `None` without encryption.
+    pub(crate) keyring: Option<&'a SharedKeyring>,
+    /// The member table (`_serf_conflict` reports from it).
+    pub(crate) members: &'a Members,
+    /// Our node name.
+    pub(crate) local_name: &'a str,
+    /// The largest query response, in bytes.
+    pub(crate) response_limit: usize,
+}
+
+/// The answer to an internal query addressed to us, if it gets one; `fits` says whether a
+/// payload fits the response size limit (a key list is cut until it does).
+pub(crate) fn answer(
+    context: &Context<'_>,
+    query: &Query,
+    fits: impl Fn(&[u8]) -> bool,
+) -> Option<Vec<u8>> {
+    match &query.name[PREFIX.len()..] {
+        "ping" => None,
+        "conflict" => answer_conflict(context, query),
+        "install-key" | "use-key" | "remove-key" | "list-keys" => {
+            Some(answer_key_query(context, query, fits))
+        }
         other => {
             tracing::debug!(name = other, "unhandled internal query");
-            Ok(())
+            None
         }
-    };
-    if let Err(error) = result {
-        tracing::debug!(name = %query.name, %error, "failed to answer internal query");
     }
 }
 
 /// `_serf_install-key`, `_serf_use-key`, `_serf_remove-key`, `_serf_list-keys` (serf
 /// internal_query.go `handleInstallKey` …): change the keyring and say how it went.
-fn answer_key_query(state: &mut SerfState, query: &Query) -> Result<(), Error> {
+fn answer_key_query(context: &Context<'_>, query: &Query, fits: impl Fn(&[u8]) -> bool) -> Vec<u8> {
     let operation = &query.name[PREFIX.len()..];
     let mut response = KeyResponse::default();
-    match (&state.keyring, operation) {
+    match (context.keyring, operation) {
         (None, "list-keys") => {
             response.message = "Keyring is empty (encryption not enabled)".to_owned();
         }
@@ -79,22 +97,22 @@ fn answer_key_query(state: &mut SerfState, query: &Query) -> Result<(), Error> {
         },
     }
     if operation != "list-keys" {
-        return state.respond(query.id, response.encode());
+        return response.encode();
     }
-    // Go's keyListResponseWithCorrectSize: drop keys until the answer fits the limit.
+    // Go's keyListResponseWithCorrectSize: drop keys until the answer fits the limit, having
+    // started from at most limit / 25 keys.
     let actual = response.keys.as_ref().map_or(0, Vec::len);
-    let mut shown = actual.min(state.config.query_response_size_limit / MIN_ENCODED_KEY_LENGTH);
+    let mut shown = actual.min(context.response_limit / MIN_ENCODED_KEY_LENGTH);
     if shown < actual {
         truncate_keys(&mut response, shown, actual);
     }
     loop {
-        match state.respond(query.id, response.encode()) {
-            Err(Error::ResponseTooLarge { .. }) if shown > 0 => {
-                shown -= 1;
-                truncate_keys(&mut response, shown, actual);
-            }
-            result => return result,
+        let encoded = response.encode();
+        if shown == 0 || fits(&encoded) {
+            return encoded;
         }
+        shown -= 1;
+        truncate_keys(&mut response, shown, actual);
     }
 }
 
@@ -108,13 +126,13 @@ fn truncate_keys(response: &mut KeyResponse, shown: usize, actual: usize) {
 
 /// `_serf_conflict`: the payload is a node name; answer with our view of that member unless
 /// the name is ours.
-fn answer_conflict(state: &mut SerfState, query: &Query) -> Result<(), super::Error> {
+fn answer_conflict(context: &Context<'_>, query: &Query) -> Option<Vec<u8>> {
     let node = String::from_utf8_lossy(&query.payload).into_owned();
-    if node == state.local_name() {
-        return Ok(());
+    if node == context.local_name {
+        return None;
     }
     tracing::debug!(%node, "conflict resolution query");
-    let member = state.members.get(&node).map(|member| ConflictMember {
+    let member = context.members.get(&node).map(|member| ConflictMember {
         name: member.name.clone(),
         addr: wire::ip_to_bytes(member.addr),
         port: member.port,
@@ -127,26 +145,34 @@ fn answer_conflict(state: &mut SerfState, query: &Query) -> Result<(), super::Er
         delegate_max: member.versions[4],
         delegate_cur: member.versions[5],
     });
-    state.respond(query.id, ConflictMember::encode_response(member.as_ref()))
+    Some(ConflictMember::encode_response(member.as_ref()))
 }
 
-/// Counts one answer to our `_serf_conflict` query: does the responder know our name at our
-/// address?
-pub(crate) fn count_conflict_response(
-    conflict: &mut ConflictResolution,
-    local: SocketAddr,
-    payload: &[u8],
-) {
-    match ConflictMember::decode_response(payload) {
-        Ok(member) => {
-            conflict.responses += 1;
-            let matches = member.is_some_and(|member| {
-                wire::ip_from_bytes(&member.addr) == Some(local.ip()) && member.port == local.port()
-            });
-            if matches {
-                conflict.matching += 1;
+/// A `_serf_conflict` query of ours in progress.
+#[derive(Debug, Clone)]
+pub(crate) struct ConflictResolution {
+    pub(crate) query: QueryHandle,
+    pub(crate) other: SocketAddr,
+    pub(crate) responses: usize,
+    pub(crate) matching: usize,
+}
+
+impl ConflictResolution {
+    /// Counts one answer to our `_serf_conflict` query: does the responder know our name at
+    /// our address?
+    pub(crate) fn count(&mut self, local: SocketAddr, payload: &[u8]) {
+        match ConflictMember::decode_response(payload) {
+            Ok(member) => {
+                self.responses += 1;
+                let matches = member.is_some_and(|member| {
+                    wire::ip_from_bytes(&member.addr) == Some(local.ip())
+                        && member.port == local.port()
+                });
+                if matches {
+                    self.matching += 1;
+                }
             }
+            Err(error) => tracing::debug!(%error, "invalid conflict query response"),
         }
-        Err(error) => tracing::debug!(%error, "invalid conflict query response"),
     }
 }

@@ -10,22 +10,12 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 
 use super::internal;
+use super::internal::ConflictResolution;
 use super::query::{default_query_timeout, QueryHandle, QueryParams};
-use super::state::{ConflictResolution, Lifecycle, SerfState, LEAVE_INTENT};
+use super::state::{LeavePhase, Lifecycle, SerfState, LEAVE_INTENT};
 use super::{encode_meta, Error, Event, LamportTime, USER_EVENT_SIZE_HARD_LIMIT};
 use crate::memberlist::{self, JoinId, Memberlist, META_MAX_SIZE};
 use crate::wire::serf::{self as wire, SerfMessage, QUERY_FLAG_ACK};
-
-/// Where a leave is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum LeavePhase {
-    /// Our leave intent is being gossiped; go on at the deadline at the latest.
-    Intent { deadline: Instant },
-    /// memberlist is broadcasting our dead message.
-    Memberlist,
-    /// Waiting `leave_propagate_delay` before reporting done.
-    Propagate { until: Instant },
-}
 
 impl SerfState {
     /// Records the time of the input being handled and memberlist's size.

@@ -233,6 +233,10 @@ impl Queries {
         Some(id)
     }
 
+    pub(crate) fn inbound(&self, id: ResponderId) -> Option<&Inbound> {
+        self.inbound.get(&id)
+    }
+
     pub(crate) fn inbound_mut(&mut self, id: ResponderId) -> Option<&mut Inbound> {
         self.inbound.get_mut(&id)
     }

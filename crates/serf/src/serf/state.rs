@@ -11,10 +11,10 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
 use super::event::UserEvents;
-use super::layer::LeavePhase;
+use super::internal::{self, ConflictResolution};
 use super::member::{IntentOutcome, Members, NodeInfo};
 use super::query::{should_process, Inbound, Queries, QueryHandle, ResponderId, MAX_QUERY_TIMEOUT};
-use super::{internal, Config, Error, Event, LamportTime, MemberStatus, Query, UserEvent};
+use super::{Config, Error, Event, LamportTime, MemberStatus, Query, UserEvent};
 use crate::coordinate;
 use crate::memberlist::MAX_NODE_NAME_BYTES;
 use crate::memberlist::{BroadcastQueue, BroadcastToken, Delegate, JoinId, Node};
@@ -38,13 +38,15 @@ pub enum Lifecycle {
     Shutdown,
 }
 
-/// A `_serf_conflict` query of ours in progress.
-#[derive(Debug, Clone)]
-pub(crate) struct ConflictResolution {
-    pub(crate) query: QueryHandle,
-    pub(crate) other: SocketAddr,
-    pub(crate) responses: usize,
-    pub(crate) matching: usize,
+/// Where a leave is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LeavePhase {
+    /// Our leave intent is being gossiped; go on at the deadline at the latest.
+    Intent { deadline: Instant },
+    /// memberlist is broadcasting our dead message.
+    Memberlist,
+    /// Waiting `leave_propagate_delay` before reporting done.
+    Propagate { until: Instant },
 }
 
 #[derive(Debug)]
@@ -122,10 +124,6 @@ impl SerfState {
             decode_errors: 0,
             keyring: None,
         }
-    }
-
-    pub(crate) fn local_name(&self) -> &str {
-        &self.config.node_name
     }
 
     /// Go's `broadcastJoin`: witness, apply locally, gossip.
@@ -274,7 +272,22 @@ impl SerfState {
             deadline,
         };
         if query.name.starts_with(internal::PREFIX) {
-            internal::handle(self, &delivered);
+            let context = internal::Context {
+                keyring: self.keyring.as_ref(),
+                members: &self.members,
+                local_name: &self.config.node_name,
+                response_limit: self.config.query_response_size_limit,
+            };
+            let fits = |payload: &[u8]| {
+                self.encode_response(ltime, query.id, payload.to_vec())
+                    .len()
+                    <= self.config.query_response_size_limit
+            };
+            if let Some(payload) = internal::answer(&context, &delivered, fits) {
+                if let Err(error) = self.respond(responder, payload) {
+                    tracing::debug!(name = %query.name, %error, "failed to answer internal query");
+                }
+            }
         } else {
             self.events.push(Event::Query(delivered));
         }
@@ -285,8 +298,7 @@ impl SerfState {
     pub(crate) fn respond(&mut self, id: ResponderId, payload: Vec<u8>) -> Result<(), Error> {
         let now = self.now;
         let limit = self.config.query_response_size_limit;
-        let from = self.config.node_name.clone();
-        let Some(inbound) = self.queries.inbound_mut(id) else {
+        let Some(inbound) = self.queries.inbound(id) else {
             return Err(Error::UnknownQuery { id });
         };
         if inbound.responded {
@@ -295,20 +307,16 @@ impl SerfState {
         if now > inbound.deadline {
             return Err(Error::ResponsePastDeadline { id });
         }
-        let response = wire::QueryResponse {
-            ltime: inbound.ltime.0,
-            id: inbound.id,
-            from,
-            flags: 0,
-            payload,
-        };
-        let raw = SerfMessage::QueryResponse(response).encode();
+        let raw = self.encode_response(inbound.ltime, inbound.id, payload);
         if raw.len() > limit {
             return Err(Error::ResponseTooLarge {
                 len: raw.len(),
                 limit,
             });
         }
+        let Some(inbound) = self.queries.inbound_mut(id) else {
+            return Err(Error::UnknownQuery { id });
+        };
         inbound.responded = true;
         let (reply_to, relay_factor, source_node) = (
             inbound.reply_to,
@@ -318,6 +326,18 @@ impl SerfState {
         self.sends.push((reply_to, raw.clone()));
         self.relay(relay_factor, reply_to, &source_node, raw);
         Ok(())
+    }
+
+    /// Our answer to the query (`ltime`, `id`) as it goes on the wire.
+    fn encode_response(&self, ltime: LamportTime, id: u32, payload: Vec<u8>) -> Vec<u8> {
+        SerfMessage::QueryResponse(wire::QueryResponse {
+            ltime: ltime.0,
+            id,
+            from: self.config.node_name.clone(),
+            flags: 0,
+            payload,
+        })
+        .encode()
     }
 
     /// Go's `relayResponse`: also send the answer through `relay_factor` other alive members
@@ -373,7 +393,7 @@ impl SerfState {
             Some(conflict) if conflict.query == handle => {
                 for event in delivered {
                     if let Event::QueryResponse { payload, .. } = event {
-                        internal::count_conflict_response(conflict, self.local_addr, &payload);
+                        conflict.count(self.local_addr, &payload);
                     }
                 }
             }
