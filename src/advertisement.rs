@@ -116,8 +116,8 @@ mod tests {
     fn specs(vars: &[(&str, &str)], forwards: &[&str]) -> (Vec<ForwardSpec>, Vec<String>) {
         let forwards: Vec<String> = forwards.iter().map(|f| (*f).to_owned()).collect();
         let options = proxy::link_env::Options {
-            serf_link: "serf_1".into(),
             forwards: forwards.clone(),
+            ..proxy::link_env::Options::default()
         };
         let vars = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
         (proxy::link_env::parse(vars, &options).unwrap(), forwards)

@@ -6,6 +6,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use tokio::signal::unix::{signal, SignalKind};
 
 mod advertisement;
 mod cmd;
@@ -31,7 +32,7 @@ mod registry;
 )]
 struct Cli {
     /// Log level or filter (also RUST_LOG), e.g. `info` or `serf=debug,info`.
-    #[arg(long, env = "AMB_LOG_LEVEL", global = true)]
+    #[arg(long, env = "AMB_LOG_LEVEL", global = true, value_parser = parse_log_filter)]
     log_level: Option<String>,
 
     /// Log output format.
@@ -62,6 +63,33 @@ enum Command {
     Health(cmd::health::Args),
     /// Serve roles advertised in the cluster on local ports, following membership live.
     Connect(cmd::connect::Args),
+}
+
+/// The levels a filter directive may name.
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// A log filter whose every directive is a level or `TARGET=LEVEL` (a span filter is left to
+/// the filter's own parser): a typo such as `inf` would otherwise read as a target name and
+/// silently turn logging off.
+fn parse_log_filter(value: &str) -> Result<String, String> {
+    let is_level = |level: &str| LEVELS.contains(&level.trim().to_ascii_lowercase().as_str());
+    for directive in value.split(',').map(str::trim) {
+        let valid = if directive.contains('[') {
+            tracing_subscriber::EnvFilter::try_new(directive).is_ok()
+        } else {
+            match directive.split_once('=') {
+                Some((target, level)) => !target.trim().is_empty() && is_level(level),
+                None => is_level(directive),
+            }
+        };
+        if !valid {
+            return Err(format!(
+                "{directive:?} is neither a level ({}) nor TARGET=LEVEL",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    Ok(value.to_owned())
 }
 
 fn init_tracing(level: Option<&str>, format: LogFormat) {
@@ -189,6 +217,20 @@ fn main() -> ExitCode {
         }
     };
     runtime.spawn(trim_heap());
+    // SIGHUP's default action ends the process without leaving the cluster; `serf agent`
+    // reloads its configuration instead. Nothing of ours is reloadable yet: say so and go on.
+    match runtime.block_on(async { signal(SignalKind::hangup()) }) {
+        Ok(mut hangups) => {
+            runtime.spawn(async move {
+                while hangups.recv().await.is_some() {
+                    tracing::info!(
+                        "SIGHUP: nothing to reload (flags and environment are fixed at start)"
+                    );
+                }
+            });
+        }
+        Err(error) => tracing::warn!(%error, "cannot handle SIGHUP"),
+    }
     let result = runtime.block_on(async {
         match command {
             Command::Run(args) => cmd::run::run(*args).await,
@@ -217,6 +259,23 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::first_word;
+
+    #[test]
+    fn log_filters_name_levels() {
+        for good in [
+            "info",
+            "DEBUG",
+            "serf=debug,info",
+            "warn, proxy=trace",
+            "off",
+        ] {
+            assert!(super::parse_log_filter(good).is_ok(), "{good}");
+        }
+        for bad in ["inf", "", "serf=verbose", "=debug", "info,,debug"] {
+            let error = super::parse_log_filter(bad).expect_err(bad);
+            assert!(error.contains("neither a level"), "{error}");
+        }
+    }
 
     #[track_caller]
     fn check(args: &[&str], expected: Option<&str>) {

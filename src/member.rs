@@ -177,9 +177,16 @@ pub(crate) struct MemberArgs {
     #[command(flatten)]
     pub(crate) gossip: GossipArgs,
 
-    /// Tag KEY=VALUE (repeatable; values may contain commas, e.g. `ports=3306/tcp,33060/tcp`).
-    #[arg(long = "tag", env = "AMB_TAG", value_name = "KEY=VALUE", value_parser = parse_tag)]
-    pub(crate) tags: Vec<(String, String)>,
+    /// Tag KEY=VALUE (repeatable; AMB_TAG takes one per line, since values may contain
+    /// commas, e.g. `ports=3306/tcp,33060/tcp`).
+    #[arg(
+        long = "tag",
+        env = "AMB_TAG",
+        value_name = "KEY=VALUE",
+        value_parser = parse_tag,
+        value_delimiter = '\n'
+    )]
+    pub(crate) tags: Vec<Option<(String, String)>>,
 
     /// JSON file of tags (`serf agent -tags-file`); created and kept up to date.
     #[arg(long, env = "AMB_TAGS_FILE")]
@@ -198,9 +205,15 @@ pub(crate) struct MemberArgs {
     pub(crate) event_handlers: Vec<String>,
 }
 
-fn parse_tag(value: &str) -> Result<(String, String), String> {
+/// `KEY=VALUE`; a blank line of `AMB_TAG` is no tag.
+fn parse_tag(value: &str) -> Result<Option<(String, String)>, String> {
+    if value.trim().is_empty() {
+        return Ok(None);
+    }
     match value.split_once('=') {
-        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok(Some((key.trim().to_owned(), value.to_owned())))
+        }
         _ => Err(format!("{value:?} is not KEY=VALUE")),
     }
 }
@@ -235,7 +248,7 @@ impl MemberArgs {
                 tags.extend(from_file);
             }
         }
-        tags.extend(self.tags.iter().cloned());
+        tags.extend(self.tags.iter().flatten().cloned());
         Ok(tags)
     }
 
@@ -334,11 +347,18 @@ impl GossipArgs {
                 seeds.push(Seed { addr, rule });
             }
         };
-        for addr in &self.join {
-            add(addr.clone(), "--join".to_owned());
+        // Comma-separated lists from the environment may carry spaces and stray commas.
+        let listed = |list: &[String]| -> Vec<String> {
+            list.iter()
+                .map(|addr| addr.trim().to_owned())
+                .filter(|addr| !addr.is_empty())
+                .collect()
+        };
+        for addr in listed(&self.join) {
+            add(addr, "--join".to_owned());
         }
-        for addr in &self.retry_join {
-            add(addr.clone(), "--retry-join".to_owned());
+        for addr in listed(&self.retry_join) {
+            add(addr, "--retry-join".to_owned());
         }
         let link = proxy::link_env::link_ports(vars.iter().cloned(), &self.serf_link)
             .map_err(|error| UsageError(error.to_string()))?;
@@ -946,6 +966,12 @@ mod tests {
             assert_eq!(found, expected, "{flags:?} {env:?}");
         };
         check(&[], &[], &[]);
+        // AMB_JOIN='127.0.0.1:1, 127.0.0.1:27964,' as clap splits it.
+        check(
+            &["--join", "127.0.0.1:1, 127.0.0.1:27964,"],
+            &[],
+            &["127.0.0.1:1", "127.0.0.1:27964"],
+        );
         check(
             &[],
             &[("SERF_1_PORT_7946_TCP", "tcp://172.17.0.2:7946")],
@@ -1084,8 +1110,13 @@ mod tests {
 
     #[test]
     fn tags_and_advertise_flags() {
-        assert_eq!(parse_tag("role=3306"), Ok(("role".into(), "3306".into())));
-        assert_eq!(parse_tag("k=a=b"), Ok(("k".into(), "a=b".into())));
+        assert_eq!(
+            parse_tag("role=3306"),
+            Ok(Some(("role".into(), "3306".into())))
+        );
+        assert_eq!(parse_tag("k=a=b"), Ok(Some(("k".into(), "a=b".into()))));
+        assert_eq!(parse_tag(" k=a,b"), Ok(Some(("k".into(), "a,b".into()))));
+        assert_eq!(parse_tag("  "), Ok(None), "a blank line of AMB_TAG");
         assert!(parse_tag("=x").is_err());
         assert!(parse_tag("novalue").is_err());
         assert_eq!(

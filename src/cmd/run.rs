@@ -67,6 +67,11 @@ pub(crate) struct Args {
     )]
     forwards: Vec<String>,
 
+    /// Forward only these link aliases (comma-separated); they also give the default role.
+    /// Unset: every link but the Serf agent's and Kubernetes' `kubernetes` API service.
+    #[arg(long, env = "AMB_LINKS", value_name = "ALIAS,…", value_delimiter = ',')]
+    links: Option<Vec<String>>,
+
     /// Address every listener binds.
     #[arg(long, env = "AMB_LISTEN_ADDR", default_value = "0.0.0.0")]
     listen_addr: IpAddr,
@@ -158,6 +163,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let options = link_env::Options {
         serf_link: serf_link.clone(),
         forwards: args.forwards.clone(),
+        links: args.links.clone(),
     };
     let vars = crate::environment::vars();
     let registry = args.registry.registry(vars.iter().cloned())?;
@@ -187,6 +193,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
                 .member
                 .tags
                 .iter()
+                .flatten()
                 .map(|(key, _)| key.as_str())
                 .collect::<Vec<_>>(),
         ),

@@ -134,6 +134,9 @@ pub struct Options {
     /// `--forward` / `AMB_FORWARD` entries (`LISTEN=HOST:PORT[/udp]`); they add to or override
     /// the link variables.
     pub forwards: Vec<String>,
+    /// `--links` / `AMB_LINKS`: when set, the only aliases whose link variables are forwarded.
+    /// When not, every alias but the Serf link's and [`KUBERNETES_ALIAS`] is.
+    pub links: Option<Vec<String>>,
 }
 
 impl Default for Options {
@@ -141,9 +144,15 @@ impl Default for Options {
         Self {
             serf_link: "serf_1".to_owned(),
             forwards: Vec::new(),
+            links: None,
         }
     }
 }
+
+/// The alias of the variables the kubelet gives every pod for the cluster's API service
+/// (`KUBERNETES_PORT_443_TCP=tcp://10.96.0.1:443`): never a backend of an ambassador, so it is
+/// forwarded only when `--links` names it.
+pub const KUBERNETES_ALIAS: &str = "kubernetes";
 
 /// Bad link environment or `--forward` input. Nothing was started when this is returned.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -178,13 +187,27 @@ pub enum LinkEnvError {
 /// Turns the process environment and `--forward` entries into forward specs, sorted by
 /// (listen port, protocol).
 ///
-/// Link variables give the forwards; `--forward` entries add to them and override a link's
-/// target for the same listen port and protocol. Errors name the variable and value.
+/// Link variables give the forwards (of the aliases `options.links` names, or of every alias
+/// but the Serf link's and Kubernetes' API service); `--forward` entries add to them and
+/// override a link's target for the same listen port and protocol. Errors name the variable
+/// and value.
 pub fn parse(
     vars: impl IntoIterator<Item = (String, String)>,
     options: &Options,
 ) -> Result<Vec<ForwardSpec>, LinkEnvError> {
     let serf_alias = normalize_alias(&options.serf_link);
+    let allowed: Option<Vec<String>> = options.links.as_ref().map(|links| {
+        links
+            .iter()
+            .map(|alias| alias.trim())
+            .filter(|alias| !alias.is_empty())
+            .map(normalize_alias)
+            .collect()
+    });
+    let wanted = |alias: &str| match &allowed {
+        Some(allowed) => allowed.iter().any(|allowed| allowed == alias),
+        None => alias != normalize_alias(KUBERNETES_ALIAS),
+    };
     let mut from_links: BTreeMap<(u16, Protocol), (ForwardSpec, String)> = BTreeMap::new();
     let mut vars: Vec<(String, String)> = vars.into_iter().collect();
     // Deterministic conflict messages whatever order the environment comes in.
@@ -193,14 +216,15 @@ pub fn parse(
         let Some(link) = link_var(&name) else {
             continue;
         };
-        if link.alias == serf_alias {
+        if link.alias == serf_alias || !wanted(link.alias) {
             continue;
         }
         let spec = parse_link_value(&name, &link, &value)?;
         insert(&mut from_links, spec, format!("{name}={value}"))?;
     }
     let mut from_flags: BTreeMap<(u16, Protocol), (ForwardSpec, String)> = BTreeMap::new();
-    for entry in &options.forwards {
+    let entries = options.forwards.iter().map(|entry| entry.trim());
+    for entry in entries.filter(|entry| !entry.is_empty()) {
         let spec = parse_forward(entry)?;
         insert(&mut from_flags, spec, format!("--forward {entry}"))?;
     }

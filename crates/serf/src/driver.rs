@@ -282,7 +282,8 @@ pub async fn start<D: Delegate + Send + 'static>(
         tcp_timeout,
         keyring: options.keyring,
     };
-    let span = tracing::info_span!("memberlist", name = %options.name, addr = %advertise);
+    // `node`, not `name`: JSON logs already give the span's own name under `name`.
+    let span = tracing::info_span!("memberlist", node = %options.name, addr = %advertise);
     tokio::spawn(driver.run().instrument(span));
     Ok((
         Handle {

@@ -123,7 +123,7 @@ fn serf_link_is_never_forwarded() {
     );
     let options = Options {
         serf_link: "my-serf".to_owned(),
-        forwards: Vec::new(),
+        ..Options::default()
     };
     let specs = parse(
         env(&[("MY_SERF_PORT_7946_TCP", "tcp://10.0.0.1:7946")]),
@@ -584,4 +584,54 @@ fn targets_parse_from_host_port() {
         let error = text.parse::<Target>().unwrap_err();
         assert!(error.contains(reason), "{text}: {error}");
     }
+}
+
+/// Every pod gets `KUBERNETES_PORT_443_TCP` for the API service (and variables of the same form
+/// for every Service): the `kubernetes` alias is never forwarded unless `--links` names it, and
+/// `--links` makes the named aliases the only ones.
+#[test]
+fn kubernetes_service_links_and_the_allow_list() {
+    let pod = [
+        ("KUBERNETES_PORT_443_TCP", "tcp://10.96.0.1:443"),
+        ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+        ("MYSQL_PORT_3306_TCP", "tcp://10.96.4.7:3306"),
+        ("CACHE_PORT_6379_TCP", "tcp://10.96.9.2:6379"),
+        ("WEB_PORT_80_TCP", "tcp://10.96.3.3:80"),
+    ];
+    check(
+        &pod,
+        &[],
+        &[
+            "80/tcp -> 10.96.3.3:80 (link web)",
+            "3306/tcp -> 10.96.4.7:3306 (link mysql)",
+            "6379/tcp -> 10.96.9.2:6379 (link cache)",
+        ],
+    );
+    let render = |links: &[&str], forwards: &[&str]| -> Vec<String> {
+        let options = Options {
+            links: Some(links.iter().map(|link| (*link).to_owned()).collect()),
+            forwards: forwards.iter().map(|f| (*f).to_owned()).collect(),
+            ..Options::default()
+        };
+        parse(env(&pod), &options)
+            .unwrap_or_else(|error| panic!("{error}"))
+            .iter()
+            .map(|spec| format!("{}/{} ({})", spec.listen_port, spec.protocol, spec.origin))
+            .collect()
+    };
+    assert_eq!(
+        render(&["mysql", " cache "], &[]),
+        ["3306/tcp (link mysql)", "6379/tcp (link cache)"]
+    );
+    assert_eq!(render(&["kubernetes"], &[]), ["443/tcp (link kubernetes)"]);
+    // An empty list forwards no link; --forward still adds.
+    assert_eq!(
+        render(&[], &["8080=web:80"]),
+        ["8080/tcp (forward 8080=web:80)"]
+    );
+    // Spaces and stray commas in AMB_FORWARD are tolerated.
+    assert_eq!(
+        render(&[""], &[" 8080=web:80", "", "9090=web:90 "]).len(),
+        2
+    );
 }

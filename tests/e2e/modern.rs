@@ -1,0 +1,190 @@
+//! Beyond the 2014 `--link` world: a Kubernetes pod's service-link variables, lists with
+//! spaces, SIGHUP, JSON logs and log filters.
+
+use std::net::{SocketAddr, TcpListener};
+
+use testkit::{eventually, free_port, loopback, DEADLINE};
+
+use crate::support::{run_to_exit, Ambassador};
+
+/// The `"ready"` line of an ambassador's JSON log.
+fn ready_line(ambassador: &Ambassador) -> serde_json::Value {
+    let log = ambassador.log();
+    let line = log
+        .lines()
+        .find(|line| line.contains("\"ready\""))
+        .unwrap_or_else(|| panic!("no ready line:\n{log}"));
+    serde_json::from_str(line).unwrap_or_else(|error| panic!("{error}: {line}"))
+}
+
+/// In a pod, the kubelet sets `KUBERNETES_PORT_443_TCP` (and the same form for every Service):
+/// the API service is not forwarded nor advertised, and `--links` picks the links to serve.
+#[test]
+fn a_kubernetes_pod_forwards_its_backend_not_the_api_service() {
+    let backend = TcpListener::bind((loopback(230), 0)).expect("binding a backend");
+    let backend = backend.local_addr().expect("its address");
+    let mysql = format!("tcp://{backend}");
+    let gossip = format!("{}:{}", loopback(230), free_port(loopback(230)));
+    let pod = [
+        ("KUBERNETES_PORT_443_TCP", "tcp://10.96.0.1:443"),
+        ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+        ("MYSQL_PORT_3306_TCP", mysql.as_str()),
+    ];
+    let args = ["--bind", &gossip, "--health-interval", "0"];
+    let ambassador = Ambassador::start_on(loopback(230), &pod, &args);
+    let ready = ready_line(&ambassador);
+    assert_eq!(ready["fields"]["role"], "3306", "{ready}");
+    assert_eq!(ready["fields"]["forwards"], 1, "{ready}");
+    assert!(
+        !ambassador.log().contains("10.96.0.1"),
+        "{}",
+        ambassador.log()
+    );
+    drop(ambassador);
+
+    // With --links naming the other Service of the pod, only that one is served.
+    let cache = format!(
+        "tcp://{}",
+        SocketAddr::from((loopback(231), backend.port()))
+    );
+    let pod = [
+        ("KUBERNETES_PORT_443_TCP", "tcp://10.96.0.1:443"),
+        ("MYSQL_PORT_3306_TCP", mysql.as_str()),
+        ("CACHE_PORT_6379_TCP", cache.as_str()),
+        ("AMB_LINKS", "cache"),
+    ];
+    let ambassador = Ambassador::start_on(loopback(230), &pod, &args);
+    let ready = ready_line(&ambassador);
+    assert_eq!(ready["fields"]["role"], "6379", "{ready}");
+    assert_eq!(ready["fields"]["forwards"], 1, "{ready}");
+}
+
+/// `serf agent` reloads on SIGHUP; its default action would end the process without leaving.
+#[test]
+fn sighup_is_survived() {
+    let gossip = format!("{}:{}", loopback(232), free_port(loopback(232)));
+    let mut ambassador = Ambassador::start_on(
+        loopback(232),
+        &[],
+        &[
+            "--forward",
+            "9=127.0.0.1:9",
+            "--bind",
+            &gossip,
+            "--health-interval",
+            "0",
+        ],
+    );
+    ambassador.signal(libc::SIGHUP);
+    eventually(DEADLINE, "SIGHUP logged", || {
+        ambassador.log().contains("SIGHUP").then_some(())
+    });
+    assert!(
+        ambassador.is_running(),
+        "SIGHUP ended it:\n{}",
+        ambassador.log()
+    );
+    ambassador.signal(libc::SIGTERM);
+    assert!(ambassador.wait_exit(DEADLINE).success());
+}
+
+/// Every JSON log line is an object whose keys are unique at every level (a span field once
+/// repeated `name`, which parsers keep only once).
+#[test]
+fn json_log_lines_have_unique_keys() {
+    let gossip = format!("{}:{}", loopback(233), free_port(loopback(233)));
+    let ambassador = Ambassador::start_on(
+        loopback(233),
+        &[("RUST_LOG", "debug")],
+        &[
+            "--forward",
+            "9=127.0.0.1:9",
+            "--bind",
+            &gossip,
+            "--health-interval",
+            "0",
+        ],
+    );
+    let log = ambassador.log();
+    let mut with_spans = 0;
+    for line in log.lines().filter(|line| line.starts_with('{')) {
+        if let Err(error) = serde_json::from_str::<UniqueKeys>(line) {
+            panic!("{error}: {line}");
+        }
+        with_spans += usize::from(line.contains("\"span\":"));
+    }
+    assert!(with_spans > 0, "no line inside a span:\n{log}");
+}
+
+/// `--log-level inf` is a typo, not a target named `inf` that would silence every log line.
+#[test]
+fn an_invalid_log_filter_exits_2_naming_it() {
+    for args in [
+        &["--log-level", "inf", "agent"][..],
+        &["agent", "--log-level", "serf=verbose"],
+    ] {
+        let output = run_to_exit(&[], args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("--log-level") && stderr.contains("is neither a level"),
+            "{stderr}"
+        );
+    }
+    let output = run_to_exit(&[("AMB_LOG_LEVEL", "inf")], &["agent"]);
+    assert_eq!(output.status.code(), Some(2));
+}
+
+/// A JSON value that refuses duplicate keys in any object.
+struct UniqueKeys;
+
+impl<'de> serde::Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(UniqueKeysVisitor)
+    }
+}
+
+struct UniqueKeysVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeysVisitor {
+    type Value = UniqueKeys;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+    fn visit_unit<E>(self) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<UniqueKeys, A::Error> {
+        while seq.next_element::<UniqueKeys>()?.is_some() {}
+        Ok(UniqueKeys)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<UniqueKeys, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key.clone()) {
+                return Err(serde::de::Error::custom(format!("duplicate key {key:?}")));
+            }
+            map.next_value::<UniqueKeys>()?;
+        }
+        Ok(UniqueKeys)
+    }
+}
