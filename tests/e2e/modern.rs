@@ -17,6 +17,20 @@ fn ready_line(ambassador: &Ambassador) -> serde_json::Value {
     serde_json::from_str(line).unwrap_or_else(|error| panic!("{error}: {line}"))
 }
 
+/// `amb-serf run` on loopback `ip`, with one forward nobody uses and no health checks.
+fn forwarding_nothing_much(ip: u8, vars: &[(&str, &str)]) -> Ambassador {
+    let gossip = format!("{}:{}", loopback(ip), free_port(loopback(ip)));
+    let args = [
+        "--forward",
+        "9=127.0.0.1:9",
+        "--bind",
+        &gossip,
+        "--health-interval",
+        "0",
+    ];
+    Ambassador::start_on(loopback(ip), vars, &args)
+}
+
 /// In a pod, the kubelet sets `KUBERNETES_PORT_443_TCP` (and the same form for every Service):
 /// the API service is not forwarded nor advertised, and `--links` picks the links to serve.
 #[test]
@@ -62,19 +76,7 @@ fn a_kubernetes_pod_forwards_its_backend_not_the_api_service() {
 /// `serf agent` reloads on SIGHUP; its default action would end the process without leaving.
 #[test]
 fn sighup_is_survived() {
-    let gossip = format!("{}:{}", loopback(232), free_port(loopback(232)));
-    let mut ambassador = Ambassador::start_on(
-        loopback(232),
-        &[],
-        &[
-            "--forward",
-            "9=127.0.0.1:9",
-            "--bind",
-            &gossip,
-            "--health-interval",
-            "0",
-        ],
-    );
+    let mut ambassador = forwarding_nothing_much(232, &[]);
     ambassador.signal(libc::SIGHUP);
     eventually(DEADLINE, "SIGHUP logged", || {
         ambassador.log().contains("SIGHUP").then_some(())
@@ -92,19 +94,7 @@ fn sighup_is_survived() {
 /// repeated `name`, which parsers keep only once).
 #[test]
 fn json_log_lines_have_unique_keys() {
-    let gossip = format!("{}:{}", loopback(233), free_port(loopback(233)));
-    let ambassador = Ambassador::start_on(
-        loopback(233),
-        &[("RUST_LOG", "debug")],
-        &[
-            "--forward",
-            "9=127.0.0.1:9",
-            "--bind",
-            &gossip,
-            "--health-interval",
-            "0",
-        ],
-    );
+    let ambassador = forwarding_nothing_much(233, &[("RUST_LOG", "debug")]);
     let log = ambassador.log();
     let mut with_spans = 0;
     for line in log.lines().filter(|line| line.starts_with('{')) {
