@@ -399,9 +399,7 @@ impl GossipArgs {
         let ip = match self.advertise {
             Some(advertise) if advertise.port() != 0 => return advertise,
             Some(advertise) => advertise.ip(),
-            None if bound.ip().is_unspecified() => {
-                first_private_ipv4().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
-            }
+            None if bound.ip().is_unspecified() => advertised_ip(),
             None => bound.ip(),
         };
         SocketAddr::new(ip, bound.port())
@@ -899,26 +897,19 @@ fn hostname() -> String {
         .unwrap_or_else(|| "amb-serf".to_owned())
 }
 
-/// The first non-loopback IPv4 address of the host (a container's eth0 address).
-fn first_private_ipv4() -> Option<IpAddr> {
-    first_local_ipv4(&std::fs::read_to_string("/proc/net/fib_trie").ok()?).map(IpAddr::V4)
-}
-
-/// The first non-loopback local address in `/proc/net/fib_trie`, where local addresses are
-/// `/32 host LOCAL` leaves under their `|-- ADDRESS` line.
-fn first_local_ipv4(fib_trie: &str) -> Option<Ipv4Addr> {
-    let mut last_ip: Option<Ipv4Addr> = None;
-    for line in fib_trie.lines() {
-        let line = line.trim();
-        if let Some(rest) = line.strip_prefix("|-- ") {
-            last_ip = rest.parse().ok();
-        } else if line.contains("/32 host LOCAL") {
-            if let Some(ip) = last_ip.filter(|ip| !ip.is_loopback()) {
-                return Some(ip);
-            }
+/// The address to advertise when bound to every address: Go's private-address rule
+/// ([`crate::address`]), logged with the interface and why; loopback when nothing qualifies.
+pub(crate) fn advertised_ip() -> IpAddr {
+    match crate::address::local() {
+        Some(choice) => {
+            tracing::info!(address = %choice.ip, "advertising {choice}");
+            choice.ip
+        }
+        None => {
+            tracing::warn!("no private address on any interface that is up: advertising 127.0.0.1 (set --advertise)");
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
         }
     }
-    None
 }
 
 #[cfg(test)]
@@ -1158,10 +1149,4 @@ mod tests {
         );
     }
 
-    #[test]
-    fn first_local_ipv4_skips_loopback() {
-        let trie = "Main:\n  +-- 0.0.0.0/0 3 0 4\n     +-- 127.0.0.0/8 2 0 2\n           |-- 127.0.0.1\n              /32 host LOCAL\n        |-- 127.255.255.255\n           /32 link BROADCAST\n     +-- 172.17.0.0/16 2 0 2\n           |-- 172.17.0.0\n              /16 link UNICAST\n           |-- 172.17.0.3\n              /32 host LOCAL\n";
-        assert_eq!(first_local_ipv4(trie), Some(Ipv4Addr::new(172, 17, 0, 3)));
-        assert_eq!(first_local_ipv4("Main:\n"), None);
-    }
 }

@@ -14,7 +14,7 @@
 //!   taken from the key when missing, a `service` tag when its dial address needs one).
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -257,33 +257,15 @@ fn container_id() -> String {
 }
 
 /// The IP consumers reach us at: `--advertise`'s, else the listen address when it is a specific
-/// one, else the local address of the route to the first etcd endpoint (a container's eth0).
-pub(crate) fn local_ip(advertise: Option<IpAddr>, listen: IpAddr, etcd: &Etcd) -> IpAddr {
+/// one, else the address a Serf member would advertise ([`crate::member::advertised_ip`]).
+pub(crate) fn local_ip(advertise: Option<IpAddr>, listen: IpAddr) -> IpAddr {
     if let Some(ip) = advertise.filter(|ip| !ip.is_unspecified()) {
         return ip;
     }
     if !listen.is_unspecified() {
         return listen;
     }
-    let routed = etcd
-        .client
-        .endpoints()
-        .as_slice()
-        .first()
-        .and_then(|endpoint| {
-            let target = std::net::ToSocketAddrs::to_socket_addrs(&endpoint.to_string())
-                .ok()?
-                .next()?;
-            let bind: SocketAddr = match target {
-                SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-                SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
-            };
-            // A connected UDP socket sends nothing; it only asks the kernel for the route.
-            let socket = std::net::UdpSocket::bind(bind).ok()?;
-            socket.connect(target).ok()?;
-            Some(socket.local_addr().ok()?.ip())
-        });
-    routed.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+    crate::member::advertised_ip()
 }
 
 /// One registration in the terms of a member: `(node, ip, port, tags)`.

@@ -313,7 +313,6 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             let local_ip = registry::local_ip(
                 args.member.gossip.advertise.map(|addr| addr.ip()),
                 args.listen_addr,
-                etcd,
             );
             let role = advertisement.role.as_deref().expect("checked above");
             etcd.register(
