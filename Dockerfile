@@ -59,12 +59,13 @@ RUN set -eu; \
 FROM scratch
 COPY --from=build /out/ /
 USER 10001:10001
-# AMB_METRICS_ADDR: /healthz (and /metrics) for the HEALTHCHECK below; `amb-serf health` checks
-# it on loopback. AMB_DRAIN_TIMEOUT: drain within Docker's default 10 s stop grace.
+# AMB_METRICS_ADDR: /livez, /readyz, /healthz and /metrics (`run`, `connect` and `agent`) for the
+# HEALTHCHECK below; `amb-serf health` checks it on loopback. AMB_DRAIN_TIMEOUT: drain within
+# Docker's default 10 s stop grace. Exposed: gossip and metrics; RPC (7373) listens on loopback.
 ENV PATH=/usr/local/bin \
     AMB_METRICS_ADDR=0.0.0.0:9090 \
     AMB_DRAIN_TIMEOUT=8s
-EXPOSE 7946/tcp 7946/udp 7373
+EXPOSE 7946/tcp 7946/udp 9090
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 CMD ["amb-serf", "health"]
 LABEL org.opencontainers.image.title="amb-serf" \
       org.opencontainers.image.description="Docker ambassador: forwards linked ports and advertises them in a Serf cluster"

@@ -184,7 +184,11 @@ fn interfaces() -> Vec<IfAddr> {
                     let mask = entry.ifa_netmask.cast::<libc::sockaddr_in6>().as_ref();
                     let ip = Ipv6Addr::from(addr.sin6_addr.s6_addr);
                     let prefix = mask.map_or(128, |mask| {
-                        mask.sin6_addr.s6_addr.iter().map(|b| b.count_ones()).sum::<u32>() as u8
+                        mask.sin6_addr
+                            .s6_addr
+                            .iter()
+                            .map(|b| b.count_ones())
+                            .sum::<u32>() as u8
                     });
                     (IpAddr::V6(ip), prefix)
                 }
@@ -260,7 +264,8 @@ mod tests {
 
     #[test]
     fn default_routes_from_proc() {
-        let v4 = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+        let v4 =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
                   eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
                   docker0\t000011AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n";
         let v6 = "00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003     eth1\n\

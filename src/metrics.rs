@@ -48,6 +48,17 @@ pub(crate) enum Lifecycle {
 pub(crate) type MembersFn =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Option<Vec<String>>> + Send>> + Send + Sync>;
 
+/// The [`MembersFn`] of a Serf member's view (none without a member: etcd).
+pub(crate) fn statuses_of(member: Option<crate::member::Member>) -> MembersFn {
+    Arc::new(move || {
+        let member = member.clone();
+        Box::pin(async move {
+            let members = member?.members().await.ok()?;
+            Some(members.iter().map(|m| m.status.to_string()).collect())
+        })
+    })
+}
+
 /// What the endpoints report on.
 pub(crate) struct Observed {
     /// The forwarders' counters.
@@ -130,7 +141,10 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
 
 async fn route(path: &str, observed: &Observed) -> Response {
     match path {
-        "/healthz" => {
+        // The process serves: for a liveness probe (a restart would not help otherwise).
+        "/livez" => Response::text(200, "ok\n".to_owned()),
+        // `/readyz` is `/healthz` under the name Kubernetes probes use.
+        "/healthz" | "/readyz" => {
             let lifecycle = *observed.lifecycle.borrow();
             let health = *observed.health.borrow();
             // A member whose driver stopped (e.g. it lost a name conflict) cannot answer.
@@ -156,7 +170,10 @@ async fn route(path: &str, observed: &Observed) -> Response {
                 body_omitted: false,
             }
         }
-        _ => Response::text(404, "not found: try /healthz or /metrics\n".to_owned()),
+        _ => Response::text(
+            404,
+            "not found: try /livez, /readyz (or /healthz) or /metrics\n".to_owned(),
+        ),
     }
 }
 

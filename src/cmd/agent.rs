@@ -2,9 +2,17 @@
 //! ([`crate::member`]), so a cluster can be seeded without Go (e.g. `serf_1` in the compose
 //! file). SIGTERM/SIGINT or `serf leave` → graceful leave (peers see `left`), exit 0.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
+use registrar::tags::Health;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
 use crate::member::{self, MemberArgs};
+use crate::metrics;
 
 /// How long a leave may take before we exit anyway (Serf's broadcast timeout plus the
 /// propagation delay, with room to spare).
@@ -15,18 +23,44 @@ const LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) struct Args {
     #[command(flatten)]
     member: MemberArgs,
+
+    /// Serve /livez, /readyz (and /healthz) and /metrics here (e.g. 0.0.0.0:9090), for the
+    /// image's HEALTHCHECK and Kubernetes probes; off by default.
+    #[arg(long, env = "AMB_METRICS_ADDR", value_name = "HOST:PORT")]
+    metrics_addr: Option<SocketAddr>,
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let tags = args.member.tags()?;
     let seeds = args.member.gossip.seeds(crate::environment::vars())?;
+    let metrics_listener = match args.metrics_addr {
+        Some(addr) => Some(
+            metrics::bind(addr)
+                .await
+                .with_context(|| format!("binding --metrics-addr {addr}"))?,
+        ),
+        None => None,
+    };
     let member = member::start(&args.member, tags, seeds, member::Extras::default()).await?;
+    // An agent forwards nothing and has no backend: ready while it runs, until it leaves.
+    let (lifecycle_tx, lifecycle) = watch::channel(metrics::Lifecycle::Running);
+    let metrics_stop = CancellationToken::new();
+    if let Some(listener) = metrics_listener {
+        let observed = Arc::new(metrics::Observed {
+            stats: Arc::new(proxy::Stats::new(0)),
+            health: watch::channel(Health::Passing).1,
+            lifecycle,
+            members: metrics::statuses_of(Some(member.clone())),
+        });
+        tokio::spawn(metrics::serve(listener, observed, metrics_stop.clone()));
+    }
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let stop_from_rpc = tokio::select! {
         _ = terminate.recv() => { tracing::info!("sigterm: leaving the cluster"); false }
         _ = tokio::signal::ctrl_c() => { tracing::info!("interrupt: leaving the cluster"); false }
         () = member.stop_requested() => true,
     };
+    lifecycle_tx.send_replace(metrics::Lifecycle::Leaving);
     // After `serf leave` the member has already left; leaving again returns at once.
     if !stop_from_rpc {
         if let Err(error) = member.leave(LEAVE_TIMEOUT).await {
@@ -34,6 +68,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     member.shutdown().await;
+    metrics_stop.cancel();
     tracing::info!("agent stopped");
     Ok(())
 }

@@ -148,7 +148,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             stats: Arc::clone(&stats),
             health: consumer.health(),
             lifecycle,
-            members: member_statuses(member.as_ref()),
+            members: metrics::statuses_of(member.clone()),
         });
         tokio::spawn(metrics::serve(listener, observed, metrics_stop.clone()));
     }
@@ -205,16 +205,4 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(left.max(Duration::from_millis(100)), member.shutdown()).await;
     }
     Ok(())
-}
-
-/// The member's view of every member's status, for `/metrics` (none with etcd).
-fn member_statuses(member: Option<&member::Member>) -> metrics::MembersFn {
-    let member = member.cloned();
-    Arc::new(move || {
-        let member = member.clone();
-        Box::pin(async move {
-            let members = member?.members().await.ok()?;
-            Some(members.iter().map(|m| m.status.to_string()).collect())
-        })
-    })
 }

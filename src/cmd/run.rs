@@ -368,18 +368,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     }
     let metrics_stop = CancellationToken::new();
     if let Some(listener) = metrics_listener {
-        let members: metrics::MembersFn = Arc::new(move || {
-            let member = serf_member.clone();
-            Box::pin(async move {
-                let members = member?.members().await.ok()?;
-                Some(members.iter().map(|m| m.status.to_string()).collect())
-            })
-        });
         let observed = Arc::new(metrics::Observed {
             stats: Arc::clone(&stats),
             health: health_rx,
             lifecycle: lifecycle_rx,
-            members,
+            members: metrics::statuses_of(serf_member),
         });
         tokio::spawn(metrics::serve(listener, observed, metrics_stop.clone()));
     }

@@ -466,11 +466,17 @@ fn without_serf_link_or_join_it_is_a_cluster_of_one_with_health_and_metrics() {
         assert!(text.lines().any(|l| l == line), "{line:?} in:\n{text}");
     }
 
+    assert_eq!(http_get(metrics, "/readyz").map(|r| r.0), Some(200));
+    assert_eq!(http_get(metrics, "/livez").map(|r| r.0), Some(200));
+
     redis.stop();
     let (code, body) = eventually(DEADLINE, "/healthz turns 503", || {
         http_get(metrics, "/healthz").filter(|(code, _)| *code == 503)
     });
     assert!(body.contains("backend critical"), "{code} {body}");
+    // Not ready (no traffic should come), but alive (no restart would help).
+    assert_eq!(http_get(metrics, "/readyz").map(|r| r.0), Some(503));
+    assert_eq!(http_get(metrics, "/livez").map(|r| r.0), Some(200));
     let check = run_to_exit(&[], &["health", "--addr", &metrics_addr]);
     assert_eq!(check.status.code(), Some(1), "amb-serf health: {check:?}");
     assert!(

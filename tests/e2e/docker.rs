@@ -225,7 +225,7 @@ fn check_image(image: &str) {
     check("Cmd", serde_json::json!(["run"]));
     check(
         "ExposedPorts",
-        serde_json::json!({"7946/tcp": {}, "7946/udp": {}, "7373/tcp": {}}),
+        serde_json::json!({"7946/tcp": {}, "7946/udp": {}, "9090/tcp": {}}),
     );
     assert_eq!(
         config["Healthcheck"]["Test"],

@@ -178,3 +178,39 @@ impl<'de> serde::de::Visitor<'de> for UniqueKeysVisitor {
         Ok(UniqueKeys)
     }
 }
+
+/// The image's `HEALTHCHECK` (`amb-serf health`, `AMB_METRICS_ADDR`) works for `agent` too.
+#[test]
+fn an_agent_serves_its_health_endpoints() {
+    let ip = loopback(234);
+    let metrics = format!("{ip}:{}", free_port(ip));
+    let gossip = format!("{ip}:{}", free_port(ip));
+    let rpc = format!("{ip}:{}", free_port(ip));
+    // `agent` has no `ready` line: its health endpoint answering is the sign.
+    let mut agent = testkit::Child::spawn(
+        "amb-serf agent",
+        &mut crate::support::command(
+            &[("AMB_METRICS_ADDR", metrics.as_str())],
+            &[
+                "agent",
+                "--node",
+                "modern-agent",
+                "--bind",
+                &gossip,
+                "--rpc-addr",
+                &rpc,
+            ],
+        ),
+        None,
+    );
+    eventually(DEADLINE, "the agent's /readyz answers", || {
+        if let Some(status) = agent.wait_timeout(std::time::Duration::ZERO) {
+            panic!("amb-serf agent exited ({status})");
+        }
+        let check = run_to_exit(&[], &["health", "--addr", &metrics]);
+        check.status.success().then_some(())
+    });
+    agent.signal(libc::SIGTERM);
+    let status = agent.wait_timeout(DEADLINE).expect("the agent stops");
+    assert!(status.success(), "{status}");
+}
