@@ -242,7 +242,7 @@ fn render(snapshot: &Snapshot, health: Health, statuses: Option<&[String]>) -> S
     metric(
         "amb_serf_connections_rejected_total",
         "counter",
-        "Clients closed at once because --max-connections was reached.",
+        "Clients closed at once because --max-connections or the UDP session limit was reached.",
         &[("", snapshot.rejected)],
     );
     metric(
@@ -283,7 +283,138 @@ fn render(snapshot: &Snapshot, health: Health, statuses: Option<&[String]>) -> S
             &samples,
         );
     }
+    metric(
+        "amb_serf_build_info",
+        "gauge",
+        "Always 1; the version of this amb-serf in a label.",
+        &[(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION")), 1)],
+    );
+    if let Some(process) = Process::of_self() {
+        process.render(&mut out);
+    }
     out
+}
+
+/// What `/proc/self/stat` is counted in: the boot time (seconds since the epoch), clock ticks
+/// a second and the page size.
+#[derive(Debug, Clone, Copy)]
+struct System {
+    boot_time: u64,
+    hz: u64,
+    page: u64,
+}
+
+/// The standard `process_*` metrics of this process, from `/proc`.
+#[derive(Debug, Clone, PartialEq)]
+struct Process {
+    cpu_seconds: f64,
+    resident_bytes: u64,
+    virtual_bytes: u64,
+    open_fds: u64,
+    max_fds: Option<u64>,
+    start_time_seconds: f64,
+}
+
+impl Process {
+    fn of_self() -> Option<Self> {
+        let read = |path: &str| std::fs::read_to_string(path).ok();
+        let boot_time = read("/proc/stat")?
+            .lines()
+            .find_map(|line| line.strip_prefix("btime ")?.trim().parse().ok())?;
+        // SAFETY: sysconf has no preconditions.
+        let (hz, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+        let system = System {
+            boot_time,
+            hz: hz.max(1) as u64,
+            page: page.max(1) as u64,
+        };
+        Self::parse(
+            &read("/proc/self/stat")?,
+            &read("/proc/self/limits").unwrap_or_default(),
+            system,
+            open_fds,
+        )
+    }
+
+    /// From `/proc/self/stat` and `/proc/self/limits`.
+    fn parse(stat: &str, limits: &str, system: System, open_fds: u64) -> Option<Self> {
+        let System {
+            boot_time,
+            hz,
+            page,
+        } = system;
+        // Fields after the command name (which may hold spaces) start after its ')'.
+        let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split_whitespace().collect();
+        // stat(5) numbers fields from 1 with the pid; here field n is index n - 3.
+        let field = |n: usize| -> Option<u64> { fields.get(n - 3)?.parse().ok() };
+        let max_fds = limits.lines().find_map(|line| {
+            line.strip_prefix("Max open files")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        });
+        Some(Self {
+            cpu_seconds: (field(14)? + field(15)?) as f64 / hz as f64,
+            resident_bytes: field(24)? * page,
+            virtual_bytes: field(23)?,
+            open_fds,
+            max_fds,
+            start_time_seconds: boot_time as f64 + field(22)? as f64 / hz as f64,
+        })
+    }
+
+    fn render(&self, out: &mut String) {
+        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            ));
+        };
+        metric(
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            self.cpu_seconds.to_string(),
+        );
+        metric(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            self.resident_bytes.to_string(),
+        );
+        metric(
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            self.virtual_bytes.to_string(),
+        );
+        metric(
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            self.open_fds.to_string(),
+        );
+        if let Some(max) = self.max_fds {
+            metric(
+                "process_max_fds",
+                "gauge",
+                "Maximum number of open file descriptors.",
+                max.to_string(),
+            );
+        }
+        metric(
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            self.start_time_seconds.to_string(),
+        );
+    }
 }
 
 struct Response {
@@ -370,6 +501,34 @@ mod tests {
             assert_eq!(got_status, status, "{lifecycle:?} {health:?}");
             assert!(got_body.contains(body), "{got_body:?}");
         }
+    }
+
+    #[test]
+    fn process_metrics_from_proc() {
+        let stat = "4242 (amb serf) S 1 4242 4242 0 -1 4194560 1227 0 0 0 250 50 0 0 20 0 \
+                    5 0 123456 33554432 2048 18446744073709551615 1 1 0 0 0 0 0 4096 0 0 0 0 \
+                    17 1 0 0 0 0 0";
+        let limits = "Limit                     Soft Limit           Hard Limit           Units\n\
+                      Max open files            1048576              1048576              files\n";
+        let system = super::System {
+            boot_time: 1_700_000_000,
+            hz: 100,
+            page: 4096,
+        };
+        let process = super::Process::parse(stat, limits, system, 12).expect("parses");
+        assert_eq!(process.cpu_seconds, 3.0);
+        assert_eq!(process.resident_bytes, 2048 * 4096);
+        assert_eq!(process.virtual_bytes, 33_554_432);
+        assert_eq!(process.max_fds, Some(1_048_576));
+        assert_eq!(process.start_time_seconds, 1_700_001_234.56);
+        assert!(super::Process::of_self().is_some());
+        let mut text = String::new();
+        process.render(&mut text);
+        assert!(text.contains("process_cpu_seconds_total 3\n"), "{text}");
+        assert!(
+            text.contains("# TYPE process_open_fds gauge\nprocess_open_fds 12\n"),
+            "{text}"
+        );
     }
 
     #[test]
