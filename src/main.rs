@@ -146,14 +146,59 @@ fn parse_cli() -> (Cli, Command) {
         // subcommand: report that error (e.g. a bad AMB_* value for `… --log-format json run`).
         let names_a_subcommand = first_word(&args).is_some_and(|arg| !arg.starts_with('-'));
         if asked_for_output || names_a_subcommand {
-            error.exit();
+            fail(error, &args);
         }
     }
-    let mut with_run = args;
+    let mut with_run = args.clone();
     with_run.insert(1.min(with_run.len()), "run".into());
-    let mut cli = Cli::parse_from(with_run);
+    let mut cli = Cli::try_parse_from(with_run).unwrap_or_else(|error| fail(&error, &args));
     let command = cli.command.take().expect("`run` was inserted");
     (cli, command)
+}
+
+/// Exits with clap's `error` (code 2, or 0 for help); when a bad value came from an `AMB_*`
+/// variable rather than the command line, the message names the variable, which the user set,
+/// not only the flag it stands for.
+fn fail(error: &clap::Error, args: &[std::ffi::OsString]) -> ! {
+    use clap::error::{ContextKind, ContextValue};
+    if let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) = (
+        error.get(ContextKind::InvalidArg),
+        error.get(ContextKind::InvalidValue),
+    ) {
+        let long = arg.split_whitespace().next().unwrap_or("");
+        let on_command_line = args.iter().filter_map(|arg| arg.to_str()).any(|arg| {
+            arg == value
+                || arg
+                    .strip_prefix(long)
+                    .and_then(|rest| rest.strip_prefix('='))
+                    == Some(value.as_str())
+        });
+        if let Some(var) = env_of(long).filter(|_| !on_command_line) {
+            let reason = std::error::Error::source(error)
+                .map_or_else(|| "invalid value".to_owned(), ToString::to_string);
+            eprintln!("error: {var}={value:?} (the environment's {long}): {reason}");
+            std::process::exit(2);
+        }
+    }
+    error.exit()
+}
+
+/// The environment variable of the flag `--long` in any command, if it has one.
+fn env_of(long: &str) -> Option<String> {
+    use clap::CommandFactory;
+    let name = long.strip_prefix("--")?;
+    let root = Cli::command();
+    let mut commands = vec![&root];
+    while let Some(command) = commands.pop() {
+        if let Some(arg) = command
+            .get_arguments()
+            .find(|arg| arg.get_long() == Some(name))
+        {
+            return Some(arg.get_env()?.to_string_lossy().into_owned());
+        }
+        commands.extend(command.get_subcommands());
+    }
+    None
 }
 
 /// The first argument after the global flags and their values (`--log-level info`).

@@ -122,7 +122,7 @@ fn long_running_commands_survive_a_non_utf8_variable() {
 }
 
 #[test]
-fn absurd_durations_are_refused_at_start_naming_the_flag() {
+fn absurd_durations_are_refused_at_start_naming_the_flag_or_variable() {
     for (vars, args, flag) in [
         (
             vec![("AMB_DRAIN_TIMEOUT", "18000000000000000000s")],
@@ -150,6 +150,10 @@ fn absurd_durations_are_refused_at_start_naming_the_flag() {
         );
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(flag), "{vars:?} {args:?}: {stderr}");
+        // A value from the environment is reported under the variable the user set.
+        for (var, _) in &vars {
+            assert!(stderr.contains(var), "{vars:?} {args:?}: {stderr}");
+        }
     }
 }
 
