@@ -515,25 +515,35 @@ async fn gossip(env: &ClusterEnv<'_>, addrs: &mut Addrs, column: Column) -> anyh
         Column::AmbSerf => (plan.gossip_serf, plan.gossip_amb),
         Column::Serf => (total, 0),
     };
-    let prefix = column.name();
+    // Names of one length in both columns (`gossip-a07`, `gossip-s07`; serf agents first): pings
+    // and push-pulls carry them, so longer names in one column would count as its gossip volume.
+    let width = total.to_string().len();
+    let tag = match column {
+        Column::AmbSerf => 'a',
+        Column::Serf => 's',
+    };
+    let name = |i: usize| format!("gossip-{tag}{i:0width$}");
     let mut groups: Vec<Group> = Vec::with_capacity(total);
     let result = async {
-        let (seed, seed_ip, seed_client) =
-            start_observer(env, addrs, &format!("{prefix}-serf-0")).await?;
+        let (seed, seed_ip, seed_client) = start_observer(env, addrs, &name(0)).await?;
         groups.push(seed);
         let mut agents = vec![(seed_ip, Some(seed_client))];
         let start = Instant::now();
         for i in 1..n_serf {
             let ip = addrs.next();
-            let name = format!("{prefix}-serf-{i}");
-            groups.push(spawn_serf(env.dir, &name, ip, Some(seed_ip), &[])?);
+            groups.push(spawn_serf(env.dir, &name(i), ip, Some(seed_ip), &[])?);
             agents.push((ip, None));
         }
         for i in 0..n_amb {
             let ip = addrs.next();
             let join = agents[i % agents.len()].0;
-            let name = format!("{prefix}-amb-{i}");
-            groups.push(spawn_amb_agent(env.dir, env.amb_serf, &name, ip, join)?);
+            groups.push(spawn_amb_agent(
+                env.dir,
+                env.amb_serf,
+                &name(n_serf + i),
+                ip,
+                join,
+            )?);
         }
         // Every real agent, until each lists all members alive.
         let mut pending: Vec<usize> = (0..agents.len()).collect();
