@@ -16,6 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use serf::memberlist::{push_pull_scale, Config};
 use serf::rpc::Client;
 
 use crate::backend::Backend;
@@ -40,7 +41,11 @@ pub(crate) struct ClusterPlan {
     pub(crate) gossip_amb: usize,
     /// Metric 9: real `serf agent`s.
     pub(crate) gossip_serf: usize,
-    /// Metric 9: how long traffic is counted after convergence.
+    /// Metric 9: how long the cluster runs after convergence before traffic is counted
+    /// ([`gossip_settle`] in the full run).
+    pub(crate) gossip_settle: Duration,
+    /// Metric 9: how long traffic is counted (a whole number of [`push_pull_period`]s in the
+    /// full run).
     pub(crate) gossip_window: Duration,
     /// Metric 9: simulated cluster sizes.
     pub(crate) sim_sizes: &'static [usize],
@@ -121,10 +126,11 @@ pub(crate) fn measure(env: &ClusterEnv<'_>, results: &mut ClusterResults) {
                 if env.runs("gossip") {
                     for column in Column::ALL {
                         let result = runtime.block_on(gossip(env, &mut addrs, column));
-                        record(results, "gossip", column, result, |(took, rate)| {
+                        record(results, "gossip", column, result, |gossip| {
                             vec![
-                                (ClusterMetric::Converge, took),
-                                (ClusterMetric::GossipBytes, rate),
+                                (ClusterMetric::Converge, gossip.converged),
+                                (ClusterMetric::GossipBytes, gossip.bytes),
+                                (ClusterMetric::GossipTcpOpens, gossip.tcp_opens),
                             ]
                         });
                     }
@@ -170,6 +176,23 @@ impl Addrs {
         let n = self.next;
         Ipv4Addr::new(127, 1, (n / 250) as u8, (n % 250 + 1) as u8)
     }
+}
+
+/// memberlist's push-pull period in a cluster of `n_members`: the LAN default (30 s) scaled as
+/// Go's `pushPullScale` does (60 s from 33 to 64 members). Every member opens one push-pull
+/// (a TCP exchange of the full member list, both ways) per period.
+pub(crate) fn push_pull_period(n_members: usize) -> Duration {
+    push_pull_scale(Config::lan().push_pull_interval, n_members)
+}
+
+/// How long after convergence the gossip window starts: one unscaled push-pull interval and
+/// 5 s to spare. Every member's first push-pull timer fires at a random stagger below that
+/// interval after it starts, and only from then on does it push-pull once per period. Go's
+/// member push-pulls one period after its stagger, amb-serf's at the stagger, so a window
+/// that starts earlier counts amb-serf's first push-pulls and few of Go's. After the settle,
+/// a window of k periods holds exactly k push-pulls per member whatever their phases.
+pub(crate) fn gossip_settle() -> Duration {
+    Config::lan().push_pull_interval + Duration::from_secs(5)
 }
 
 /// A member process, by kind.
@@ -469,41 +492,58 @@ async fn idle(
     Ok(samples)
 }
 
+/// What metric 9 measures in one real cluster.
+struct Gossip {
+    /// Seconds to convergence.
+    converged: f64,
+    /// Bytes sent per member per second over the window.
+    bytes: f64,
+    /// TCP connections opened per member per push-pull period over the window.
+    tcp_opens: f64,
+}
+
 /// Metric 9, real processes: `gossip_serf` agents (the first the seed) and `gossip_amb`
 /// amb-serf agents, each joined to one agent (round robin); or, in the serf column, as many
 /// `serf agent`s in all. Seconds from spawning all but the seed (once it answers RPC) until
-/// every real agent lists every member alive; then bytes sent on the namespace's loopback per
-/// member per second over `gossip_window`.
-async fn gossip(
-    env: &ClusterEnv<'_>,
-    addrs: &mut Addrs,
-    column: Column,
-) -> anyhow::Result<(f64, f64)> {
+/// every real agent lists every member alive; then, `gossip_settle` later, bytes sent on the
+/// namespace's loopback per member per second over `gossip_window`, and TCP connections opened
+/// per member per push-pull period (each a push-pull, or a ping's TCP fallback).
+async fn gossip(env: &ClusterEnv<'_>, addrs: &mut Addrs, column: Column) -> anyhow::Result<Gossip> {
     let plan = &env.plan;
     let total = plan.gossip_amb + plan.gossip_serf;
     let (n_serf, n_amb) = match column {
         Column::AmbSerf => (plan.gossip_serf, plan.gossip_amb),
         Column::Serf => (total, 0),
     };
-    let prefix = column.name();
+    // Names of one length in both columns (`gossip-a07`, `gossip-s07`; serf agents first): pings
+    // and push-pulls carry them, so longer names in one column would count as its gossip volume.
+    let width = total.to_string().len();
+    let tag = match column {
+        Column::AmbSerf => 'a',
+        Column::Serf => 's',
+    };
+    let name = |i: usize| format!("gossip-{tag}{i:0width$}");
     let mut groups: Vec<Group> = Vec::with_capacity(total);
     let result = async {
-        let (seed, seed_ip, seed_client) =
-            start_observer(env, addrs, &format!("{prefix}-serf-0")).await?;
+        let (seed, seed_ip, seed_client) = start_observer(env, addrs, &name(0)).await?;
         groups.push(seed);
         let mut agents = vec![(seed_ip, Some(seed_client))];
         let start = Instant::now();
         for i in 1..n_serf {
             let ip = addrs.next();
-            let name = format!("{prefix}-serf-{i}");
-            groups.push(spawn_serf(env.dir, &name, ip, Some(seed_ip), &[])?);
+            groups.push(spawn_serf(env.dir, &name(i), ip, Some(seed_ip), &[])?);
             agents.push((ip, None));
         }
         for i in 0..n_amb {
             let ip = addrs.next();
             let join = agents[i % agents.len()].0;
-            let name = format!("{prefix}-amb-{i}");
-            groups.push(spawn_amb_agent(env.dir, env.amb_serf, &name, ip, join)?);
+            groups.push(spawn_amb_agent(
+                env.dir,
+                env.amb_serf,
+                &name(n_serf + i),
+                ip,
+                join,
+            )?);
         }
         // Every real agent, until each lists all members alive.
         let mut pending: Vec<usize> = (0..agents.len()).collect();
@@ -543,18 +583,26 @@ async fn gossip(
                 tokio::time::sleep(POLL).await;
             }
         }
-        let took = start.elapsed().as_secs_f64();
+        let converged = start.elapsed().as_secs_f64();
         // Close the RPC connections so that their bytes are not counted.
         drop(agents);
-        let before = procs::loopback_tx_bytes()?;
+        tokio::time::sleep(plan.gossip_settle).await;
+        let before = procs::loopback_counters()?;
         let window = Instant::now();
         tokio::time::sleep(plan.gossip_window).await;
-        let after = procs::loopback_tx_bytes()?;
-        let rate = (after - before) as f64 / total as f64 / window.elapsed().as_secs_f64();
+        let after = procs::loopback_counters()?;
+        let seconds = window.elapsed().as_secs_f64();
+        let periods = seconds / push_pull_period(total).as_secs_f64();
         for group in &mut groups {
             group.check_alive()?;
         }
-        Ok((took, rate))
+        Ok(Gossip {
+            converged,
+            bytes: (after.tx_bytes - before.tx_bytes) as f64 / total as f64 / seconds,
+            tcp_opens: (after.tcp_active_opens - before.tcp_active_opens) as f64
+                / total as f64
+                / periods,
+        })
     }
     .await;
     // SIGKILL all at once: a graceful leave of 53 members, one after the other, takes minutes.
@@ -569,7 +617,6 @@ async fn gossip(
 /// member per second over the next 10 simulated seconds; then the virtual time one broadcast
 /// (a user message, piggybacked on gossip like a Serf event) takes to reach every member.
 fn simulate(plan: &ClusterPlan, seed: u64, results: &mut ClusterResults) {
-    use serf::memberlist::Config;
     use serf::sim::{Net, Sim};
     let limit = Duration::from_secs(600);
     for &n in plan.sim_sizes {

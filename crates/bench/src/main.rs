@@ -92,16 +92,21 @@ impl Plan {
                 idle_window: Duration::from_secs(3),
                 gossip_amb: 10,
                 gossip_serf: 3,
+                // Not whole push-pull periods: this only keeps the harness from rotting.
+                gossip_settle: Duration::ZERO,
                 gossip_window: Duration::from_secs(2),
                 sim_sizes: &[10, 20, 50],
             }
         } else {
+            let (gossip_amb, gossip_serf) = (50, 3);
             cluster::ClusterPlan {
                 reps: reps.unwrap_or(3),
                 idle_window: Duration::from_secs(60),
-                gossip_amb: 50,
-                gossip_serf: 3,
-                gossip_window: Duration::from_secs(20),
+                gossip_amb,
+                gossip_serf,
+                gossip_settle: cluster::gossip_settle(),
+                // One push-pull period (60 s at 53 members): one push-pull per member.
+                gossip_window: cluster::push_pull_period(gossip_amb + gossip_serf),
                 sim_sizes: &[50, 100, 250, 500, 1_000],
             }
         };
@@ -209,11 +214,9 @@ fn run(args: Args) -> anyhow::Result<bool> {
         amb_serf: &env.amb_serf,
         skip: &args.skip,
     };
-    let mut cluster_results = ClusterResults::new(
-        (plan.cluster.gossip_amb, plan.cluster.gossip_serf),
-        plan.cluster.sim_sizes,
-        |group| run_cluster && !args.skip.iter().any(|g| g == group),
-    );
+    let mut cluster_results = ClusterResults::new(plan.cluster, |group| {
+        run_cluster && !args.skip.iter().any(|g| g == group)
+    });
     if run_cluster {
         cluster::measure(&cluster_env, &mut cluster_results);
     }

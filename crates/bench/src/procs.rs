@@ -326,8 +326,23 @@ pub(crate) fn isolate_network() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Bytes sent on the loopback interface of the calling thread's network namespace.
-pub(crate) fn loopback_tx_bytes() -> anyhow::Result<u64> {
+/// Counters of the calling thread's network namespace (where the only interface is `lo`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LoopbackCounters {
+    /// Bytes sent on `lo`, link level (Ethernet, IP and UDP or TCP headers included).
+    pub(crate) tx_bytes: u64,
+    /// TCP connections opened (`connect`), from the namespace's SNMP `Tcp: ActiveOpens`.
+    pub(crate) tcp_active_opens: u64,
+}
+
+pub(crate) fn loopback_counters() -> anyhow::Result<LoopbackCounters> {
+    Ok(LoopbackCounters {
+        tx_bytes: loopback_tx_bytes()?,
+        tcp_active_opens: tcp_active_opens()?,
+    })
+}
+
+fn loopback_tx_bytes() -> anyhow::Result<u64> {
     // /proc/net is the process's namespace; thread-self/net is this thread's.
     let text = fs::read_to_string("/proc/thread-self/net/dev")?;
     let line = text
@@ -347,6 +362,24 @@ pub(crate) fn loopback_tx_bytes() -> anyhow::Result<u64> {
         .context("malformed lo line in /proc/thread-self/net/dev")
 }
 
+fn tcp_active_opens() -> anyhow::Result<u64> {
+    let text = fs::read_to_string("/proc/thread-self/net/snmp")?;
+    snmp_field(&text, "Tcp", "ActiveOpens")
+        .context("no Tcp ActiveOpens in /proc/thread-self/net/snmp")
+}
+
+/// A counter of `/proc/net/snmp`: a line of names, then a line of values, both led by `proto:`.
+fn snmp_field(text: &str, proto: &str, name: &str) -> Option<u64> {
+    let prefix = format!("{proto}:");
+    let mut lines = text.lines().filter(|line| line.starts_with(&prefix));
+    let names = lines.next()?.split_whitespace();
+    let values = lines.next()?.split_whitespace();
+    names
+        .zip(values)
+        .find(|(key, _)| *key == name)
+        .and_then(|(_, value)| value.parse().ok())
+}
+
 /// Polls `condition` every 20 ms until true or `deadline` passes.
 pub(crate) fn wait_for(deadline: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
@@ -358,5 +391,26 @@ pub(crate) fn wait_for(deadline: Duration, mut condition: impl FnMut() -> bool) 
             return false;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snmp_fields() {
+        let text = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+                    Tcp: RtoAlgorithm ActiveOpens PassiveOpens\nTcp: 1 53 50\n\
+                    Udp: InDatagrams OutDatagrams\nUdp: 7 9\n";
+        for (proto, name, expected) in [
+            ("Tcp", "ActiveOpens", Some(53)),
+            ("Tcp", "PassiveOpens", Some(50)),
+            ("Udp", "OutDatagrams", Some(9)),
+            ("Udp", "ActiveOpens", None),
+            ("Icmp", "InMsgs", None),
+        ] {
+            assert_eq!(snmp_field(text, proto, name), expected, "{proto} {name}");
+        }
     }
 }

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::cluster::{self, ClusterPlan};
 use crate::tools::Tool;
 
 /// What a row compares: more is better, or less is better; latency rows also show the
@@ -476,6 +477,7 @@ pub(crate) enum ClusterMetric {
     IdleCpu,
     Converge,
     GossipBytes,
+    GossipTcpOpens,
     /// Simulated members.
     SimConverge(usize),
     SimBytes(usize),
@@ -483,8 +485,16 @@ pub(crate) enum ClusterMetric {
 }
 
 impl ClusterMetric {
-    fn label(self, gossip: (usize, usize)) -> String {
-        let (amb, serf) = gossip;
+    fn label(self, plan: &ClusterPlan) -> String {
+        let (amb, serf) = (plan.gossip_amb, plan.gossip_serf);
+        let period = cluster::push_pull_period(amb + serf);
+        let window = format!(
+            "over {} s from {} s after convergence: {} push-pull periods of {} s",
+            plan.gossip_window.as_secs_f64(),
+            plan.gossip_settle.as_secs_f64(),
+            number(plan.gossip_window.as_secs_f64() / period.as_secs_f64()),
+            period.as_secs_f64(),
+        );
         match self {
             Self::Register => "6. start → alive with its tags at a real agent (ms)".to_owned(),
             Self::Detect => "7. SIGKILL → `failed` at a real agent (s)".to_owned(),
@@ -495,10 +505,13 @@ impl ClusterMetric {
                 "9. convergence, {amb} amb-serf + {serf} serf agents (serf: {} serf agents) (s)",
                 amb + serf
             ),
-            Self::GossipBytes => {
-                "9. bytes sent per member per second, same clusters (lo, headers included)"
-                    .to_owned()
-            }
+            Self::GossipBytes => format!(
+                "9. bytes sent per member per second, same clusters (lo, headers included; \
+                 {window})"
+            ),
+            Self::GossipTcpOpens => "9. TCP connections opened per member per push-pull period, \
+                                      same window (push-pulls; a ping's TCP fallback)"
+                .to_owned(),
             Self::SimConverge(n) => {
                 format!(
                     "9. simulator, {} members: all join at once → converged (simulated s)",
@@ -522,7 +535,7 @@ impl ClusterMetric {
             Self::Register => "register",
             Self::Detect => "detect",
             Self::IdleRss | Self::IdlePss | Self::IdleCpu => "idle-member",
-            Self::Converge | Self::GossipBytes => "gossip",
+            Self::Converge | Self::GossipBytes | Self::GossipTcpOpens => "gossip",
             Self::SimConverge(_) | Self::SimBytes(_) | Self::SimSpread(_) => "sim",
         }
     }
@@ -540,18 +553,14 @@ impl ClusterMetric {
 pub(crate) struct ClusterResults {
     /// The rows expected (those not skipped).
     rows: Vec<ClusterMetric>,
-    /// Sizes of the real gossip cluster: (amb-serf agents, serf agents).
-    gossip: (usize, usize),
+    /// The plan, for the labels (sizes of the gossip cluster, its window).
+    plan: ClusterPlan,
     samples: BTreeMap<(ClusterMetric, Column), Vec<f64>>,
     failures: Vec<String>,
 }
 
 impl ClusterResults {
-    pub(crate) fn new(
-        gossip: (usize, usize),
-        sim_sizes: &[usize],
-        runs: impl Fn(&str) -> bool,
-    ) -> Self {
+    pub(crate) fn new(plan: ClusterPlan, runs: impl Fn(&str) -> bool) -> Self {
         let mut rows = vec![
             ClusterMetric::Register,
             ClusterMetric::Detect,
@@ -560,14 +569,16 @@ impl ClusterResults {
             ClusterMetric::IdleCpu,
             ClusterMetric::Converge,
             ClusterMetric::GossipBytes,
+            ClusterMetric::GossipTcpOpens,
         ];
+        let sim_sizes = plan.sim_sizes;
         rows.extend(sim_sizes.iter().map(|&n| ClusterMetric::SimConverge(n)));
         rows.extend(sim_sizes.iter().map(|&n| ClusterMetric::SimSpread(n)));
         rows.extend(sim_sizes.iter().map(|&n| ClusterMetric::SimBytes(n)));
         rows.retain(|row| runs(row.group()));
         Self {
             rows,
-            gossip,
+            plan,
             samples: BTreeMap::new(),
             failures: Vec::new(),
         }
@@ -577,7 +588,7 @@ impl ClusterResults {
         eprintln!(
             "  {:<9} {:<72} {value:.2}",
             column.name(),
-            metric.label(self.gossip)
+            metric.label(&self.plan)
         );
         self.samples
             .entry((metric, column))
@@ -644,7 +655,7 @@ fn render_cluster(out: &mut String, results: &ClusterResults) {
         let _ = writeln!(
             out,
             "| {} | {} | {} |",
-            metric.label(results.gossip),
+            metric.label(&results.plan),
             cluster_cell(results, metric, Column::AmbSerf),
             cluster_cell(results, metric, Column::Serf)
         );

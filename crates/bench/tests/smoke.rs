@@ -98,6 +98,8 @@ fn every_metric_of_every_tool_produces_a_verified_number() {
             "7. ",
             "8. idle member RSS",
             "9. convergence",
+            "9. bytes sent",
+            "9. TCP connections",
             "9. simulator",
         ] {
             assert!(
