@@ -470,7 +470,7 @@ impl Memberlist {
         if !config.push_pull_interval.is_zero() {
             timers.set(
                 now + stagger(&mut rng, config.push_pull_interval),
-                Timer::PushPull,
+                Timer::PushPullStagger,
             );
         }
         let mut memberlist = Self {
@@ -551,6 +551,11 @@ impl Memberlist {
                     self.timers
                         .set(now + self.config.gossip_interval, Timer::Gossip);
                     self.gossip(now, delegate);
+                }
+                Timer::PushPullStagger => {
+                    let interval =
+                        push_pull_scale(self.config.push_pull_interval, self.nodes.len());
+                    self.timers.set(now + interval, Timer::PushPull);
                 }
                 Timer::PushPull => {
                     let interval =

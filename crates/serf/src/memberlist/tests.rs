@@ -1185,3 +1185,43 @@ fn forged_nodes_are_bounded_in_count_name_and_meta() {
         .members()
         .any(|node| node.name == "forged-7" && node.incarnation == Incarnation(2)));
 }
+
+#[test]
+fn the_first_periodic_push_pull_waits_the_stagger_and_a_whole_period_as_go() {
+    let start = Instant::now();
+    // No probes: their TCP fallback would open streams too.
+    let config = Config {
+        probe_interval: Duration::from_secs(3600),
+        ..Config::lan()
+    };
+    let mut memberlist = core_with(config, start);
+    feed(
+        &mut memberlist,
+        start,
+        addr(2),
+        Message::Alive(alive("b", 2, 1, 5)),
+    );
+    let push_pulls = |memberlist: &mut Memberlist| {
+        let (_, streams) = drain(memberlist);
+        streams
+            .iter()
+            .filter(|t| matches!(t, Transmit::StreamOpen { .. }))
+            .count()
+    };
+    push_pulls(&mut memberlist);
+    let period = Config::lan().push_pull_interval;
+    let mut now = start;
+    let mut first = None;
+    while now < start + 3 * period && first.is_none() {
+        now += Duration::from_millis(100);
+        memberlist.handle_timeout(now, &mut NoDelegate);
+        if push_pulls(&mut memberlist) > 0 {
+            first = Some(now - start);
+        }
+    }
+    let first = first.expect("a push-pull within three periods");
+    assert!(
+        first >= period,
+        "first push-pull after {first:?}, before a whole period"
+    );
+}

@@ -14,6 +14,9 @@ pub(crate) enum Timer {
     Probe,
     /// Gossip to a few random members.
     Gossip,
+    /// The random stagger before the first push-pull period has passed (Go waits it, then a
+    /// whole period, before the first push-pull).
+    PushPullStagger,
     /// Anti-entropy push-pull with a random member.
     PushPull,
     /// No direct ack within the probe timeout: go indirect.
