@@ -3,9 +3,10 @@
 //!
 //! Nothing can be pulled here, so `scripts/docker-test-images` makes the base images from this
 //! machine and Debian's mirror (a debootstrap + host-toolchain build base, passed as
-//! `--build-arg RUST_IMAGE`, a redis backend, and Debian's Go `serf agent` with no EXPOSE line);
-//! they are tagged by content hash and kept for the next run. Everything else the test creates (the image under test, containers, networks)
-//! is removed by ID when it ends, pass or fail.
+//! `--build-arg RUST_IMAGE`, a redis backend, Debian's Go `serf agent` with and without an
+//! EXPOSE line, MariaDB and WordPress for the seed story in `seed_story`); they are tagged by
+//! content hash and kept for the next run. Everything else a test creates (the image under
+//! test, containers, networks, volumes) is removed by ID when it ends, pass or fail.
 //!
 //! Runs when a Docker engine answers; under `AMB_REQUIRE_PEERS=1` (the README's test command,
 //! CI) a missing engine or `docker-compose` is a failure.

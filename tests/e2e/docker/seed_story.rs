@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use serde_json::Value;
 
 use super::{
@@ -340,7 +341,7 @@ set -eu
 addr=$(amb-serf resolve "${WORDPRESS_DB_ROLE:-3306}" --wait "${WORDPRESS_DB_WAIT:-60s}")
 echo "wordpress-serf: database at $addr" >&2
 export WORDPRESS_DB_HOST="$addr"
-exec docker-entrypoint "$@"
+exec docker-entrypoint.sh "$@"
 "#;
 
 /// The WordPress image plus the amb-serf binary (copied from the image under test) and the
@@ -783,7 +784,8 @@ fn seed_story_with_compose() {
     // The image under test, under a name of this run (removed with the image's ID).
     let amb_serf = format!("amb-serf-e2e:{project}");
     docker(&["tag", &image, &amb_serf]);
-    let key = docker(&["run", "--rm", &serf_exposed, "keygen"]);
+    // As the README makes it: 32 random bytes in base64 (AES-256; `serf keygen` makes 16).
+    let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
     let secrets = Secrets::new();
     let port = free_port(Ipv4Addr::LOCALHOST);
     // The env file a user writes next to docker-compose.yml (README, "The seed story").
