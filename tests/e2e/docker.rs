@@ -3,18 +3,22 @@
 //!
 //! Nothing can be pulled here, so `scripts/docker-test-images` makes the base images from this
 //! machine and Debian's mirror (a debootstrap + host-toolchain build base, passed as
-//! `--build-arg RUST_IMAGE`, a redis backend, and Debian's Go `serf agent` with no EXPOSE line);
-//! they are tagged by content hash and kept for the next run. Everything else the test creates (the image under test, containers, networks)
-//! is removed by ID when it ends, pass or fail.
+//! `--build-arg RUST_IMAGE`, a redis backend, Debian's Go `serf agent` with and without an
+//! EXPOSE line, MariaDB and WordPress for the seed story in `seed_story`); they are tagged by
+//! content hash and kept for the next run. Everything else a test creates (the image under
+//! test, containers, networks, volumes) is removed by ID when it ends, pass or fail.
 //!
 //! Runs when a Docker engine answers; under `AMB_REQUIRE_PEERS=1` (the README's test command,
 //! CI) a missing engine or `docker-compose` is a failure.
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::support::{eventually, DEADLINE};
+
+mod seed_story;
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 /// The aim for the image (the original Ubuntu + supervisord + socat + serf ones were hundreds of MB).
@@ -29,6 +33,16 @@ const STOP_LIMIT: Duration = Duration::from_secs(30);
 const SERF_ALIVE_LIMIT: Duration = Duration::from_secs(5);
 /// Generous: Go's agent, the ambassador's health check and gossip on a loaded machine.
 const GO_SERF_ALIVE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// One Docker test at a time: each builds the image (a cache hit after the first) and runs a
+/// handful of containers, on a machine whose other cores run the rest of the suite.
+static ENGINE: Mutex<()> = Mutex::new(());
+
+fn engine_lock() -> MutexGuard<'static, ()> {
+    ENGINE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 fn required() -> bool {
     std::env::var_os("AMB_REQUIRE_PEERS").is_some_and(|value| value == "1")
@@ -126,6 +140,12 @@ struct BaseImages {
     redis: String,
     /// Debian's Go `serf agent`, with no EXPOSE line.
     serf: String,
+    /// The same agent exposing 7946/tcp and 7946/udp, as ctlc/serf did.
+    serf_exposed: String,
+    /// Debian's MariaDB, configured like the official image (`MARIADB_*`).
+    mariadb: String,
+    /// Debian's WordPress on Apache, configured like `wordpress:6-apache` (`WORDPRESS_DB_*`).
+    wordpress: String,
 }
 
 /// `name=tag` lines from `scripts/docker-test-images`, built or reused.
@@ -153,6 +173,9 @@ fn base_images() -> BaseImages {
         rust: tag("rust"),
         redis: tag("redis"),
         serf: tag("serf"),
+        serf_exposed: tag("serf-exposed"),
+        mariadb: tag("mariadb"),
+        wordpress: tag("wordpress"),
     }
 }
 
@@ -330,12 +353,14 @@ fn image_forwards_links_and_resolves_names() {
     if !engine_answers() {
         return;
     }
+    let _engine = engine_lock();
     let start = Instant::now();
     let mut created = Created::default();
     let BaseImages {
         rust: rust_image,
         redis: redis_image,
         serf: go_serf_image,
+        ..
     } = base_images();
     let image = build_image(&mut created, &rust_image);
     check_image(&image);
@@ -569,19 +594,32 @@ fn joins_a_serf_image_that_exposes_no_port(
     stops_cleanly(&ambassador);
 }
 
-/// `docker-compose.yml` is valid and tells the whole story (it cannot run here: no pulls).
+/// `docker-compose.yml` is valid, tells the whole story, and refuses to start without its
+/// secrets (the gossip key and the database passwords come from `.env`). It runs for real in
+/// `seed_story::seed_story_with_compose`.
 #[test]
 fn compose_file_is_valid() {
     let compose = Path::new(REPO).join("docker-compose.yml");
-    let output = Command::new("docker-compose")
-        .args([
-            "-f",
-            compose.to_str().expect("UTF-8 path"),
-            "config",
-            "--services",
-        ])
-        .output();
-    let output = match output {
+    // An empty env file: not the developer's own .env, if there is one.
+    let env_file = tempfile::NamedTempFile::new().expect("creating an empty env file");
+    let config = |secrets: &[(&str, &str)]| {
+        Command::new("docker-compose")
+            .arg("--env-file")
+            .arg(env_file.path())
+            .arg("-f")
+            .arg(&compose)
+            .args(["config", "--services"])
+            .env_remove("SERF_ENCRYPT_KEY")
+            .env_remove("MARIADB_ROOT_PASSWORD")
+            .env_remove("WORDPRESS_DB_PASSWORD")
+            .envs(secrets.iter().copied())
+            .output()
+    };
+    let output = match config(&[
+        ("SERF_ENCRYPT_KEY", "cHJldGVuZA=="),
+        ("MARIADB_ROOT_PASSWORD", "root"),
+        ("WORDPRESS_DB_PASSWORD", "wordpress"),
+    ]) {
         Ok(output) => output,
         Err(error) => {
             assert!(
@@ -611,5 +649,11 @@ fn compose_file_is_valid() {
             "wordpress",
             "wordpress_db"
         ]
+    );
+    let without = config(&[]).expect("docker-compose ran once already");
+    let stderr = String::from_utf8_lossy(&without.stderr);
+    assert!(
+        !without.status.success() && stderr.contains("SERF_ENCRYPT_KEY"),
+        "docker-compose.yml should refuse to run without SERF_ENCRYPT_KEY: {stderr}"
     );
 }
