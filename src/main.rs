@@ -174,9 +174,9 @@ fn fail(error: &clap::Error, args: &[std::ffi::OsString]) -> ! {
                     == Some(value.as_str())
         });
         if let Some(var) = env_of(long).filter(|_| !on_command_line) {
-            let reason = std::error::Error::source(error)
-                .map_or_else(|| "invalid value".to_owned(), ToString::to_string);
-            eprintln!("error: {var}={value:?} (the environment's {long}): {reason}");
+            let rendered = error.render().to_string();
+            let rendered = rendered.trim_end();
+            eprintln!("{rendered}\n\nThe value came from the environment: {var}={value:?}");
             std::process::exit(2);
         }
     }
