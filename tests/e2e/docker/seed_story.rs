@@ -42,6 +42,9 @@ const FAILED_DEADLINE: Duration = Duration::from_secs(90);
 const REGISTERED_AGAIN_DEADLINE: Duration = Duration::from_secs(180);
 /// What WordPress prints when it cannot reach its database.
 const DB_ERROR: &str = "Error establishing a database connection";
+/// MariaDB and WordPress get at most one core each: the rest of the suite, some of it timing
+/// RPC answers, runs beside them.
+const SERVICE_CPUS: &str = "--cpus=1";
 /// The WordPress administrator's password (the test site exists only for the test).
 const ADMIN_PASSWORD: &str = "amb-serf-e2e-admin";
 
@@ -450,7 +453,10 @@ fn seed_story_with_links() {
     let mysql_name = name("mysql");
     let mysql = created.run(
         "mysql",
-        &with_env(&mariadb_env, &["--name", &mysql_name, &images.mariadb]),
+        &with_env(
+            &mariadb_env,
+            &["--name", &mysql_name, SERVICE_CPUS, &images.mariadb],
+        ),
     );
     wait_mysql(&mysql);
     let mysql_ip = container_ip(&mysql, None);
@@ -518,7 +524,12 @@ fn seed_story_with_links() {
         "wordpress (connect sidecar)",
         &with_env(
             &connect_env,
-            &["-e", "WORDPRESS_DB_HOST=127.0.0.1:3306", &images.wordpress],
+            &[
+                "-e",
+                "WORDPRESS_DB_HOST=127.0.0.1:3306",
+                SERVICE_CPUS,
+                &images.wordpress,
+            ],
         ),
     );
     let join = format!("AMB_JOIN={}:7946", container_ip(&serf_1, None));
@@ -554,7 +565,10 @@ fn seed_story_with_links() {
     let seed_env = secrets.wordpress_env("seed_");
     let seed_wordpress = created.run(
         "wordpress (resolve at boot)",
-        &with_env(&seed_env, &["--link", &serf_1_link, &wordpress_serf]),
+        &with_env(
+            &seed_env,
+            &["--link", &serf_1_link, SERVICE_CPUS, &wordpress_serf],
+        ),
     );
     let seed_site = format!("{}:80", container_ip(&seed_wordpress, None));
     let seed_title = "Seed story through resolve";
