@@ -16,10 +16,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use serf::memberlist::{push_pull_scale, Config};
+use serf::memberlist::Config;
 use serf::rpc::Client;
 
 use crate::backend::Backend;
+use crate::plan::{push_pull_period, ClusterPlan};
 use crate::procs::{self, Group};
 use crate::report::{ClusterMetric, ClusterResults, Column};
 
@@ -30,26 +31,6 @@ const RPC_PORT: u16 = 7373;
 const POLL: Duration = Duration::from_millis(10);
 /// Longest wait for anything (start, join, detection, convergence) before the rep fails.
 const DEADLINE: Duration = Duration::from_secs(90);
-
-/// Sizes and durations of the cluster metrics.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ClusterPlan {
-    pub(crate) reps: usize,
-    /// Metric 8: how long the idle member is watched.
-    pub(crate) idle_window: Duration,
-    /// Metric 9: amb-serf agents beside the real agents.
-    pub(crate) gossip_amb: usize,
-    /// Metric 9: real `serf agent`s.
-    pub(crate) gossip_serf: usize,
-    /// Metric 9: how long the cluster runs after convergence before traffic is counted
-    /// ([`gossip_settle`] in the full run).
-    pub(crate) gossip_settle: Duration,
-    /// Metric 9: how long traffic is counted (a whole number of [`push_pull_period`]s in the
-    /// full run).
-    pub(crate) gossip_window: Duration,
-    /// Metric 9: simulated cluster sizes.
-    pub(crate) sim_sizes: &'static [usize],
-}
 
 /// What the cluster measurements need.
 pub(crate) struct ClusterEnv<'a> {
@@ -176,23 +157,6 @@ impl Addrs {
         let n = self.next;
         Ipv4Addr::new(127, 1, (n / 250) as u8, (n % 250 + 1) as u8)
     }
-}
-
-/// memberlist's push-pull period in a cluster of `n_members`: the LAN default (30 s) scaled as
-/// Go's `pushPullScale` does (60 s from 33 to 64 members). Every member opens one push-pull
-/// (a TCP exchange of the full member list, both ways) per period.
-pub(crate) fn push_pull_period(n_members: usize) -> Duration {
-    push_pull_scale(Config::lan().push_pull_interval, n_members)
-}
-
-/// How long after convergence the gossip window starts: one unscaled push-pull interval and
-/// 5 s to spare. Every member's first push-pull timer fires at a random stagger below that
-/// interval after it starts, and only from then on does it push-pull once per period. Go's
-/// member push-pulls one period after its stagger, amb-serf's at the stagger, so a window
-/// that starts earlier counts amb-serf's first push-pulls and few of Go's. After the settle,
-/// a window of k periods holds exactly k push-pulls per member whatever their phases.
-pub(crate) fn gossip_settle() -> Duration {
-    Config::lan().push_pull_interval + Duration::from_secs(5)
 }
 
 /// A member process, by kind.

@@ -28,6 +28,7 @@ mod backend;
 mod cluster;
 mod load;
 mod pattern;
+mod plan;
 mod procs;
 mod report;
 mod tools;
@@ -78,7 +79,7 @@ struct Plan {
     concurrent: Duration,
     rate: Duration,
     idle: usize,
-    cluster: cluster::ClusterPlan,
+    cluster: plan::ClusterPlan,
 }
 
 impl Plan {
@@ -87,7 +88,7 @@ impl Plan {
         // backend ends): stay under the hard limit with room for listeners and pipes.
         let idle_max = (open_files.saturating_sub(200) / 2) as usize;
         let cluster = if smoke {
-            cluster::ClusterPlan {
+            plan::ClusterPlan {
                 reps: reps.unwrap_or(1),
                 idle_window: Duration::from_secs(3),
                 gossip_amb: 10,
@@ -99,14 +100,14 @@ impl Plan {
             }
         } else {
             let (gossip_amb, gossip_serf) = (50, 3);
-            cluster::ClusterPlan {
+            plan::ClusterPlan {
                 reps: reps.unwrap_or(3),
                 idle_window: Duration::from_secs(60),
                 gossip_amb,
                 gossip_serf,
-                gossip_settle: cluster::gossip_settle(),
+                gossip_settle: plan::gossip_settle(),
                 // One push-pull period (60 s at 53 members): one push-pull per member.
-                gossip_window: cluster::push_pull_period(gossip_amb + gossip_serf),
+                gossip_window: plan::push_pull_period(gossip_amb + gossip_serf),
                 sim_sizes: &[50, 100, 250, 500, 1_000],
             }
         };

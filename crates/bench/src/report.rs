@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::cluster::{self, ClusterPlan};
+use crate::plan::{push_pull_period, ClusterPlan};
 use crate::tools::Tool;
 
 /// What a row compares: more is better, or less is better; latency rows also show the
@@ -487,7 +487,7 @@ pub(crate) enum ClusterMetric {
 impl ClusterMetric {
     fn label(self, plan: &ClusterPlan) -> String {
         let (amb, serf) = (plan.gossip_amb, plan.gossip_serf);
-        let period = cluster::push_pull_period(amb + serf);
+        let period = push_pull_period(amb + serf);
         let window = format!(
             "over {} s from {} s after convergence: {} push-pull periods of {} s",
             plan.gossip_window.as_secs_f64(),
