@@ -71,9 +71,16 @@ pub(crate) struct Observed {
     pub(crate) members: MembersFn,
 }
 
-/// Binds the metrics address (a busy port fails at startup, before anything is advertised).
-pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+/// Binds `--metrics-addr` when it is given (a busy port fails at startup, before anything is
+/// advertised).
+pub(crate) async fn bind(addr: Option<SocketAddr>) -> anyhow::Result<Option<TcpListener>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|error| anyhow::anyhow!("binding --metrics-addr {addr}: {error}"))?;
+    Ok(Some(listener))
 }
 
 /// Serves until `shutdown`; each connection on its own task.

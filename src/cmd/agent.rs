@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use registrar::tags::Health;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -33,14 +32,7 @@ pub(crate) struct Args {
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let tags = args.member.tags()?;
     let seeds = args.member.gossip.seeds(crate::environment::vars())?;
-    let metrics_listener = match args.metrics_addr {
-        Some(addr) => Some(
-            metrics::bind(addr)
-                .await
-                .with_context(|| format!("binding --metrics-addr {addr}"))?,
-        ),
-        None => None,
-    };
+    let metrics_listener = metrics::bind(args.metrics_addr).await?;
     let member = member::start(&args.member, tags, seeds, member::Extras::default()).await?;
     // An agent forwards nothing and has no backend: ready while it runs, until it leaves.
     let (lifecycle_tx, lifecycle) = watch::channel(metrics::Lifecycle::Running);

@@ -121,14 +121,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let consumer = Consumer::new(&local, &specs);
     let bound = consumer.bind(&mut proxy, &specs, args.consume.policy())?;
     let stats = proxy.stats();
-    let metrics_listener = match args.metrics_addr {
-        Some(addr) => Some(
-            metrics::bind(addr)
-                .await
-                .with_context(|| format!("binding --metrics-addr {addr}"))?,
-        ),
-        None => None,
-    };
+    let metrics_listener = metrics::bind(args.metrics_addr).await?;
 
     // With etcd there is no member: providers come from the watch of the prefix.
     let member = match &registry {

@@ -246,14 +246,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         Some((consumer, bound))
     };
     let stats = proxy.stats();
-    let metrics_listener = match args.metrics_addr {
-        Some(addr) => Some(
-            metrics::bind(addr)
-                .await
-                .with_context(|| format!("binding --metrics-addr {addr}"))?,
-        ),
-        None => None,
-    };
+    let metrics_listener = metrics::bind(args.metrics_addr).await?;
     print_summary(&proxy, &specs);
     if let Some((_, bound)) = &consumer {
         for (spec, addr) in bound {
