@@ -29,6 +29,10 @@ fn attack_time() -> Duration {
     Duration::from_secs(secs)
 }
 
+/// The RPC key of the member under attack (`members_took` sends it; the guessing attack does
+/// not know it).
+const RPC_KEY: &str = "hostile-rpc-key";
+
 /// The most RSS an attack may add to the idle member.
 const RSS_HEADROOM_KIB: u64 = 64 * 1024;
 
@@ -62,7 +66,8 @@ impl Target {
         if let Some(join) = &join_text {
             args.extend(["--join", join]);
         }
-        let mut command = support::command(&[("RUST_LOG", "warn")], &args);
+        let vars = [("RUST_LOG", "warn"), ("AMB_RPC_AUTH", RPC_KEY)];
+        let mut command = support::command(&vars, &args);
         if let Some(nofile) = nofile {
             use std::os::unix::process::CommandExt;
             // SAFETY: setrlimit is async-signal-safe and touches no memory of the parent.
@@ -143,7 +148,8 @@ impl Target {
         let output = testkit::run_with_timeout(
             Command::new(require("serf"))
                 .arg("members")
-                .arg(format!("-rpc-addr={}", self.rpc)),
+                .arg(format!("-rpc-addr={}", self.rpc))
+                .arg(format!("-rpc-auth={RPC_KEY}")),
             Duration::from_secs(30),
         );
         output.status.success().then(|| started.elapsed())
@@ -439,6 +445,19 @@ fn a_member_under_attack_stays_bounded_and_answers() {
         std::thread::sleep(Duration::from_millis(100));
     });
 
+    // 9. Guessing the RPC key: wrong keys as fast as Go's CLI sends them.
+    let rpc = target.rpc;
+    under_attack(&target, &go, "RPC key guesses", idle, move |_| {
+        let output = testkit::run_with_timeout(
+            Command::new(require("serf"))
+                .arg("members")
+                .arg(format!("-rpc-addr={rpc}"))
+                .arg("-rpc-auth=a-wrong-guess"),
+            Duration::from_secs(30),
+        );
+        assert!(!output.status.success(), "a wrong RPC key was accepted");
+    });
+
     // 8. LZW bombs: each datagram holds as many bombs as fit.
     let bomb = Arc::new(bomb_packet());
     under_attack(&target, &go, "LZW bombs", idle, move |_| {
@@ -451,21 +470,34 @@ fn a_member_under_attack_stays_bounded_and_answers() {
 }
 
 /// With the fd limit reached, a listener stays readable and `accept` fails at once: the
-/// gossip loop must pause rather than spin (it burned a core before).
+/// gossip loop must pause rather than spin (it burned a core before), and the member must
+/// still answer probes (UDP), so the Go agent beside it never declares it failed.
 #[test]
 fn accepts_back_off_when_out_of_file_descriptors() {
-    let target = Target::start("hostile-emfile", 98, None, Some(24));
+    let go = SerfAgent::start("hostile-emfile-go", loopback(99), &[]);
+    let target = Target::start("hostile-emfile", 98, Some(go.bind), Some(24));
+    eventually(DEADLINE, "the Go agent sees the member", || {
+        (status_at_go(&go, &target.name).as_deref() == Some("alive")).then_some(())
+    });
     let held: Vec<TcpStream> = (0..30)
         .filter_map(|_| TcpStream::connect_timeout(&target.bind, Duration::from_secs(2)).ok())
         .collect();
     assert!(!held.is_empty());
     let (cpu, started) = (target.cpu(), Instant::now());
-    std::thread::sleep(Duration::from_secs(4));
+    std::thread::sleep(attack_time());
     let used = target.cpu() - cpu;
     let wall = started.elapsed();
     assert!(
         used < wall / 4,
         "{used:?} of CPU in {wall:?} with the fd limit reached and connections waiting"
     );
+    let name = &target.name;
+    let log = go.log();
+    assert!(
+        !log.contains(&format!("Suspect {name} has failed"))
+            && !log.contains(&format!("EventMemberFailed: {name}")),
+        "the Go agent failed the member while it was out of descriptors"
+    );
+    assert_eq!(status_at_go(&go, name).as_deref(), Some("alive"));
     drop(held);
 }
