@@ -105,6 +105,22 @@ async fn next_reply(client: &UdpSocket) -> Vec<u8> {
     buffer[..n].to_vec()
 }
 
+/// A forwarder to `backend.test:port` (resolved by each test's own resolver hook).
+async fn name_forwarder(port: u16, resolve_timeout: Duration, stats: &Arc<Stats>) -> UdpForwarder {
+    UdpForwarder::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        Target {
+            host: Host::Name("backend.test".to_owned()),
+            port,
+        },
+        Duration::from_secs(60),
+        resolve_timeout,
+        Arc::clone(stats),
+    )
+    .await
+    .expect("bind")
+}
+
 /// A host-name target whose resolution never ends for a new client must not hold up the
 /// clients that already have a session; the stalled client's first datagram is delivered
 /// once its name resolves.
@@ -112,19 +128,8 @@ async fn next_reply(client: &UdpSocket) -> Vec<u8> {
 async fn a_stalled_resolution_does_not_stall_other_sessions() {
     let echo = echo_upstream().await;
     let stats = Arc::new(Stats::new(10));
-    let mut forwarder = UdpForwarder::bind(
-        "127.0.0.1:0".parse().expect("addr"),
-        Target {
-            host: Host::Name("backend.test".to_owned()),
-            port: echo.port(),
-        },
-        Duration::from_secs(60),
-        // Far beyond the test's deadlines: only the gate below ends the stall.
-        Duration::from_secs(600),
-        Arc::clone(&stats),
-    )
-    .await
-    .expect("bind");
+    // Far beyond the test's deadlines: only the gate below ends the stall.
+    let mut forwarder = name_forwarder(echo.port(), Duration::from_secs(600), &stats).await;
     // The first lookup answers at once; every later one waits for the gate.
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let lookups = Arc::new(AtomicUsize::new(0));
@@ -188,18 +193,7 @@ async fn a_stalled_resolution_does_not_stall_other_sessions() {
 async fn a_failed_resolution_is_retried_by_the_next_datagram() {
     let echo = echo_upstream().await;
     let stats = Arc::new(Stats::new(10));
-    let mut forwarder = UdpForwarder::bind(
-        "127.0.0.1:0".parse().expect("addr"),
-        Target {
-            host: Host::Name("backend.test".to_owned()),
-            port: echo.port(),
-        },
-        Duration::from_secs(60),
-        Duration::from_secs(5),
-        Arc::clone(&stats),
-    )
-    .await
-    .expect("bind");
+    let mut forwarder = name_forwarder(echo.port(), Duration::from_secs(5), &stats).await;
     let lookups = Arc::new(AtomicUsize::new(0));
     forwarder.resolver = Resolver(Arc::new({
         let lookups = Arc::clone(&lookups);
