@@ -105,6 +105,20 @@ impl Native {
         names
     }
 
+    /// Every member this native member knows, with its state, sorted by name.
+    fn states(&self) -> Vec<(String, NodeState)> {
+        let members = self
+            .runtime
+            .block_on(self.handle.members())
+            .expect("driver running");
+        let mut states: Vec<(String, NodeState)> = members
+            .into_iter()
+            .map(|node| (node.name, node.state))
+            .collect();
+        states.sort_by(|a, b| a.0.cmp(&b.0));
+        states
+    }
+
     fn saw_failed(&self, name: &str) -> bool {
         self.events
             .lock()
@@ -301,11 +315,28 @@ fn three_agents_and_three_native_members_converge() {
         );
     }
     for native in &natives {
-        eventually(
-            DEADLINE,
-            &format!("{} sees all six alive", native.name),
-            || (native.alive() == everyone).then_some(()),
-        );
+        let mut seen = Vec::new();
+        let converged = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            eventually(
+                DEADLINE,
+                &format!("{} sees all six alive", native.name),
+                || {
+                    seen = native.states();
+                    let alive: Vec<&String> = seen
+                        .iter()
+                        .filter(|(_, state)| *state == NodeState::Alive)
+                        .map(|(name, _)| name)
+                        .collect();
+                    (alive == everyone.iter().collect::<Vec<_>>()).then_some(())
+                },
+            )
+        }));
+        if converged.is_err() {
+            panic!(
+                "{} never saw all six alive; last seen: {seen:?}",
+                native.name
+            );
+        }
     }
 }
 
