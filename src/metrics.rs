@@ -1,6 +1,8 @@
 //! `/healthz` and Prometheus `/metrics` for `amb-serf run`, on `--metrics-addr` (off unless
 //! asked for). A minimal HTTP/1.1 server written by hand: one request per connection, `GET`
-//! (or `HEAD`) only, request heads up to 8 KiB, read within 5 s.
+//! (or `HEAD`) only, request heads up to 8 KiB, read within 5 s, the whole exchange within 10 s,
+//! at most 64 requests at a time (more are closed at once: a scraper retries, a flood of
+//! connections cannot use the process's descriptors and memory).
 //!
 //! - `/healthz`: `200 ok` while the member runs and the backend passes its health check;
 //!   `503` with a one-line reason otherwise (starting, backend critical, leaving).
@@ -18,7 +20,7 @@ use std::time::Duration;
 use registrar::tags::Health;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
@@ -29,6 +31,10 @@ mod request;
 
 /// Time a client has to send its request head.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a whole exchange may take, the answer's write included (a client that never reads).
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests served at once.
+const MAX_CONCURRENT: usize = 64;
 /// Member statuses always exported (as 0 when nobody has them), so dashboards see every series.
 const STATUSES: [&str; 4] = ["alive", "leaving", "left", "failed"];
 
@@ -83,7 +89,7 @@ pub(crate) async fn bind(addr: Option<SocketAddr>) -> anyhow::Result<Option<TcpL
     Ok(Some(listener))
 }
 
-/// Serves until `shutdown`; each connection on its own task.
+/// Serves until `shutdown`; each connection on its own task, at most [`MAX_CONCURRENT`].
 pub(crate) async fn serve(
     listener: TcpListener,
     observed: Arc<Observed>,
@@ -92,6 +98,7 @@ pub(crate) async fn serve(
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "serving /healthz and /metrics");
     }
+    let permits = Arc::new(Semaphore::new(MAX_CONCURRENT));
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -99,11 +106,18 @@ pub(crate) async fn serve(
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                    debug!(%peer, "metrics: {MAX_CONCURRENT} requests in progress, closing");
+                    continue;
+                };
                 let observed = Arc::clone(&observed);
                 tokio::spawn(async move {
-                    if let Err(error) = answer(stream, &observed).await {
-                        debug!(%peer, %error, "metrics request failed");
+                    match tokio::time::timeout(EXCHANGE_TIMEOUT, answer(stream, &observed)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => debug!(%peer, %error, "metrics request failed"),
+                        Err(_) => debug!(%peer, "metrics request timed out"),
                     }
+                    drop(permit);
                 });
             }
             Err(error) => {

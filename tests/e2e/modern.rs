@@ -180,9 +180,8 @@ impl<'de> serde::de::Visitor<'de> for UniqueKeysVisitor {
 }
 
 /// The image's `HEALTHCHECK` (`amb-serf health`, `AMB_METRICS_ADDR`) works for `agent` too.
-#[test]
-fn an_agent_serves_its_health_endpoints() {
-    let ip = loopback(234);
+/// An `amb-serf agent` with `--metrics-addr`, once its health endpoint answers.
+fn agent_with_metrics(ip: std::net::Ipv4Addr, node: &str) -> (testkit::Child, String) {
     let metrics = format!("{ip}:{}", free_port(ip));
     let gossip = format!("{ip}:{}", free_port(ip));
     let rpc = format!("{ip}:{}", free_port(ip));
@@ -194,7 +193,7 @@ fn an_agent_serves_its_health_endpoints() {
             &[
                 "agent",
                 "--node",
-                "modern-agent",
+                node,
                 "--bind",
                 &gossip,
                 "--rpc-addr",
@@ -210,6 +209,62 @@ fn an_agent_serves_its_health_endpoints() {
         let check = run_to_exit(&[], &["health", "--addr", &metrics]);
         check.status.success().then_some(())
     });
+    (agent, metrics)
+}
+
+#[test]
+fn an_agent_serves_its_health_endpoints() {
+    let (mut agent, _) = agent_with_metrics(loopback(234), "modern-agent");
+    agent.signal(libc::SIGTERM);
+    let status = agent.wait_timeout(DEADLINE).expect("the agent stops");
+    assert!(status.success(), "{status}");
+}
+
+/// Connections to the metrics port that never send a request are served 64 at a time; the rest
+/// are closed at once, so a flood of them cannot use the process's descriptors, and the endpoint
+/// answers again once the flood ends.
+#[test]
+fn idle_metrics_connections_are_capped() {
+    use std::io::Read as _;
+    let (mut agent, metrics) = agent_with_metrics(loopback(235), "metrics-flood");
+    let fds = || std::fs::read_dir(format!("/proc/{}/fd", agent.pid())).map_or(0, Iterator::count);
+    let before = fds();
+    let mut idle: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| std::net::TcpStream::connect(&metrics).expect("connecting to --metrics-addr"))
+        .collect();
+    for stream in &idle {
+        stream.set_nonblocking(true).expect("non-blocking");
+    }
+    // The most descriptors seen while the agent sorts the flood out (without the cap, all 300
+    // stay open until the 5 s read timeout).
+    let mut most = fds();
+    eventually(
+        DEADLINE,
+        "all but 64 idle connections closed by the agent",
+        || {
+            most = most.max(fds());
+            let closed = idle
+                .iter_mut()
+                .filter_map(|stream| matches!(stream.read(&mut [0u8; 16]), Ok(0)).then_some(()))
+                .count();
+            (closed >= 300 - 64).then_some(())
+        },
+    );
+    assert!(
+        most <= before + 64 + 8,
+        "{most} descriptors open with 300 idle connections (before: {before})"
+    );
+    drop(idle);
+    eventually(
+        DEADLINE,
+        "the health endpoint answers after the flood",
+        || {
+            run_to_exit(&[], &["health", "--addr", &metrics])
+                .status
+                .success()
+                .then_some(())
+        },
+    );
     agent.signal(libc::SIGTERM);
     let status = agent.wait_timeout(DEADLINE).expect("the agent stops");
     assert!(status.success(), "{status}");
