@@ -30,16 +30,16 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 use tokio::sync::{mpsc, oneshot};
 
 use super::keys::{KeyOperation, KeyReport};
 use super::query::{QueryHandle, QueryParams, ResponderId};
-use super::state::{Lifecycle, SerfState};
-use super::{validate, Config, Event, Member, MemberStatus};
+use super::state::Lifecycle;
+use super::{Config, Event, Member, Serf};
 use crate::coordinate::Coordinate;
-use crate::memberlist::{Delegate, JoinId, Memberlist, Node};
+use crate::driver::Core;
+use crate::memberlist::{JoinId, StreamId, StreamInput, Transmit};
+use crate::wire::DecodeError;
 
 /// Why a command on a running member failed.
 #[derive(Debug, thiserror::Error)]
@@ -60,150 +60,88 @@ pub enum Error {
 
 type JoinResult = (usize, Vec<(SocketAddr, String)>);
 
-/// The delegate the memberlist driver owns: the Serf state plus the way out to the
-/// application. Delegate calls carry no time, so this (driver-side) wrapper reads the clock.
-pub(crate) struct Layer {
-    state: SerfState,
-    events: mpsc::UnboundedSender<Event>,
-    join_waiters: BTreeMap<JoinId, oneshot::Sender<JoinResult>>,
-    leave_waiters: Vec<oneshot::Sender<()>>,
-    /// Our key queries in progress: their answers are counted here, not published.
-    key_queries: BTreeMap<QueryHandle, KeyQuery>,
+/// What the driver runs: the one sans-IO [`Serf`] (the composition the simulation tests
+/// drive), plus the callers waiting for the completions it emits, keyed by the ids it
+/// returned (join, key query) or, for the leave, by the one leave in progress.
+pub(crate) struct Running {
+    serf: Serf,
+    joins: BTreeMap<JoinId, oneshot::Sender<JoinResult>>,
+    leaves: Vec<oneshot::Sender<()>>,
+    keys: BTreeMap<QueryHandle, oneshot::Sender<KeyReport>>,
 }
 
-/// A key query of ours: the report so far and who waits for it (until every live member
-/// answered or the query timed out).
-struct KeyQuery {
-    report: KeyReport,
-    waiter: Option<oneshot::Sender<KeyReport>>,
-}
+impl Core for Running {
+    type Event = Event;
 
-impl std::fmt::Debug for Layer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Layer")
-            .field("node", &self.state.config.node_name)
-            .finish()
-    }
-}
-
-impl Layer {
-    /// Flushes direct sends into memberlist and events to the application.
-    fn after(&mut self, now: Instant, memberlist: &mut Memberlist) {
-        self.state.flush(now, memberlist);
-        self.publish();
-    }
-
-    fn publish(&mut self) {
-        let events: Vec<Event> = self.state.events.drain(..).collect();
-        for event in events {
-            match &event {
-                Event::QueryResponse {
-                    query,
-                    from,
-                    payload,
-                } if self.key_queries.contains_key(query) => {
-                    let key_query = self
-                        .key_queries
-                        .get_mut(query)
-                        .expect("checked by the match guard");
-                    key_query.report.count(from, payload);
-                    if key_query.report.complete() {
-                        if let Some(waiter) = key_query.waiter.take() {
-                            let _ = waiter.send(key_query.report.clone());
-                        }
-                    }
-                    continue;
-                }
-                Event::QueryAck { query, .. } if self.key_queries.contains_key(query) => continue,
-                Event::QueryDone { query } if self.key_queries.contains_key(query) => {
-                    if let Some(KeyQuery {
-                        report,
-                        waiter: Some(waiter),
-                    }) = self.key_queries.remove(query)
-                    {
-                        let _ = waiter.send(report);
-                    }
-                    continue;
-                }
-                Event::JoinCompleted {
-                    join,
-                    contacted,
-                    errors,
-                } => {
-                    tracing::info!(contacted, failed = errors.len(), "join finished");
-                    if let Some(waiter) = self.join_waiters.remove(join) {
-                        let _ = waiter.send((*contacted, errors.clone()));
-                    }
-                }
-                Event::LeaveCompleted => {
-                    tracing::info!(node = %self.state.config.node_name, "left the cluster");
-                    for waiter in self.leave_waiters.drain(..) {
-                        let _ = waiter.send(());
-                    }
-                }
-                Event::NameConflict {
-                    name,
-                    other,
-                    responses,
-                    matching,
-                } => {
-                    tracing::error!(%name, %other, responses, matching, "another member owns our node name; serf stopped, pick another name");
-                }
-                _ => {}
-            }
-            let _ = self.events.send(event);
-        }
-    }
-}
-
-impl Delegate for Layer {
-    fn notify_user_msg(&mut self, message: &[u8]) {
-        self.state.now = Instant::now();
-        self.state.notify_user_msg(message);
-    }
-
-    fn broadcasts(&mut self, overhead: usize, limit: usize) -> Vec<Vec<u8>> {
-        self.state.broadcasts(overhead, limit)
-    }
-
-    fn local_state(&mut self, join: bool) -> Vec<u8> {
-        self.state.local_state(join)
-    }
-
-    fn merge_remote_state(&mut self, state: &[u8], join: bool) {
-        self.state.now = Instant::now();
-        self.state.merge_remote_state(state, join);
-    }
-
-    fn ack_payload(&mut self) -> Vec<u8> {
-        self.state.ack_payload()
-    }
-
-    fn notify_ping_complete(&mut self, node: &Node, rtt: Duration, payload: &[u8]) {
-        self.state.notify_ping_complete(node, rtt, payload);
-    }
-
-    fn on_event(
+    fn handle_packet(
         &mut self,
         now: Instant,
-        event: &crate::memberlist::Event,
-        memberlist: &mut Memberlist,
-    ) {
-        self.state.handle_memberlist_event(now, event, memberlist);
-        self.publish();
+        from: SocketAddr,
+        packet: &[u8],
+    ) -> Result<(), DecodeError> {
+        self.serf.handle_packet(now, from, packet)
+    }
+
+    fn handle_accept(&mut self, now: Instant, from: SocketAddr) -> StreamId {
+        self.serf.handle_accept(now, from)
+    }
+
+    fn handle_stream(&mut self, now: Instant, stream: StreamId, input: StreamInput<'_>) {
+        self.serf.handle_stream(now, stream, input);
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        self.serf.handle_timeout(now);
+    }
+
+    fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.serf.poll_transmit()
+    }
+
+    fn poll_event(&mut self) -> Option<Event> {
+        let event = self.serf.poll_event()?;
+        match &event {
+            Event::MemberJoin(member) => {
+                tracing::info!(node = %member.name, addr = %member.socket_addr(), "member joined");
+            }
+            Event::MemberLeave(member) => tracing::info!(node = %member.name, "member left"),
+            Event::MemberFailed(member) => tracing::info!(node = %member.name, "member failed"),
+            Event::JoinCompleted {
+                join,
+                contacted,
+                errors,
+            } => {
+                tracing::info!(contacted, failed = errors.len(), "join finished");
+                if let Some(waiter) = self.joins.remove(join) {
+                    let _ = waiter.send((*contacted, errors.clone()));
+                }
+            }
+            Event::LeaveCompleted => {
+                tracing::info!(node = %self.serf.config().node_name, "left the cluster");
+                for waiter in self.leaves.drain(..) {
+                    let _ = waiter.send(());
+                }
+            }
+            Event::KeysCompleted { query, report } => {
+                if let Some(waiter) = self.keys.remove(query) {
+                    let _ = waiter.send(report.clone());
+                }
+            }
+            Event::NameConflict {
+                name,
+                other,
+                responses,
+                matching,
+            } => {
+                tracing::error!(%name, %other, responses, matching, "another member owns our node name; serf stopped, pick another name");
+            }
+            _ => {}
+        }
+        Some(event)
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        // Output queued by a delegate call (query acks, delivered events) is flushed at once.
-        if self.state.has_pending_output() {
-            return Some(self.state.now);
-        }
-        self.state.own_timeout()
-    }
-
-    fn handle_timeout(&mut self, now: Instant, memberlist: &mut Memberlist) {
-        self.state.handle_own_timeout(now, memberlist);
-        self.after(now, memberlist);
+        self.serf.poll_timeout()
     }
 }
 
@@ -211,33 +149,27 @@ impl Delegate for Layer {
 /// when every clone is dropped or on [`Handle::shutdown`].
 #[derive(Debug, Clone)]
 pub struct Handle {
-    inner: crate::driver::Handle<Layer>,
+    inner: crate::driver::Handle<Running>,
 }
 
-/// Starts a member: `config.node_name`, tags and protocol version go into `options` (name,
-/// meta, versions); `options.bind` is bound for UDP and TCP.
+/// Starts a member: `config.node_name`, tags and protocol version make the local node
+/// (`options.name`, `meta` and `vsn` are not used); `options.bind` is bound for UDP and TCP.
 pub async fn start(
     config: Config,
-    mut options: crate::driver::Options,
+    options: crate::driver::Options,
 ) -> Result<(Handle, mpsc::UnboundedReceiver<Event>), Error> {
-    (options.meta, options.vsn) = validate(&config)?;
-    options.name = config.node_name.clone();
-    let rng = match options.seed {
-        Some(seed) => StdRng::seed_from_u64(seed.wrapping_add(1)),
-        None => StdRng::from_os_rng(),
-    };
-    let (events_tx, events) = mpsc::unbounded_channel();
-    let mut state = SerfState::new(config, rng, options.config.retransmit_mult, Instant::now());
-    state.keyring = options.keyring.clone();
-    let layer = Layer {
-        state,
-        events: events_tx,
-        join_waiters: BTreeMap::new(),
-        leave_waiters: Vec::new(),
-        key_queries: BTreeMap::new(),
-    };
-    // memberlist's own events are mirrored into the Serf ones; its receiver is not needed.
-    let (inner, _memberlist_events) = crate::driver::start(options, layer).await?;
+    let keyring = options.keyring.clone();
+    let (inner, events) = crate::driver::spawn(options, move |memberlist, addr, rng, now| {
+        let mut serf = Serf::new(config, memberlist, addr, rng, now)?;
+        serf.set_keyring(keyring);
+        Ok::<_, Error>(Running {
+            serf,
+            joins: BTreeMap::new(),
+            leaves: Vec::new(),
+            keys: BTreeMap::new(),
+        })
+    })
+    .await?;
     Ok((Handle { inner }, events))
 }
 
@@ -252,10 +184,10 @@ impl Handle {
     pub async fn join(&self, seeds: &[SocketAddr], ignore_old: bool) -> Result<usize, Error> {
         let seeds = seeds.to_vec();
         let waiter = self
-            .run(move |layer, memberlist, now| {
-                let join = layer.state.join(now, memberlist, &seeds, ignore_old)?;
+            .run(move |running, now| {
+                let join = running.serf.join(now, &seeds, ignore_old)?;
                 let (tx, rx) = oneshot::channel();
-                layer.join_waiters.insert(join, tx);
+                running.joins.insert(join, tx);
                 Ok(rx)
             })
             .await?;
@@ -272,13 +204,13 @@ impl Handle {
     /// [`shutdown`](Self::shutdown) or drop.
     pub async fn leave(&self) -> Result<(), Error> {
         let waiter = self
-            .run(|layer, memberlist, now| {
-                if layer.state.lifecycle == Lifecycle::Left {
+            .run(|running, now| {
+                if running.serf.lifecycle() == Lifecycle::Left {
                     return Ok(None);
                 }
-                layer.state.leave(now, memberlist)?;
+                running.serf.leave(now)?;
                 let (tx, rx) = oneshot::channel();
-                layer.leave_waiters.push(tx);
+                running.leaves.push(tx);
                 Ok(Some(rx))
             })
             .await?;
@@ -290,7 +222,7 @@ impl Handle {
 
     /// Replaces our tags (node meta ≤ 512 bytes encoded).
     pub async fn set_tags(&self, tags: BTreeMap<String, String>) -> Result<(), Error> {
-        self.run(move |layer, memberlist, now| layer.state.set_tags(now, memberlist, tags))
+        self.run(move |running, now| running.serf.set_tags(now, tags))
             .await
     }
 
@@ -302,7 +234,7 @@ impl Handle {
         coalesce: bool,
     ) -> Result<(), Error> {
         let (name, payload) = (name.to_owned(), payload.to_vec());
-        self.run(move |layer, _, now| layer.state.user_event(now, &name, &payload, coalesce))
+        self.run(move |running, now| running.serf.user_event(now, &name, &payload, coalesce))
             .await
     }
 
@@ -315,22 +247,15 @@ impl Handle {
         params: QueryParams,
     ) -> Result<QueryHandle, Error> {
         let (name, payload) = (name.to_owned(), payload.to_vec());
-        self.run(move |layer, memberlist, now| {
-            layer
-                .state
-                .start_query(now, memberlist, &name, &payload, &params)
-        })
-        .await
+        self.run(move |running, now| running.serf.query(now, &name, &payload, &params))
+            .await
     }
 
     /// Answers a query delivered as [`Event::Query`].
     pub async fn respond(&self, id: ResponderId, payload: &[u8]) -> Result<(), Error> {
         let payload = payload.to_vec();
-        self.run(move |layer, memberlist, now| {
-            layer.state.enter(now, memberlist);
-            layer.state.respond(id, payload)
-        })
-        .await
+        self.run(move |running, now| running.serf.respond(now, id, &payload))
+            .await
     }
 
     /// Installs `key` on every member's keyring (`serf keys -install`).
@@ -353,32 +278,14 @@ impl Handle {
         self.keys(KeyOperation::List).await
     }
 
-    /// Runs a key operation across the cluster (serf/keymanager.go `handleKeyRequest`): the
-    /// internal query goes to every member (we answer our own), answers are counted until
-    /// every live member answered or the query times out. [`KeyReport::error`] gives Go's
-    /// verdict ("2/3 nodes reported success").
+    /// Runs a key operation across the cluster ([`Serf::keys`]) and waits for its report.
+    /// [`KeyReport::error`] gives Go's verdict ("2/3 nodes reported success").
     pub async fn keys(&self, operation: KeyOperation) -> Result<KeyReport, Error> {
         let waiter = self
-            .run(move |layer, memberlist, now| {
-                let report = KeyReport {
-                    num_nodes: memberlist.num_alive(),
-                    ..KeyReport::default()
-                };
-                let handle = layer.state.start_query(
-                    now,
-                    memberlist,
-                    operation.query_name(),
-                    &operation.payload(),
-                    &QueryParams::default(),
-                )?;
+            .run(move |running, now| {
+                let query = running.serf.keys(now, &operation)?;
                 let (tx, rx) = oneshot::channel();
-                layer.key_queries.insert(
-                    handle,
-                    KeyQuery {
-                        report,
-                        waiter: Some(tx),
-                    },
-                );
+                running.keys.insert(query, tx);
                 Ok(rx)
             })
             .await?;
@@ -389,7 +296,7 @@ impl Handle {
     pub async fn members(&self) -> Result<Vec<Member>, Error> {
         Ok(self
             .inner
-            .with(|_, layer, _| layer.state.members.iter().cloned().collect())
+            .with(|running, _| running.serf.members().cloned().collect())
             .await?)
     }
 
@@ -398,7 +305,7 @@ impl Handle {
         let node = node.to_owned();
         Ok(self
             .inner
-            .with(move |_, layer, _| layer.state.estimated_rtt(&node))
+            .with(move |running, _| running.serf.estimated_rtt(&node))
             .await?)
     }
 
@@ -406,9 +313,8 @@ impl Handle {
     /// gossips that; with `prune`, the member is forgotten at once. Unknown names are no-ops.
     pub async fn force_leave(&self, node: &str, prune: bool) -> Result<(), Error> {
         let node = node.to_owned();
-        self.run(move |layer, memberlist, now| {
-            layer.state.enter(now, memberlist);
-            layer.state.force_leave(&node, prune);
+        self.run(move |running, now| {
+            running.serf.force_leave(now, &node, prune);
             Ok(())
         })
         .await
@@ -420,45 +326,16 @@ impl Handle {
         let node = node.to_owned();
         Ok(self
             .inner
-            .with(move |_, layer, _| {
-                layer.state.coordinates.as_ref()?;
-                layer.state.coordinate_cache.get(&node).cloned()
+            .with(move |running, _| {
+                running.serf.coordinate()?;
+                running.serf.cached_coordinate(&node).cloned()
             })
             .await?)
     }
 
-    /// Go's `Serf.Stats()`: the `serf` section of `serf info`, with Go's keys (`members`,
-    /// `failed`, `left`, `health_score`, `member_time`, `event_time`, `query_time`,
-    /// `intent_queue`, `event_queue`, `query_queue`, `encrypted`, `coordinate_resets`).
+    /// Go's `Serf.Stats()` ([`Serf::stats`]): the `serf` section of `serf info`.
     pub async fn stats(&self) -> Result<BTreeMap<String, String>, Error> {
-        Ok(self
-            .inner
-            .with(|memberlist, layer, _| {
-                let state = &layer.state;
-                let count =
-                    |status: MemberStatus| state.members.with_status(status).count().to_string();
-                let mut stats: BTreeMap<String, String> = [
-                    ("members", state.members.len().to_string()),
-                    ("failed", count(MemberStatus::Failed)),
-                    ("left", count(MemberStatus::Left)),
-                    ("health_score", memberlist.health_score().to_string()),
-                    ("member_time", state.members.clock.time().0.to_string()),
-                    ("event_time", state.user_events.clock.time().0.to_string()),
-                    ("query_time", state.queries.clock.time().0.to_string()),
-                    ("intent_queue", state.intent_queue.len().to_string()),
-                    ("event_queue", state.event_queue.len().to_string()),
-                    ("query_queue", state.query_queue.len().to_string()),
-                    ("encrypted", state.keyring.is_some().to_string()),
-                ]
-                .into_iter()
-                .map(|(key, value)| (key.to_owned(), value))
-                .collect();
-                if let Some(client) = &state.coordinates {
-                    stats.insert("coordinate_resets".to_owned(), client.resets().to_string());
-                }
-                stats
-            })
-            .await?)
+        Ok(self.inner.with(|running, _| running.serf.stats()).await?)
     }
 
     /// memberlist's table (alive, suspect, dead and left nodes not yet dropped) and counters:
@@ -468,7 +345,10 @@ impl Handle {
     ) -> Result<(Vec<crate::memberlist::Node>, crate::memberlist::Stats), Error> {
         Ok(self
             .inner
-            .with(|memberlist, _, _| (memberlist.members().collect(), memberlist.stats().clone()))
+            .with(|running, _| {
+                let memberlist = running.serf.memberlist();
+                (memberlist.members().collect(), memberlist.stats().clone())
+            })
             .await?)
     }
 
@@ -477,21 +357,11 @@ impl Handle {
         self.inner.shutdown();
     }
 
-    /// Runs a Serf command in the driver loop, then flushes its output.
+    /// Runs a Serf command in the driver loop; its output is flushed right after.
     async fn run<T: Send + 'static>(
         &self,
-        command: impl FnOnce(&mut Layer, &mut Memberlist, Instant) -> Result<T, super::Error>
-            + Send
-            + 'static,
+        command: impl FnOnce(&mut Running, Instant) -> Result<T, super::Error> + Send + 'static,
     ) -> Result<T, Error> {
-        let result = self
-            .inner
-            .with(move |memberlist, layer, now| {
-                let result = command(layer, memberlist, now);
-                layer.after(now, memberlist);
-                result
-            })
-            .await?;
-        Ok(result?)
+        Ok(self.inner.with(command).await??)
     }
 }
