@@ -11,14 +11,16 @@
 //!   push-pull user state. [`serf::Serf`] is the whole member.
 //! - [`coordinate`]: Vivaldi network coordinates carried in ping acks (`serf rtt`).
 //!
-//! The I/O lives in thin tokio drivers: [`driver`] runs a memberlist core on one UDP socket and
-//! one TCP listener, and [`serf::driver`] runs a whole Serf member on it with an async
+//! The I/O lives in one thin tokio driver, [`driver`], that runs a sans-IO [`driver::Core`] on
+//! one UDP socket and one TCP listener and seals and opens every packet and stream message
+//! when a keyring is given (encryption is the driver edge's; the cores see plaintext).
+//! [`serf::driver`] runs the very [`serf::Serf`] the simulation tests drive, with an async
 //! [`serf::driver::Handle`] (`start`, `join`, `members`, `set_tags`, `user_event`, `query`,
-//! `respond`, `leave`) and a channel of [`serf::Event`]s — see its docs for the async example.
+//! `respond`, key rotation, `leave`) and a channel of [`serf::Event`]s — see its docs for the
+//! async example. A bare memberlist with a [`memberlist::Delegate`] runs on it too
+//! ([`driver::start`]).
 //!
-//! Left out on purpose: encryption and key management (the driver edge is the seam; key
-//! queries are answered "encryption not enabled"), snapshots, and the agent's event
-//! coalescing.
+//! Left out on purpose: snapshots and the agent's event coalescing.
 //!
 //! # Example
 //!

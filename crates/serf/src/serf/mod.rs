@@ -239,8 +239,9 @@ pub enum Error {
 /// A native Serf member: memberlist plus the Serf layer, as one sans-IO state machine.
 ///
 /// Feed it packets, stream bytes and timeouts; pull transmits and events. Commands (`join`,
-/// `leave`, `set_tags`, `user_event`, `query`, `respond`) take the current time. For a member
-/// on real sockets, see [`driver`].
+/// `leave`, `set_tags`, `user_event`, `query`, `respond`, `keys`, `force_leave`) take the
+/// current time. This is the one composition: the simulation tests drive it, and so does the
+/// tokio driver the agent runs ([`driver`]).
 #[derive(Debug)]
 pub struct Serf {
     memberlist: Memberlist,
