@@ -5,7 +5,6 @@
 //! effects go out as values.
 
 mod config;
-pub mod driver;
 mod event;
 mod internal;
 mod keys;
@@ -131,7 +130,7 @@ pub enum Event {
     },
     /// Another node claims our name and most members side with it (`_serf_conflict`): the
     /// Serf layer has shut down (as Go's Serf does) and ignores further input. Stop the member
-    /// (`driver::Handle::shutdown`, or stop driving a [`Serf`]) and pick another name.
+    /// (`serf_agent::member::Handle::shutdown`, or stop driving a [`Serf`]) and pick another name.
     NameConflict {
         /// Our name.
         name: String,
@@ -241,7 +240,7 @@ pub enum Error {
 /// Feed it packets, stream bytes and timeouts; pull transmits and events. Commands (`join`,
 /// `leave`, `set_tags`, `user_event`, `query`, `respond`, `keys`, `force_leave`) take the
 /// current time. This is the one composition: the simulation tests drive it, and so does the
-/// tokio driver the agent runs ([`driver`]).
+/// tokio driver the agent runs (`serf_agent::member`).
 #[derive(Debug)]
 pub struct Serf {
     memberlist: Memberlist,

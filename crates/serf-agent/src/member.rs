@@ -3,11 +3,12 @@
 //! for commands and a receiver of [`Event`]s.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), serf::serf::driver::Error> {
-//! use serf::serf::{driver, Config, Event, QueryParams};
+//! # async fn demo() -> Result<(), serf_agent::member::Error> {
+//! use serf::serf::{Config, Event, QueryParams};
+//! use serf_agent::member as driver;
 //!
 //! let config = Config { node_name: "web-1".into(), ..Config::default() };
-//! let options = serf::driver::Options::new("web-1", "127.0.0.1:7946".parse().unwrap());
+//! let options = serf_agent::driver::Options::new("web-1", "127.0.0.1:7946".parse().unwrap());
 //! let (member, mut events) = driver::start(config, options).await?;
 //! member.join(&["127.0.0.2:7946".parse().unwrap()], true).await?;
 //! member.set_tags([("role".to_owned(), "3306".to_owned())].into()).await?;
@@ -32,21 +33,21 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::keys::{KeyOperation, KeyReport};
-use super::query::{QueryHandle, QueryParams, ResponderId};
-use super::state::Lifecycle;
-use super::{Config, Event, Member, Serf};
-use crate::coordinate::Coordinate;
 use crate::driver::Core;
-use crate::memberlist::{JoinId, StreamId, StreamInput, Transmit};
-use crate::wire::DecodeError;
+use serf::coordinate::Coordinate;
+use serf::memberlist::{JoinId, StreamId, StreamInput, Transmit};
+use serf::serf::Lifecycle;
+use serf::serf::{Config, Event, Member, Serf};
+use serf::serf::{KeyOperation, KeyReport};
+use serf::serf::{QueryHandle, QueryParams, ResponderId};
+use serf::wire::DecodeError;
 
 /// Why a command on a running member failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The Serf layer refused the command (nothing changed).
     #[error(transparent)]
-    Serf(#[from] super::Error),
+    Serf(#[from] serf::serf::Error),
     /// The memberlist driver failed to start, or has stopped.
     #[error(transparent)]
     Driver(#[from] crate::driver::Error),
@@ -342,7 +343,7 @@ impl Handle {
     /// what the member knows below the Serf layer, for diagnostics and tests.
     pub async fn memberlist_nodes(
         &self,
-    ) -> Result<(Vec<crate::memberlist::Node>, crate::memberlist::Stats), Error> {
+    ) -> Result<(Vec<serf::memberlist::Node>, serf::memberlist::Stats), Error> {
         Ok(self
             .inner
             .with(|running, _| {
@@ -360,7 +361,7 @@ impl Handle {
     /// Runs a Serf command in the driver loop; its output is flushed right after.
     async fn run<T: Send + 'static>(
         &self,
-        command: impl FnOnce(&mut Running, Instant) -> Result<T, super::Error> + Send + 'static,
+        command: impl FnOnce(&mut Running, Instant) -> Result<T, serf::serf::Error> + Send + 'static,
     ) -> Result<T, Error> {
         Ok(self.inner.with(command).await??)
     }

@@ -2,8 +2,8 @@
 //! `ip:port`, the core's timer, and one task per TCP stream. Everything protocol-wise happens in
 //! the core; this module only moves bytes and time (read once per input and passed in).
 //!
-//! Two cores run on it: a whole Serf member ([`crate::serf::Serf`], what the agent runs, see
-//! [`crate::serf::driver`]) and a bare memberlist with a [`Delegate`] ([`Gossip`], [`start`]).
+//! Two cores run on it: a whole Serf member ([`serf::serf::Serf`], what the agent runs, see
+//! [`crate::member`]) and a bare memberlist with a [`Delegate`] ([`Gossip`], [`start`]).
 //! [`spawn`] binds the sockets, spawns the loop and returns a [`Handle`] (commands) and an
 //! event receiver. The loop owns the core; it handles a closed set of inputs: a command, a UDP
 //! datagram, an accepted connection, a stream's bytes/EOF/failure, or the core's deadline.
@@ -33,13 +33,13 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, trace, warn, Instrument};
 
-use crate::memberlist::{
+use serf::memberlist::{
     self, Config, Delegate, Event, Incarnation, JoinId, LocalNode, Memberlist, Node, StreamId,
     StreamInput, Transmit, Vsn,
 };
-use crate::wire::crypto::{SharedKeyring, NONCE_SIZE, PACKET_OVERHEAD};
-use crate::wire::stream::MAX_STREAM_BYTES;
-use crate::wire::DecodeError;
+use serf::wire::crypto::{SharedKeyring, NONCE_SIZE, PACKET_OVERHEAD};
+use serf::wire::stream::MAX_STREAM_BYTES;
+use serf::wire::DecodeError;
 
 /// The largest UDP datagram read.
 const UDP_RECEIVE_BUFFER: usize = 65_536;
@@ -123,8 +123,8 @@ impl Options {
 }
 
 /// A sans-IO state machine the driver runs: the memberlist core with a delegate
-/// ([`Gossip`]), or a whole Serf member ([`crate::serf::Serf`], through
-/// [`crate::serf::driver`]). The driver feeds it datagrams, streams and its deadline with the
+/// ([`Gossip`]), or a whole Serf member ([`serf::serf::Serf`], through
+/// [`crate::member`]). The driver feeds it datagrams, streams and its deadline with the
 /// time read once per input, and performs what it polls out.
 pub trait Core: Send + 'static {
     /// What the core tells the application.

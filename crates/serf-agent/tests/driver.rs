@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serf::driver::{self, Gossip, Handle, Options};
 use serf::memberlist::{Delegate, Event, NodeState, META_MAX_SIZE};
+use serf_agent::driver::{self, Gossip, Handle, Options};
 use testkit::{free_port, loopback};
 use tokio::sync::mpsc::UnboundedReceiver;
 
