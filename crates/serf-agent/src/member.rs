@@ -1,6 +1,8 @@
-//! A Serf member on real sockets: the tokio memberlist driver ([`crate::driver`]) with the
-//! Serf layer as its delegate. [`start`] binds the gossip address and returns a [`Handle`]
-//! for commands and a receiver of [`Event`]s.
+//! A Serf member on real sockets: the tokio driver ([`crate::driver`]) running the one sans-IO
+//! [`Serf`] composition, the same the simulation tests drive. [`start`] binds the gossip
+//! address and returns a [`Handle`] for commands and a receiver of [`Event`]s; the handle's
+//! waits (join, leave, key operations) are oneshots resolved from the completion events the
+//! core emits, by the ids it returned.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), serf_agent::member::Error> {

@@ -13,7 +13,7 @@
 //!   stream filters.
 //!
 //! Left out: the IPC versions other than 1 (none exist), and the agent itself (event handlers,
-//! snapshots), which lives in the member crate.
+//! snapshots), which is the binary's member runtime (`src/member.rs`).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), serf_agent::rpc::Error> {
