@@ -23,6 +23,7 @@ ENV CARGO_TERM_COLOR=never \
 COPY Cargo.toml Cargo.lock ./
 COPY crates/proxy/Cargo.toml crates/proxy/
 COPY crates/serf/Cargo.toml crates/serf/
+COPY crates/serf-agent/Cargo.toml crates/serf-agent/
 COPY crates/registrar/Cargo.toml crates/registrar/
 COPY crates/testkit/Cargo.toml crates/testkit/
 COPY crates/bench/Cargo.toml crates/bench/

@@ -6,8 +6,8 @@
 use std::fmt::Write as _;
 use std::sync::{Arc, OnceLock};
 
-use serf::rpc::agent::LogRing;
-use serf::rpc::{LogLevel, LogLine};
+use serf_agent::rpc::agent::LogRing;
+use serf_agent::rpc::{LogLevel, LogLine};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::layer::{Context, Layer};

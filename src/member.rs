@@ -36,8 +36,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use serf::rpc::agent::{AgentInfo, MemberBackend};
-use serf::serf::{driver, Event, MemberStatus};
+use serf::serf::{Event, MemberStatus};
+use serf_agent::member as driver;
+use serf_agent::rpc::agent::{AgentInfo, MemberBackend};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -525,7 +526,7 @@ async fn start_member(
         protocol_version: 5,
         ..serf::serf::Config::default()
     };
-    let mut options = serf::driver::Options::new(name.clone(), gossip.bind);
+    let mut options = serf_agent::driver::Options::new(name.clone(), gossip.bind);
     options.advertise = Some(gossip.advertise_for(gossip.bind));
     options.keyring = keyring.map(|keyring| gossip.shared_keyring(keyring));
     let gossip_interval = options.config.gossip_interval;
@@ -567,11 +568,11 @@ async fn start_member(
             {
                 warn!(%addr, "rpc is reachable beyond loopback without --rpc-auth: anyone who can connect can control this member");
             }
-            let server = serf::rpc::Server::new(
+            let server = serf_agent::rpc::Server::new(
                 Arc::clone(&backend),
-                serf::rpc::Config {
+                serf_agent::rpc::Config {
                     auth_key: settings.rpc_auth,
-                    ..serf::rpc::Config::default()
+                    ..serf_agent::rpc::Config::default()
                 },
             );
             tasks.spawn(server.serve(listener, shutdown.child_token()));

@@ -299,19 +299,19 @@ fn as_member(
 }
 
 /// The registrations of `snapshot` as RPC member rows (what `members` and `resolve` render).
-pub(crate) fn rpc_members(prefix: &Prefix, snapshot: &Snapshot) -> Vec<serf::rpc::Member> {
+pub(crate) fn rpc_members(prefix: &Prefix, snapshot: &Snapshot) -> Vec<serf_agent::rpc::Member> {
     snapshot
         .registrations
         .iter()
         .map(|(key, registration)| {
             let (name, addr, port, tags) = as_member(prefix, key, registration);
-            serf::rpc::Member {
+            serf_agent::rpc::Member {
                 name,
                 addr,
                 port,
                 tags,
                 status: "alive".to_owned(),
-                ..serf::rpc::Member::default()
+                ..serf_agent::rpc::Member::default()
             }
         })
         .collect()

@@ -4,8 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use serf::rpc::codec::{decode, FrameBuffer, FrameError};
-use serf::rpc::messages::{
+use serf_agent::rpc::codec::{decode, FrameBuffer, FrameError};
+use serf_agent::rpc::messages::{
     AuthRequest, CoordinateResponse, EventRequest, HandshakeRequest, JoinRequest, JoinResponse,
     KeyRequest, KeyResponse, LogRecord, Member, MembersFilteredRequest, MembersResponse,
     QueryRecord, QueryRequest, RequestHeader, ResponseHeader, StreamRequest, TagsRequest,

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::Serialize;
-use serf::rpc::filter::MemberFilter;
-use serf::rpc::{Client, Member, MembersFilter, StreamEvent};
+use serf_agent::rpc::filter::MemberFilter;
+use serf_agent::rpc::{Client, Member, MembersFilter, StreamEvent};
 
 use super::UsageError;
 use crate::member::{self, GossipArgs};
@@ -76,7 +76,7 @@ impl RpcArgs {
                     member: None,
                 })
             }
-            Err(error @ serf::rpc::Error::Connect { .. }) => error,
+            Err(error @ serf_agent::rpc::Error::Connect { .. }) => error,
             Err(other) => return Err(other.into()),
         };
         let seeds = self.gossip.seeds(crate::environment::vars())?;

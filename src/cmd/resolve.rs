@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Serialize;
-use serf::rpc::{Member, MembersFilter};
+use serf_agent::rpc::{Member, MembersFilter};
 
 use super::members::{parse_tag_filter, RpcArgs};
 use super::UsageError;
@@ -203,7 +203,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         tags,
         ..MembersFilter::default()
     };
-    let local_filter = serf::rpc::filter::MemberFilter::new(&filter.tags, "", "")
+    let local_filter = serf_agent::rpc::filter::MemberFilter::new(&filter.tags, "", "")
         .map_err(|error| UsageError(error.to_string()))?;
     let wanted = match (&args.role, args.tags.is_empty()) {
         (Some(role), true) => format!("role={role}"),
@@ -223,7 +223,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
 
 async fn resolve(
     args: &Args,
-    client: &serf::rpc::Client,
+    client: &serf_agent::rpc::Client,
     filter: &MembersFilter,
     wanted: &str,
 ) -> anyhow::Result<()> {
@@ -275,7 +275,7 @@ async fn resolve(
 async fn resolve_etcd(
     args: &Args,
     etcd: &crate::registry::Etcd,
-    filter: &serf::rpc::filter::MemberFilter,
+    filter: &serf_agent::rpc::filter::MemberFilter,
     wanted: &str,
 ) -> anyhow::Result<()> {
     use crate::registry;

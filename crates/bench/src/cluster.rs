@@ -6,7 +6,7 @@
 //! ports 7946 and 7373, nothing collides with other users of the machine's loopback, and the
 //! namespace's `lo` counters are the cluster's traffic and nothing else.
 //!
-//! Real agents are read over their RPC port with `serf::rpc::Client` (what `serf members` does),
+//! Real agents are read over their RPC port with `serf_agent::rpc::Client` (what `serf members` does),
 //! polled every 10 ms. Each measurement starts its processes afresh and kills them (process
 //! groups, by PID) on every path.
 
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use serf::memberlist::Config;
-use serf::rpc::Client;
+use serf_agent::rpc::Client;
 
 use crate::backend::Backend;
 use crate::plan::{push_pull_period, ClusterPlan};
@@ -263,7 +263,7 @@ async fn wait_members(
     client: &Client,
     since: Instant,
     what: &str,
-    mut done: impl FnMut(&[serf::rpc::Member]) -> bool,
+    mut done: impl FnMut(&[serf_agent::rpc::Member]) -> bool,
 ) -> anyhow::Result<Duration> {
     loop {
         let members = client
@@ -280,7 +280,12 @@ async fn wait_members(
     }
 }
 
-fn has(members: &[serf::rpc::Member], name: &str, status: &str, tags: &[(&str, String)]) -> bool {
+fn has(
+    members: &[serf_agent::rpc::Member],
+    name: &str,
+    status: &str,
+    tags: &[(&str, String)],
+) -> bool {
     members.iter().any(|member| {
         member.name == name
             && member.status == status

@@ -11,52 +11,13 @@
 //!   push-pull user state. [`serf::Serf`] is the whole member.
 //! - [`coordinate`]: Vivaldi network coordinates carried in ping acks (`serf rtt`).
 //!
-//! The I/O lives in thin tokio drivers: [`driver`] runs a memberlist core on one UDP socket and
-//! one TCP listener, and [`serf::driver`] runs a whole Serf member on it with an async
-//! [`serf::driver::Handle`] (`start`, `join`, `members`, `set_tags`, `user_event`, `query`,
-//! `respond`, `leave`) and a channel of [`serf::Event`]s — see its docs for the async example.
+//! No I/O here, and no tokio: the `serf-agent` crate holds the one tokio driver (which runs
+//! the very [`serf::Serf`] the simulation tests drive, with gossip encryption at its edge), the
+//! agent RPC and the member handle.
 //!
-//! Left out on purpose: encryption and key management (the driver edge is the seam; key
-//! queries are answered "encryption not enabled"), snapshots, and the agent's event
-//! coalescing.
+//! Left out on purpose: snapshots and the agent's event coalescing.
 //!
 //! # Example
-//!
-//! A member on real sockets ([`serf::driver`]): start, join, members, tags, events, queries,
-//! leave.
-//!
-//! ```no_run
-//! use serf::serf::{driver, Config, Event, QueryParams};
-//!
-//! # async fn demo() -> Result<(), serf::serf::driver::Error> {
-//! let config = Config { node_name: "web-1".into(), ..Config::default() };
-//! let options = serf::driver::Options::new("web-1", "127.0.0.1:7946".parse().unwrap());
-//! let (member, mut events) = driver::start(config, options).await?;
-//! member.join(&["127.0.0.2:7946".parse().unwrap()], true).await?; // ignore old events
-//! for peer in member.members().await? {
-//!     println!("{} {} {} {:?}", peer.name, peer.socket_addr(), peer.status, peer.tags);
-//! }
-//! member.set_tags([("role".to_owned(), "3306".to_owned())].into()).await?;
-//! member.user_event("deploy", b"v2", false).await?;
-//! let uptime = member.query("uptime", b"", QueryParams::default()).await?;
-//! while let Some(event) = events.recv().await {
-//!     match event {
-//!         Event::Query(query) => member.respond(query.id, b"up 3 days").await?,
-//!         Event::QueryResponse { query, from, payload } if query == uptime => {
-//!             println!("{from}: {}", String::from_utf8_lossy(&payload));
-//!         }
-//!         Event::QueryDone { query } if query == uptime => break,
-//!         Event::MemberJoin(m) | Event::MemberUpdate(m) => println!("{} is {}", m.name, m.status),
-//!         _ => {}
-//!     }
-//! }
-//! member.leave().await?; // peers show `left`, not `failed`
-//! member.shutdown();
-//! # Ok(())
-//! # }
-//! ```
-//!
-//! # Example (sans-IO)
 //!
 //! The application (or a driver) drives a [`serf::Serf`]: it passes in packets, stream bytes and timeouts,
 //! and sends out whatever [`serf::Serf::poll_transmit`] returns.
@@ -104,9 +65,7 @@
 #![forbid(unsafe_code)]
 
 pub mod coordinate;
-pub mod driver;
 pub mod memberlist;
-pub mod rpc;
 pub mod serf;
 pub mod sim;
 pub mod wire;

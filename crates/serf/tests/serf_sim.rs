@@ -708,3 +708,75 @@ fn reconnect_brings_back_members_failed_by_a_partition() {
     let alive = Some(MemberStatus::Alive);
     assert_eq!(partition_then_heal(Duration::from_secs(30)), (alive, alive));
 }
+
+/// The key rotation the agent's `serf keys` runs ([`Serf::keys`]): answers counted into one
+/// report, never shown as query events; a silent member makes the report wait for the
+/// timeout and say how many answered.
+#[test]
+fn key_queries_rotate_every_keyring_and_report_silent_members() {
+    use serf::serf::{KeyOperation, KeyReport};
+    use serf::wire::crypto::{Keyring, SharedKeyring};
+
+    let (old, new) = ([1u8; 16], [2u8; 16]);
+    let mut sim = Sim::new(14);
+    sim.cluster(&["a", "b", "c"]);
+    let keyrings: Vec<SharedKeyring> = (0..3)
+        .map(|index| {
+            let keyring = SharedKeyring::new(Keyring::new(&[old]).expect("valid key"));
+            sim.node(index).set_keyring(Some(keyring.clone()));
+            keyring
+        })
+        .collect();
+    let report_of = |sim: &mut Sim, operation: KeyOperation| -> KeyReport {
+        let now = sim.now;
+        let query = sim.node(0).keys(now, &operation).expect("alive");
+        sim.events[0].clear();
+        sim.run(Duration::from_secs(10));
+        let reports: Vec<KeyReport> = sim.events[0]
+            .iter()
+            .filter_map(|event| match event {
+                Event::KeysCompleted {
+                    query: done,
+                    report,
+                } if *done == query => Some(report.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(reports.len(), 1, "seed {}: {:?}", sim.seed, sim.events[0]);
+        assert!(
+            !sim.events[0].iter().any(|event| matches!(event,
+                Event::QueryAck { query: q, .. } | Event::QueryResponse { query: q, .. } | Event::QueryDone { query: q } if *q == query)),
+            "key answers are not query events: {:?}",
+            sim.events[0]
+        );
+        reports[0].clone()
+    };
+
+    let installed = report_of(&mut sim, KeyOperation::Install(new.to_vec()));
+    assert_eq!(
+        (installed.num_nodes, installed.num_resp, installed.num_err),
+        (3, 3, 0)
+    );
+    assert_eq!(installed.error(), None);
+    for keyring in &keyrings {
+        assert_eq!(keyring.read().keys().count(), 2);
+        assert_eq!(keyring.read().primary(), old);
+    }
+    let used = report_of(&mut sim, KeyOperation::Use(new.to_vec()));
+    assert_eq!(used.error(), None);
+    assert!(keyrings
+        .iter()
+        .all(|keyring| keyring.read().primary() == new));
+
+    // A killed member is still alive to the others for a while: the list waits for the
+    // timeout and reports two answers out of three.
+    sim.kill(2);
+    let listed = report_of(&mut sim, KeyOperation::List);
+    assert_eq!((listed.num_nodes, listed.num_resp), (3, 2), "{listed:?}");
+    assert_eq!(
+        listed.error().as_deref(),
+        Some("2/3 nodes reported success")
+    );
+    assert_eq!(listed.keys.len(), 2);
+    assert!(listed.keys.values().all(|count| *count == 2));
+}

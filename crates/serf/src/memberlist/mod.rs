@@ -356,18 +356,6 @@ pub trait Delegate {
     fn notify_merge(&mut self, _nodes: &[Node]) -> Result<(), String> {
         Ok(())
     }
-
-    /// Driver hook (the core never calls it): every [`Event`] the core emitted, with the core
-    /// at hand, right after the input that caused it.
-    fn on_event(&mut self, _now: Instant, _event: &Event, _memberlist: &mut Memberlist) {}
-
-    /// Driver hook (the core never calls it): the delegate's own next deadline.
-    fn poll_timeout(&self) -> Option<Instant> {
-        None
-    }
-
-    /// Driver hook (the core never calls it): the delegate's deadline passed.
-    fn handle_timeout(&mut self, _now: Instant, _memberlist: &mut Memberlist) {}
 }
 
 /// A delegate that does nothing: a bare memberlist.

@@ -1,7 +1,7 @@
 //! The Serf layer's commands and timers, given the memberlist core: what Go's `serf.Serf`
 //! methods do (`Join`, `Leave`, `SetTags`, `UserEvent`, `Query`, `handleReap`,
 //! `handleReconnect`, `resolveNodeConflict`) and how memberlist's node events reach the member
-//! table. Both the sans-IO [`super::Serf`] and the tokio driver ([`super::driver`]) call these.
+//! table. [`super::Serf`] calls these.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -52,11 +52,6 @@ impl SerfState {
         .into_iter()
         .flatten()
         .min()
-    }
-
-    /// Whether events or direct sends wait to be flushed.
-    pub(crate) fn has_pending_output(&self) -> bool {
-        !self.events.is_empty() || !self.sends.is_empty() || self.leave_intent_sent
     }
 
     /// Serf's timers: reap, reconnect, query deadlines, prunes, leave phases.

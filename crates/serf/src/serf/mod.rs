@@ -5,7 +5,6 @@
 //! effects go out as values.
 
 mod config;
-pub mod driver;
 mod event;
 mod internal;
 mod keys;
@@ -121,9 +120,17 @@ pub enum Event {
     /// A [`Serf::leave`] finished: the leave intent and memberlist's leave went out and the
     /// propagation delay passed. The member should stop now.
     LeaveCompleted,
+    /// A [`Serf::keys`] operation finished: every live member answered, or the query timed
+    /// out. Its acks and responses are counted here, never delivered as query events.
+    KeysCompleted {
+        /// Which key query.
+        query: QueryHandle,
+        /// The answers counted; [`KeyReport::error`] gives Go's verdict.
+        report: KeyReport,
+    },
     /// Another node claims our name and most members side with it (`_serf_conflict`): the
     /// Serf layer has shut down (as Go's Serf does) and ignores further input. Stop the member
-    /// (`driver::Handle::shutdown`, or stop driving a [`Serf`]) and pick another name.
+    /// (`serf_agent::member::Handle::shutdown`, or stop driving a [`Serf`]) and pick another name.
     NameConflict {
         /// Our name.
         name: String,
@@ -231,13 +238,16 @@ pub enum Error {
 /// A native Serf member: memberlist plus the Serf layer, as one sans-IO state machine.
 ///
 /// Feed it packets, stream bytes and timeouts; pull transmits and events. Commands (`join`,
-/// `leave`, `set_tags`, `user_event`, `query`, `respond`) take the current time. For a member
-/// on real sockets, see [`driver`].
+/// `leave`, `set_tags`, `user_event`, `query`, `respond`, `keys`, `force_leave`) take the
+/// current time. This is the one composition: the simulation tests drive it, and so does the
+/// tokio driver the agent runs (`serf_agent::member`).
 #[derive(Debug)]
 pub struct Serf {
     memberlist: Memberlist,
     state: SerfState,
     events: VecDeque<Event>,
+    /// Our key queries until their timeout; the report is taken when it is delivered.
+    key_queries: BTreeMap<QueryHandle, Option<KeyReport>>,
 }
 
 impl Serf {
@@ -260,6 +270,7 @@ impl Serf {
             memberlist,
             state,
             events: VecDeque::new(),
+            key_queries: BTreeMap::new(),
         };
         serf.pump(now);
         Ok(serf)
@@ -396,6 +407,64 @@ impl Serf {
         handle
     }
 
+    /// Runs a key operation across the cluster (serf/keymanager.go `handleKeyRequest`): the
+    /// internal query goes to every member (we answer our own), answers are counted until
+    /// every live member answered or the query times out, then [`Event::KeysCompleted`]
+    /// carries the report.
+    pub fn keys(&mut self, now: Instant, operation: &KeyOperation) -> Result<QueryHandle, Error> {
+        let num_nodes = self.memberlist.num_alive();
+        let query = self.state.start_query(
+            now,
+            &mut self.memberlist,
+            operation.query_name(),
+            &operation.payload(),
+            &QueryParams::default(),
+        )?;
+        let report = KeyReport {
+            num_nodes,
+            ..KeyReport::default()
+        };
+        self.key_queries.insert(query, Some(report));
+        self.pump(now);
+        Ok(query)
+    }
+
+    /// Go's `forceLeave` (`serf force-leave`): marks the failed member `node` as `left` and
+    /// gossips that; with `prune`, the member is forgotten at once. Unknown names are no-ops.
+    pub fn force_leave(&mut self, now: Instant, node: &str, prune: bool) {
+        self.state.enter(now, &self.memberlist);
+        self.state.force_leave(node, prune);
+        self.pump(now);
+    }
+
+    /// Go's `Serf.Stats()`: the `serf` section of `serf info`, with Go's keys (`members`,
+    /// `failed`, `left`, `health_score`, `member_time`, `event_time`, `query_time`,
+    /// `intent_queue`, `event_queue`, `query_queue`, `encrypted`, `coordinate_resets`).
+    pub fn stats(&self) -> BTreeMap<String, String> {
+        let state = &self.state;
+        let count = |status: MemberStatus| state.members.with_status(status).count().to_string();
+        let mut stats: BTreeMap<String, String> = [
+            ("members", state.members.len().to_string()),
+            ("failed", count(MemberStatus::Failed)),
+            ("left", count(MemberStatus::Left)),
+            ("health_score", self.memberlist.health_score().to_string()),
+            ("member_time", state.members.clock.time().0.to_string()),
+            ("event_time", state.user_events.clock.time().0.to_string()),
+            ("query_time", state.queries.clock.time().0.to_string()),
+            ("intent_queue", state.intent_queue.len().to_string()),
+            ("event_queue", state.event_queue.len().to_string()),
+            ("query_queue", state.query_queue.len().to_string()),
+            ("encrypted", state.keyring.is_some().to_string()),
+        ]
+        .into_iter()
+        .map(|(key, value)| (key.to_owned(), value))
+        .collect();
+        if let Some(client) = &state.coordinates {
+            stats.insert("coordinate_resets".to_owned(), client.resets().to_string());
+        }
+        stats
+    }
+
     /// Sets the gossip keyring the key queries change (the driver that encrypts with it
     /// must share it); `None` answers them as an unencrypted Go member does.
     pub fn set_keyring(&mut self, keyring: Option<crate::wire::crypto::SharedKeyring>) {
@@ -473,7 +542,41 @@ impl Serf {
 
     fn pump(&mut self, now: Instant) {
         self.state.pump(now, &mut self.memberlist);
-        self.events.extend(self.state.events.drain(..));
+        for event in std::mem::take(&mut self.state.events) {
+            if let Some(event) = self.count_key_answer(event) {
+                self.events.push_back(event);
+            }
+        }
+    }
+
+    /// Counts an answer to one of our key queries (and swallows its acks); passes every
+    /// other event through. The report goes out once: complete, or at the query's timeout.
+    fn count_key_answer(&mut self, event: Event) -> Option<Event> {
+        let query = match &event {
+            Event::QueryResponse { query, .. }
+            | Event::QueryAck { query, .. }
+            | Event::QueryDone { query } => *query,
+            _ => return Some(event),
+        };
+        let Some(pending) = self.key_queries.get_mut(&query) else {
+            return Some(event);
+        };
+        match event {
+            Event::QueryResponse { from, payload, .. } => {
+                let report = pending.as_mut()?;
+                report.count(&from, &payload);
+                if !report.complete() {
+                    return None;
+                }
+                let report = pending.take()?;
+                Some(Event::KeysCompleted { query, report })
+            }
+            Event::QueryDone { .. } => {
+                let report = self.key_queries.remove(&query).flatten()?;
+                Some(Event::KeysCompleted { query, report })
+            }
+            _ => None,
+        }
     }
 }
 

@@ -1,13 +1,14 @@
-//! The tokio driver of the memberlist core: one UDP socket and one TCP listener on the same
+//! The tokio driver of a sans-IO [`Core`]: one UDP socket and one TCP listener on the same
 //! `ip:port`, the core's timer, and one task per TCP stream. Everything protocol-wise happens in
-//! [`Memberlist`]; this module only moves bytes and time.
+//! the core; this module only moves bytes and time (read once per input and passed in).
 //!
-//! [`start`] binds the sockets, spawns the loop and returns a [`Handle`] (commands) and an
-//! event receiver. The loop owns the core and the [`Delegate`]; it handles a closed set of
-//! inputs: a command, a UDP datagram, an accepted connection, a stream's bytes/EOF/failure, or
-//! the core's deadline. Dropping every [`Handle`] (or [`Handle::shutdown`]) stops it without
-//! leaving: peers then see this member fail. [`Handle::with`] runs a closure on the core and the
-//! delegate inside the loop, which is how the Serf layer reaches both.
+//! Two cores run on it: a whole Serf member ([`serf::serf::Serf`], what the agent runs, see
+//! [`crate::member`]) and a bare memberlist with a [`Delegate`] ([`Gossip`], [`start`]).
+//! [`spawn`] binds the sockets, spawns the loop and returns a [`Handle`] (commands) and an
+//! event receiver. The loop owns the core; it handles a closed set of inputs: a command, a UDP
+//! datagram, an accepted connection, a stream's bytes/EOF/failure, or the core's deadline.
+//! Dropping every [`Handle`] (or [`Handle::shutdown`]) stops it without leaving: peers then see
+//! this member fail. [`Handle::with`] runs a closure on the core inside the loop.
 //!
 //! Encryption lives here, at the edge, as memberlist's `GossipVerifyIncoming/Outgoing` (both
 //! on): with a keyring ([`Options::keyring`]) every outgoing packet and stream message is
@@ -32,12 +33,13 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, trace, warn, Instrument};
 
-use crate::memberlist::{
+use serf::memberlist::{
     self, Config, Delegate, Event, Incarnation, JoinId, LocalNode, Memberlist, Node, StreamId,
     StreamInput, Transmit, Vsn,
 };
-use crate::wire::crypto::{SharedKeyring, NONCE_SIZE, PACKET_OVERHEAD};
-use crate::wire::stream::MAX_STREAM_BYTES;
+use serf::wire::crypto::{SharedKeyring, NONCE_SIZE, PACKET_OVERHEAD};
+use serf::wire::stream::MAX_STREAM_BYTES;
+use serf::wire::DecodeError;
 
 /// The largest UDP datagram read.
 const UDP_RECEIVE_BUFFER: usize = 65_536;
@@ -120,29 +122,49 @@ impl Options {
     }
 }
 
-type Job<D> = Box<dyn FnOnce(&mut Memberlist, &mut D, Instant) + Send>;
+/// A sans-IO state machine the driver runs: the memberlist core with a delegate
+/// ([`Gossip`]), or a whole Serf member ([`serf::serf::Serf`], through
+/// [`crate::member`]). The driver feeds it datagrams, streams and its deadline with the
+/// time read once per input, and performs what it polls out.
+pub trait Core: Send + 'static {
+    /// What the core tells the application.
+    type Event: Send + 'static;
+    /// One datagram, already decrypted.
+    fn handle_packet(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        packet: &[u8],
+    ) -> Result<(), DecodeError>;
+    /// An accepted TCP connection.
+    fn handle_accept(&mut self, now: Instant, from: SocketAddr) -> StreamId;
+    /// Bytes, EOF or failure on a stream.
+    fn handle_stream(&mut self, now: Instant, stream: StreamId, input: StreamInput<'_>);
+    /// The deadline of [`poll_timeout`](Self::poll_timeout) passed.
+    fn handle_timeout(&mut self, now: Instant);
+    /// The next packet or stream operation to perform.
+    fn poll_transmit(&mut self) -> Option<Transmit>;
+    /// The next event for the application.
+    fn poll_event(&mut self) -> Option<Self::Event>;
+    /// When [`handle_timeout`](Self::handle_timeout) is due.
+    fn poll_timeout(&self) -> Option<Instant>;
+}
 
-enum Command<D> {
-    Join {
-        seeds: Vec<SocketAddr>,
-        reply: oneshot::Sender<Result<usize, Error>>,
-    },
-    Leave {
-        timeout: Duration,
-        reply: oneshot::Sender<bool>,
-    },
-    Run(Job<D>),
+type Job<C> = Box<dyn FnOnce(&mut C, Instant) + Send>;
+
+enum Command<C> {
+    Run(Job<C>),
     Shutdown,
 }
 
-/// Commands to a running member. Cheap to clone; the driver stops when every clone is
+/// Commands to a running core. Cheap to clone; the driver stops when every clone is
 /// dropped.
-pub struct Handle<D> {
-    commands: mpsc::UnboundedSender<Command<D>>,
+pub struct Handle<C> {
+    commands: mpsc::UnboundedSender<Command<C>>,
     local_addr: SocketAddr,
 }
 
-impl<D> Clone for Handle<D> {
+impl<C> Clone for Handle<C> {
     fn clone(&self) -> Self {
         Self {
             commands: self.commands.clone(),
@@ -151,7 +173,7 @@ impl<D> Clone for Handle<D> {
     }
 }
 
-impl<D> std::fmt::Debug for Handle<D> {
+impl<C> std::fmt::Debug for Handle<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Handle")
             .field("local_addr", &self.local_addr)
@@ -159,58 +181,24 @@ impl<D> std::fmt::Debug for Handle<D> {
     }
 }
 
-impl<D: Delegate + Send + 'static> Handle<D> {
+impl<C: Core> Handle<C> {
     /// The gossip address (UDP and TCP) actually bound.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
 
-    /// Joins through `seeds`; returns how many completed a push-pull (an error if none did).
-    pub async fn join(&self, seeds: &[SocketAddr]) -> Result<usize, Error> {
-        let (reply, response) = oneshot::channel();
-        self.send(Command::Join {
-            seeds: seeds.to_vec(),
-            reply,
-        })?;
-        response.await.map_err(|_| Error::Stopped)?
-    }
-
-    /// Leaves gracefully; true if our dead message went out fully before `timeout`. The
-    /// driver keeps answering pings until [`shutdown`](Self::shutdown) or drop.
-    pub async fn leave(&self, timeout: Duration) -> Result<bool, Error> {
-        let (reply, response) = oneshot::channel();
-        self.send(Command::Leave { timeout, reply })?;
-        response.await.map_err(|_| Error::Stopped)
-    }
-
-    /// Publishes new meta (≤ 512 bytes).
-    pub async fn update_meta(&self, meta: Vec<u8>) -> Result<(), Error> {
-        self.with(move |core, _, now| core.update_meta(now, meta))
-            .await?
-            .map_err(Error::from)
-    }
-
-    /// Sends a user message by UDP.
-    pub async fn send_user(&self, to: SocketAddr, message: Vec<u8>) -> Result<(), Error> {
-        self.with(move |core, _, now| core.send_user(now, to, &message))
-            .await
-    }
-
-    /// A snapshot of the member table.
-    pub async fn members(&self) -> Result<Vec<Node>, Error> {
-        self.with(|core, _, _| core.members().collect()).await
-    }
-
-    /// Runs `job` on the core and the delegate inside the driver loop and returns its
-    /// result; transmits and events it causes are processed right after.
+    /// Runs `job` on the core inside the driver loop and returns its result; transmits and
+    /// events it causes are processed right after.
     pub async fn with<R: Send + 'static>(
         &self,
-        job: impl FnOnce(&mut Memberlist, &mut D, Instant) -> R + Send + 'static,
+        job: impl FnOnce(&mut C, Instant) -> R + Send + 'static,
     ) -> Result<R, Error> {
         let (reply, response) = oneshot::channel();
-        self.send(Command::Run(Box::new(move |core, delegate, now| {
-            let _ = reply.send(job(core, delegate, now));
-        })))?;
+        self.commands
+            .send(Command::Run(Box::new(move |core, now| {
+                let _ = reply.send(job(core, now));
+            })))
+            .map_err(|_| Error::Stopped)?;
         response.await.map_err(|_| Error::Stopped)
     }
 
@@ -218,18 +206,177 @@ impl<D: Delegate + Send + 'static> Handle<D> {
     pub fn shutdown(&self) {
         let _ = self.commands.send(Command::Shutdown);
     }
+}
 
-    fn send(&self, command: Command<D>) -> Result<(), Error> {
-        self.commands.send(command).map_err(|_| Error::Stopped)
+/// A bare memberlist core and its delegate, as the driver runs them ([`start`]), with the
+/// callers waiting for a join or a leave.
+pub struct Gossip<D> {
+    /// The core.
+    pub memberlist: Memberlist,
+    /// The layer above.
+    pub delegate: D,
+    joins: BTreeMap<JoinId, oneshot::Sender<Result<usize, Error>>>,
+    leaves: Vec<oneshot::Sender<bool>>,
+}
+
+impl<D: Delegate + Send + 'static> Core for Gossip<D> {
+    type Event = Event;
+
+    fn handle_packet(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        packet: &[u8],
+    ) -> Result<(), DecodeError> {
+        self.memberlist
+            .handle_packet(now, from, packet, &mut self.delegate)
+    }
+
+    fn handle_accept(&mut self, now: Instant, from: SocketAddr) -> StreamId {
+        self.memberlist.handle_accept(now, from)
+    }
+
+    fn handle_stream(&mut self, now: Instant, stream: StreamId, input: StreamInput<'_>) {
+        self.memberlist
+            .handle_stream(now, stream, input, &mut self.delegate);
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        self.memberlist.handle_timeout(now, &mut self.delegate);
+    }
+
+    fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.memberlist.poll_transmit()
+    }
+
+    fn poll_event(&mut self) -> Option<Event> {
+        let event = self.memberlist.poll_event()?;
+        match &event {
+            Event::JoinCompleted {
+                join,
+                contacted,
+                errors,
+            } => {
+                if let Some(reply) = self.joins.remove(join) {
+                    let result = if *contacted > 0 {
+                        Ok(*contacted)
+                    } else {
+                        Err(Error::JoinFailed {
+                            errors: errors.clone(),
+                        })
+                    };
+                    let _ = reply.send(result);
+                }
+            }
+            Event::LeaveCompleted { broadcast_sent } => {
+                for reply in self.leaves.drain(..) {
+                    let _ = reply.send(*broadcast_sent);
+                }
+            }
+            Event::NodeJoined(node) => {
+                info!(node = %node.name, addr = %node.addr, "member joined")
+            }
+            Event::NodeLeft(node) => info!(node = %node.name, "member left"),
+            Event::NodeFailed(node) => info!(node = %node.name, "member failed"),
+            Event::Conflict { existing, other } => {
+                warn!(node = %existing.name, mine = %existing.addr, theirs = %other.addr, "node name conflict")
+            }
+            Event::NodeUpdated(_) => {}
+        }
+        Some(event)
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.memberlist.poll_timeout()
     }
 }
 
-/// Binds `options.bind` (UDP and TCP), creates the core and spawns the driver loop on the
-/// current tokio runtime.
+impl<D: Delegate + Send + 'static> Handle<Gossip<D>> {
+    /// Joins through `seeds`; returns how many completed a push-pull (an error if none did).
+    pub async fn join(&self, seeds: &[SocketAddr]) -> Result<usize, Error> {
+        let seeds = seeds.to_vec();
+        let response = self
+            .with(move |gossip, now| {
+                let join = gossip.memberlist.join(now, &seeds, &mut gossip.delegate)?;
+                let (reply, response) = oneshot::channel();
+                gossip.joins.insert(join, reply);
+                Ok::<_, Error>(response)
+            })
+            .await??;
+        response.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Leaves gracefully; true if our dead message went out fully before `timeout`. The
+    /// driver keeps answering pings until [`shutdown`](Self::shutdown) or drop.
+    pub async fn leave(&self, timeout: Duration) -> Result<bool, Error> {
+        let response = self
+            .with(move |gossip, now| {
+                let (reply, response) = oneshot::channel();
+                gossip.leaves.push(reply);
+                gossip.memberlist.leave(now, timeout);
+                response
+            })
+            .await?;
+        response.await.map_err(|_| Error::Stopped)
+    }
+
+    /// Publishes new meta (≤ 512 bytes).
+    pub async fn update_meta(&self, meta: Vec<u8>) -> Result<(), Error> {
+        self.with(move |gossip, now| gossip.memberlist.update_meta(now, meta))
+            .await?
+            .map_err(Error::from)
+    }
+
+    /// Sends a user message by UDP.
+    pub async fn send_user(&self, to: SocketAddr, message: Vec<u8>) -> Result<(), Error> {
+        self.with(move |gossip, now| gossip.memberlist.send_user(now, to, &message))
+            .await
+    }
+
+    /// A snapshot of the member table.
+    pub async fn members(&self) -> Result<Vec<Node>, Error> {
+        self.with(|gossip, _| gossip.memberlist.members().collect())
+            .await
+    }
+}
+
+/// Binds `options.bind` (UDP and TCP), creates a memberlist core with `delegate` and spawns
+/// the driver loop on the current tokio runtime.
 pub async fn start<D: Delegate + Send + 'static>(
     options: Options,
     delegate: D,
-) -> Result<(Handle<D>, mpsc::UnboundedReceiver<Event>), Error> {
+) -> Result<(Handle<Gossip<D>>, mpsc::UnboundedReceiver<Event>), Error> {
+    let (name, meta, vsn, incarnation) = (
+        options.name.clone(),
+        options.meta.clone(),
+        options.vsn,
+        options.incarnation,
+    );
+    spawn(options, move |config, addr, rng, now| {
+        let local = LocalNode {
+            name,
+            addr,
+            meta,
+            vsn,
+            incarnation,
+        };
+        Ok(Gossip {
+            memberlist: Memberlist::new(config, local, rng, now)?,
+            delegate,
+            joins: BTreeMap::new(),
+            leaves: Vec::new(),
+        })
+    })
+    .await
+}
+
+/// Binds `options.bind` (UDP and TCP), builds the core with `make` (memberlist's config, the
+/// advertised address, the RNG, the time) and spawns the driver loop on the current tokio
+/// runtime. With a keyring, the config given to `make` counts the encryption overhead.
+pub async fn spawn<C: Core, E: From<Error>>(
+    options: Options,
+    make: impl FnOnce(Config, SocketAddr, StdRng, Instant) -> Result<C, E>,
+) -> Result<(Handle<C>, mpsc::UnboundedReceiver<C::Event>), E> {
     let (udp, listener) = bind(options.bind).await?;
     let bound = udp.local_addr().map_err(|source| Error::Bind {
         protocol: "udp",
@@ -242,13 +389,6 @@ pub async fn start<D: Delegate + Send + 'static>(
         Some(advertise) => advertise,
         None => bound,
     };
-    let local = LocalNode {
-        name: options.name.clone(),
-        addr: advertise,
-        meta: options.meta,
-        vsn: options.vsn,
-        incarnation: options.incarnation,
-    };
     let rng = match options.seed {
         Some(seed) => StdRng::seed_from_u64(seed),
         None => StdRng::from_os_rng(),
@@ -258,7 +398,7 @@ pub async fn start<D: Delegate + Send + 'static>(
     if options.keyring.is_some() {
         config.packet_overhead = PACKET_OVERHEAD;
     }
-    let core = Memberlist::new(config, local, rng, Instant::now())?;
+    let core = make(config, advertise, rng, Instant::now())?;
     let (commands, command_rx) = mpsc::unbounded_channel();
     let (events_tx, events) = mpsc::unbounded_channel();
     let (stream_tx, stream_rx) = mpsc::unbounded_channel();
@@ -266,7 +406,6 @@ pub async fn start<D: Delegate + Send + 'static>(
     info!(name = %options.name, %bound, %advertise, encrypted, "memberlist started");
     let driver = Driver {
         core,
-        delegate,
         udp,
         listener,
         commands: command_rx,
@@ -277,8 +416,6 @@ pub async fn start<D: Delegate + Send + 'static>(
         inbound: Arc::new(Semaphore::new(MAX_INBOUND_STREAMS)),
         stream_bytes: Arc::new(AtomicUsize::new(0)),
         accept_paused: None,
-        joins: BTreeMap::new(),
-        leaves: Vec::new(),
         tcp_timeout,
         keyring: options.keyring,
     };
@@ -336,13 +473,12 @@ enum StreamEvent {
     Failed(String),
 }
 
-struct Driver<D> {
-    core: Memberlist,
-    delegate: D,
+struct Driver<C: Core> {
+    core: C,
     udp: UdpSocket,
     listener: TcpListener,
-    commands: mpsc::UnboundedReceiver<Command<D>>,
-    events: mpsc::UnboundedSender<Event>,
+    commands: mpsc::UnboundedReceiver<Command<C>>,
+    events: mpsc::UnboundedSender<C::Event>,
     stream_tx: mpsc::UnboundedSender<(StreamId, StreamEvent)>,
     stream_rx: mpsc::UnboundedReceiver<(StreamId, StreamEvent)>,
     streams: BTreeMap<StreamId, mpsc::UnboundedSender<StreamCommand>>,
@@ -352,21 +488,16 @@ struct Driver<D> {
     stream_bytes: Arc<AtomicUsize>,
     /// Set after a failed accept: accepting resumes then.
     accept_paused: Option<tokio::time::Instant>,
-    joins: BTreeMap<JoinId, oneshot::Sender<Result<usize, Error>>>,
-    leaves: Vec<oneshot::Sender<bool>>,
     tcp_timeout: Duration,
     keyring: Option<SharedKeyring>,
 }
 
-impl<D: Delegate + Send + 'static> Driver<D> {
+impl<C: Core> Driver<C> {
     async fn run(mut self) {
         let mut buffer = vec![0u8; UDP_RECEIVE_BUFFER];
         loop {
             self.flush().await;
-            let deadline = match (self.core.poll_timeout(), self.delegate.poll_timeout()) {
-                (Some(core), Some(delegate)) => Some(core.min(delegate)),
-                (core, delegate) => core.or(delegate),
-            };
+            let deadline = self.core.poll_timeout();
             let sleep = async {
                 match deadline {
                     Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
@@ -383,7 +514,7 @@ impl<D: Delegate + Send + 'static> Driver<D> {
             tokio::select! {
                 command = self.commands.recv() => match command {
                     None | Some(Command::Shutdown) => break,
-                    Some(command) => self.command(command),
+                    Some(Command::Run(job)) => job(&mut self.core, Instant::now()),
                 },
                 received = self.udp.recv_from(&mut buffer) => match received {
                     Ok((len, from)) => self.packet(from, &buffer[..len]),
@@ -403,15 +534,12 @@ impl<D: Delegate + Send + 'static> Driver<D> {
                         StreamEvent::Closed => StreamInput::Closed,
                         StreamEvent::Failed(reason) => StreamInput::Failed(reason),
                     };
-                    self.core.handle_stream(Instant::now(), stream, input, &mut self.delegate);
+                    self.core.handle_stream(Instant::now(), stream, input);
                 }
                 () = sleep => {
                     let now = Instant::now();
                     if self.core.poll_timeout().is_some_and(|at| at <= now) {
-                        self.core.handle_timeout(now, &mut self.delegate);
-                    }
-                    if self.delegate.poll_timeout().is_some_and(|at| at <= now) {
-                        self.delegate.handle_timeout(now, &mut self.core);
+                        self.core.handle_timeout(now);
                     }
                 }
             }
@@ -436,38 +564,13 @@ impl<D: Delegate + Send + 'static> Driver<D> {
             },
             None => packet,
         };
-        if let Err(error) =
-            self.core
-                .handle_packet(Instant::now(), from, plaintext, &mut self.delegate)
-        {
+        if let Err(error) = self.core.handle_packet(Instant::now(), from, plaintext) {
             debug!(peer = %from, %error, "dropping malformed packet content");
         }
     }
 
-    fn command(&mut self, command: Command<D>) {
-        let now = Instant::now();
-        match command {
-            Command::Join { seeds, reply } => {
-                match self.core.join(now, &seeds, &mut self.delegate) {
-                    Ok(join) => {
-                        self.joins.insert(join, reply);
-                    }
-                    Err(error) => {
-                        let _ = reply.send(Err(error.into()));
-                    }
-                }
-            }
-            Command::Leave { timeout, reply } => {
-                self.leaves.push(reply);
-                self.core.leave(now, timeout);
-            }
-            Command::Run(job) => job(&mut self.core, &mut self.delegate, now),
-            Command::Shutdown => {}
-        }
-    }
-
-    /// Performs every transmit and hands out every event, until the core (and the delegate's
-    /// event hook) produced nothing new.
+    /// Performs every transmit and hands out every event, until the core produced nothing
+    /// new.
     async fn flush(&mut self) {
         loop {
             let mut idle = true;
@@ -477,7 +580,7 @@ impl<D: Delegate + Send + 'static> Driver<D> {
             }
             while let Some(event) = self.core.poll_event() {
                 idle = false;
-                self.event(event);
+                let _ = self.events.send(event);
             }
             if idle {
                 return;
@@ -512,44 +615,6 @@ impl<D: Delegate + Send + 'static> Driver<D> {
                 }
             }
         }
-    }
-
-    fn event(&mut self, event: Event) {
-        match &event {
-            Event::JoinCompleted {
-                join,
-                contacted,
-                errors,
-            } => {
-                if let Some(reply) = self.joins.remove(join) {
-                    let result = if *contacted > 0 {
-                        Ok(*contacted)
-                    } else {
-                        Err(Error::JoinFailed {
-                            errors: errors.clone(),
-                        })
-                    };
-                    let _ = reply.send(result);
-                }
-            }
-            Event::LeaveCompleted { broadcast_sent } => {
-                for reply in self.leaves.drain(..) {
-                    let _ = reply.send(*broadcast_sent);
-                }
-            }
-            Event::NodeJoined(node) => {
-                info!(node = %node.name, addr = %node.addr, "member joined")
-            }
-            Event::NodeLeft(node) => info!(node = %node.name, "member left"),
-            Event::NodeFailed(node) => info!(node = %node.name, "member failed"),
-            Event::Conflict { existing, other } => {
-                warn!(node = %existing.name, mine = %existing.addr, theirs = %other.addr, "node name conflict")
-            }
-            Event::NodeUpdated(_) => {}
-        }
-        self.delegate
-            .on_event(Instant::now(), &event, &mut self.core);
-        let _ = self.events.send(event);
     }
 
     fn accept(&mut self, stream: TcpStream, from: SocketAddr) {

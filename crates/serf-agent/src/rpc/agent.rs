@@ -1,8 +1,8 @@
 //! The [`Backend`] of a real member: [`MemberBackend`] answers RPC commands with a running
-//! [`crate::serf::driver::Handle`], the way `serf agent` answers them with its `*serf.Serf`.
+//! [`crate::member::Handle`], the way `serf agent` answers them with its `*serf.Serf`.
 //!
 //! The backend is passive: whoever owns the member's event receiver passes every
-//! [`crate::serf::Event`] to [`MemberBackend::handle_event`], which turns it into `stream`
+//! [`serf::serf::Event`] to [`MemberBackend::handle_event`], which turns it into `stream`
 //! events and routes query acks and responses to the RPC query that asked. Log lines for
 //! `monitor` come from a [`LogRing`] that the binary's tracing layer fills.
 //!
@@ -21,8 +21,8 @@ use super::backend::{
     QueryReply, QueryResponder,
 };
 use super::messages::{Coordinate, KeyResponse, Member, Stats};
-use crate::serf::driver::Handle;
-use crate::serf::{self as layer, default_query_timeout, KeyOperation, ResponderId};
+use crate::member::Handle;
+use serf::serf::{self as layer, default_query_timeout, KeyOperation, ResponderId};
 
 /// Log lines kept for a new `monitor` (the Go agent keeps 512).
 pub const LOG_BACKLOG: usize = 512;
@@ -304,7 +304,7 @@ impl Backend for MemberBackend {
         } else {
             match self.handle.join(&seeds, !replay).await {
                 Ok(n) => return (n as u32, Ok(())),
-                Err(layer::driver::Error::JoinFailed { errors }) => {
+                Err(crate::member::Error::JoinFailed { errors }) => {
                     failures.extend(
                         errors
                             .into_iter()

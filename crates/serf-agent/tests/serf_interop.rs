@@ -1,6 +1,6 @@
 //! The Serf layer against Debian's real `serf agent`, on loopback: events both ways exactly
 //! once, queries and filters, leave / kill / rejoin, tag changes, `serf rtt`, late joiners.
-//! The native member runs on the tokio driver (`serf::serf::driver`), see `support/`.
+//! The native member runs on the tokio driver (`serf_agent::member`), see `support/`.
 
 mod support;
 

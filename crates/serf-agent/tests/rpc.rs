@@ -7,10 +7,10 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serf::rpc::codec::{decode, encode_into, FrameBuffer};
-use serf::rpc::memory::{member, MemoryBackend};
-use serf::rpc::messages::{RequestHeader, ResponseHeader};
-use serf::rpc::{
+use serf_agent::rpc::codec::{decode, encode_into, FrameBuffer};
+use serf_agent::rpc::memory::{member, MemoryBackend};
+use serf_agent::rpc::messages::{RequestHeader, ResponseHeader};
+use serf_agent::rpc::{
     Client, Config, Error, LogLevel, MembersFilter, Query, QueryReply, Server, StreamEvent,
 };
 use testkit::{free_port, loopback, run_with_timeout, SerfAgent, DEADLINE};
@@ -883,7 +883,7 @@ async fn streams_stop_cleanly_and_disconnects_cost_nothing() {
         .unwrap()
         .unwrap();
     assert!(
-        matches!(&event, StreamEvent::Member { kind: serf::rpc::MemberEventKind::Join, members } if members[0].name == "n2"),
+        matches!(&event, StreamEvent::Member { kind: serf_agent::rpc::MemberEventKind::Join, members } if members[0].name == "n2"),
         "{event:?}"
     );
 
@@ -965,7 +965,7 @@ impl Raw {
         self.send(
             "handshake",
             1,
-            Some(&serf::rpc::messages::HandshakeRequest { version: 1 }),
+            Some(&serf_agent::rpc::messages::HandshakeRequest { version: 1 }),
         )
         .await;
         assert_eq!(self.header().await.unwrap().error, "");
@@ -1029,7 +1029,7 @@ async fn hostile_clients_get_serf_errors_and_never_affect_others() {
     raw.send(
         "handshake",
         1,
-        Some(&serf::rpc::messages::HandshakeRequest { version: 2 }),
+        Some(&serf_agent::rpc::messages::HandshakeRequest { version: 2 }),
     )
     .await;
     assert_eq!(raw.header().await.unwrap().error, "Unsupported IPC version");
@@ -1037,7 +1037,7 @@ async fn hostile_clients_get_serf_errors_and_never_affect_others() {
     raw.send(
         "handshake",
         2,
-        Some(&serf::rpc::messages::HandshakeRequest { version: 1 }),
+        Some(&serf_agent::rpc::messages::HandshakeRequest { version: 1 }),
     )
     .await;
     assert_eq!(
@@ -1094,7 +1094,7 @@ async fn hostile_clients_get_serf_errors_and_never_affect_others() {
     let mut body = Vec::new();
     encode_into(
         &mut body,
-        &serf::rpc::messages::EventRequest {
+        &serf_agent::rpc::messages::EventRequest {
             name: "late".to_owned(),
             payload: vec![],
             coalesce: false,
@@ -1110,7 +1110,7 @@ async fn hostile_clients_get_serf_errors_and_never_affect_others() {
     slow.send(
         "stream",
         2,
-        Some(&serf::rpc::messages::StreamRequest {
+        Some(&serf_agent::rpc::messages::StreamRequest {
             kind: "*".to_owned(),
         }),
     )
@@ -1118,7 +1118,7 @@ async fn hostile_clients_get_serf_errors_and_never_affect_others() {
     slow.send(
         "monitor",
         3,
-        Some(&serf::rpc::messages::MonitorRequest {
+        Some(&serf_agent::rpc::messages::MonitorRequest {
             log_level: "TRACE".to_owned(),
         }),
     )
@@ -1156,14 +1156,14 @@ async fn hostile_clients_get_serf_errors_and_never_affect_others() {
     raw.send(
         "members-filtered",
         2,
-        Some(&serf::rpc::messages::MembersFilteredRequest::default()),
+        Some(&serf_agent::rpc::messages::MembersFilteredRequest::default()),
     )
     .await;
     assert_eq!(raw.header().await.unwrap().error, "Authentication required");
     raw.send(
         "auth",
         3,
-        Some(&serf::rpc::messages::AuthRequest {
+        Some(&serf_agent::rpc::messages::AuthRequest {
             auth_key: "k".to_owned(),
         }),
     )
@@ -1246,7 +1246,7 @@ async fn wrong_auth_keys_close_the_connection_and_are_logged() {
         encode_into(&mut bytes, &header);
         encode_into(
             &mut bytes,
-            &serf::rpc::messages::AuthRequest { auth_key: key },
+            &serf_agent::rpc::messages::AuthRequest { auth_key: key },
         );
     }
     // The server may close (and reset) before taking all of it.
@@ -1263,7 +1263,7 @@ async fn wrong_auth_keys_close_the_connection_and_are_logged() {
         [(2, invalid.clone()), (3, invalid.clone()), (4, invalid)],
         "three wrong keys are answered, then the connection closes"
     );
-    assert_eq!(serf::rpc::server::MAX_AUTH_FAILURES, 3);
+    assert_eq!(serf_agent::rpc::server::MAX_AUTH_FAILURES, 3);
 
     let text = logs.text();
     let warnings: Vec<&str> = text
@@ -1306,7 +1306,7 @@ async fn client_discards_records_of_stopped_streams() {
                 frames.extend(&chunk[..n]);
             }
         };
-        let reply = |seq: u64, body: Option<&serf::rpc::messages::MembersResponse>| {
+        let reply = |seq: u64, body: Option<&serf_agent::rpc::messages::MembersResponse>| {
             let mut bytes = Vec::new();
             encode_into(
                 &mut bytes,
@@ -1354,7 +1354,7 @@ async fn client_discards_records_of_stopped_streams() {
                     stream.write_all(&out).await.unwrap();
                 }
                 "members" => {
-                    let body = serf::rpc::messages::MembersResponse {
+                    let body = serf_agent::rpc::messages::MembersResponse {
                         members: vec![member("m", gossip(1, 7946), &[])],
                     };
                     // A header for a sequence nobody asked for, with a body, comes first.

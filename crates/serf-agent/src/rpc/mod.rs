@@ -13,11 +13,11 @@
 //!   stream filters.
 //!
 //! Left out: the IPC versions other than 1 (none exist), and the agent itself (event handlers,
-//! snapshots), which lives in the member crate.
+//! snapshots), which is the binary's member runtime (`src/member.rs`).
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), serf::rpc::Error> {
-//! let client = serf::rpc::Client::connect("127.0.0.1:7373", None).await?;
+//! # async fn demo() -> Result<(), serf_agent::rpc::Error> {
+//! let client = serf_agent::rpc::Client::connect("127.0.0.1:7373", None).await?;
 //! for member in client.members().await? {
 //!     println!("{} {} {}", member.name, member.socket_addr(), member.status);
 //! }

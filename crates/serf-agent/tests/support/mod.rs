@@ -1,12 +1,12 @@
-//! A native member on the real tokio driver (`serf::serf::driver`), driven from synchronous
+//! A native member on the real tokio driver (`serf_agent::member`), driven from synchronous
 //! test code: its own runtime, a command handle, and the events seen so far.
 // Each test binary that includes this module uses a different subset of it.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
 
-use serf::serf::driver::{self, Handle};
 use serf::serf::{Config, Event, Member};
+use serf_agent::member::{self as driver, Handle};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 /// A native member running on its own tokio runtime.
@@ -44,7 +44,7 @@ impl Native {
             .enable_all()
             .build()
             .expect("building a tokio runtime");
-        let mut options = serf::driver::Options::new(config.node_name.clone(), addr);
+        let mut options = serf_agent::driver::Options::new(config.node_name.clone(), addr);
         options.seed = Some(u64::from(addr.port()));
         options.keyring = keyring;
         tune(&mut options.config);

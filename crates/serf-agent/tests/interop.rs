@@ -7,9 +7,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serf::driver::{self, Handle, Options};
 use serf::memberlist::{Delegate, Event, NodeState};
 use serf::wire::serf::{encode_tags, PushPull, SerfMessage};
+use serf_agent::driver::{self, Gossip, Handle, Options};
 use testkit::{eventually, free_port, loopback, time_until, SerfAgent, DEADLINE};
 
 /// Just enough Serf for an agent to list us: a push-pull user state with our status time.
@@ -34,7 +34,7 @@ impl Delegate for MiniSerf {
 /// A native member running on its own runtime; the test thread stays free to block.
 struct Native {
     name: String,
-    handle: Handle<MiniSerf>,
+    handle: Handle<Gossip<MiniSerf>>,
     events: Arc<Mutex<Vec<Event>>>,
     runtime: tokio::runtime::Runtime,
 }
