@@ -61,8 +61,8 @@ pub(crate) struct GossipArgs {
     #[arg(long, env = "AMB_NODE")]
     pub(crate) node: Option<String>,
 
-    /// Gossip address, UDP and TCP (`serf agent -bind`).
-    #[arg(long, env = "AMB_BIND", default_value = "0.0.0.0:7946")]
+    /// Gossip address, UDP and TCP (`serf agent -bind`); an IP alone means port 7946.
+    #[arg(long, env = "AMB_BIND", default_value = "0.0.0.0:7946", value_parser = parse_bind)]
     pub(crate) bind: SocketAddr,
 
     /// Address other members reach us at, `IP` or `IP:PORT` (default: the bind address, or the
@@ -215,6 +215,22 @@ fn parse_tag(value: &str) -> Result<Option<(String, String)>, String> {
             Ok(Some((key.trim().to_owned(), value.to_owned())))
         }
         _ => Err(format!("{value:?} is not KEY=VALUE")),
+    }
+}
+
+/// `IP:PORT`, or an IP alone (`10.0.0.5`, `[::1]`, `::1`) on Serf's port 7946, as `serf agent
+/// -bind` reads it.
+fn parse_bind(value: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = value.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let ip = value
+        .strip_prefix('[')
+        .and_then(|v| v.strip_suffix(']'))
+        .unwrap_or(value);
+    match ip.parse::<IpAddr>() {
+        Ok(ip) => Ok(SocketAddr::new(ip, 7946)),
+        Err(_) => Err(format!("{value:?} is not IP or IP:PORT")),
     }
 }
 
@@ -927,6 +943,23 @@ mod tests {
         let mut argv = vec!["test"];
         argv.extend_from_slice(flags);
         Cli::try_parse_from(argv).expect("valid flags").member
+    }
+
+    #[test]
+    fn a_bind_address_without_port_is_on_7946() {
+        assert_eq!(
+            args(&["--bind", "10.0.0.5"]).gossip.bind.to_string(),
+            "10.0.0.5:7946"
+        );
+        assert_eq!(
+            args(&["--bind", "[::1]"]).gossip.bind.to_string(),
+            "[::1]:7946"
+        );
+        assert_eq!(
+            args(&["--bind", "127.0.0.1:1"]).gossip.bind.to_string(),
+            "127.0.0.1:1"
+        );
+        assert!(parse_bind("host").is_err());
     }
 
     fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

@@ -84,8 +84,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let listing = command == KeyCommand::List;
     let (response, error) = client.key_command(command).await?;
     if let Some(error) = error {
+        // Go's `serf` writes its errors to stdout too.
         print_failures(&response);
-        eprintln!("\n{}: {error}", wording.failed);
+        println!("\n{}: {error}", wording.failed);
         return Err(Reported.into());
     }
     println!("==> {}", wording.after);
@@ -100,7 +101,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Each member's failure, as `serf keys` prints them on stderr.
+/// Each member's failure, as `serf keys` prints them.
 fn print_failures(response: &KeyResponse) {
     if response.messages.is_empty() {
         return;
@@ -110,7 +111,7 @@ fn print_failures(response: &KeyResponse) {
         .iter()
         .map(|(node, message)| vec!["failed:".to_owned(), node.clone(), message.clone()])
         .collect();
-    eprintln!("{}", columnize(&rows).trim());
+    println!("{}", columnize(&rows).trim());
 }
 
 pub(crate) fn keygen(_args: KeygenArgs) -> anyhow::Result<()> {

@@ -5,7 +5,9 @@
 use std::fmt::Write as _;
 
 use anyhow::Context as _;
-use serf::rpc::StreamEvent;
+use std::net::IpAddr;
+
+use serf::rpc::{Member, StreamEvent};
 
 use super::client::ClientArgs;
 use super::{Reported, UsageError};
@@ -62,13 +64,7 @@ fn render_event(event: &StreamEvent) -> String {
     let mut fields: Vec<(&str, String)> = match event {
         StreamEvent::Member { kind, members } => vec![
             ("Event", format!("{:?}", kind.as_str())),
-            (
-                "Members",
-                format!(
-                    "{:?}",
-                    members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>()
-                ),
-            ),
+            ("Members", go_members(members)),
         ],
         StreamEvent::User {
             ltime,
@@ -103,10 +99,53 @@ fn render_event(event: &StreamEvent) -> String {
     out
 }
 
-/// Go's `%#v` of a byte slice: `[]byte{0x76, 0x32}`.
+/// Go's `%#v` of a payload: `[]byte{0x76, 0x32}`, or `<nil>` when empty (it arrives as nil).
 fn go_bytes(bytes: &[u8]) -> String {
+    if bytes.is_empty() {
+        return "<nil>".to_owned();
+    }
+    format!("[]byte{{{}}}", hex_list(bytes))
+}
+
+fn hex_list(bytes: &[u8]) -> String {
     let items: Vec<String> = bytes.iter().map(|byte| format!("0x{byte:x}")).collect();
-    format!("[]byte{{{}}}", items.join(", "))
+    items.join(", ")
+}
+
+/// Go's `%#v` of the members of a decoded event record (maps with sorted keys).
+fn go_members(members: &[Member]) -> String {
+    const MAP: &str = "map[interface {}]interface {}";
+    let rendered: Vec<String> = members
+        .iter()
+        .map(|member| {
+            let addr = match member.addr {
+                IpAddr::V4(ip) => ip.octets().to_vec(),
+                IpAddr::V6(ip) => ip.octets().to_vec(),
+            };
+            let tags: Vec<String> = member
+                .tags
+                .iter()
+                .map(|(key, value)| format!("{key:?}:{value:?}"))
+                .collect();
+            format!(
+                "{MAP}{{\"Addr\":[]uint8{{{}}}, \"DelegateCur\":{}, \"DelegateMax\":{}, \
+                 \"DelegateMin\":{}, \"Name\":{:?}, \"Port\":0x{:x}, \"ProtocolCur\":{}, \
+                 \"ProtocolMax\":{}, \"ProtocolMin\":{}, \"Status\":{:?}, \"Tags\":{MAP}{{{}}}}}",
+                hex_list(&addr),
+                member.delegate_cur,
+                member.delegate_max,
+                member.delegate_min,
+                member.name,
+                member.port,
+                member.protocol_cur,
+                member.protocol_max,
+                member.protocol_min,
+                member.status,
+                tags.join(", ")
+            )
+        })
+        .collect();
+    format!("[]interface {{}}{{{}}}", rendered.join(", "))
 }
 
 #[cfg(test)]

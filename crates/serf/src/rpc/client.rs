@@ -854,6 +854,12 @@ impl QueryStream {
                 }
             };
             match record.kind.as_str() {
+                // A Go agent may send acks from "" once the query's ack channel closed (a
+                // race at its deadline); Go's client ends the query there, and so do we.
+                query_record::ACK if record.from.is_empty() => {
+                    self.done = true;
+                    return None;
+                }
                 query_record::ACK => return Some(Ok(QueryReply::Ack(record.from))),
                 query_record::RESPONSE => {
                     return Some(Ok(QueryReply::Response {
