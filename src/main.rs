@@ -11,6 +11,7 @@ use tokio::signal::unix::{signal, SignalKind};
 mod address;
 mod advertisement;
 mod cmd;
+mod config_file;
 mod consumer;
 mod duration;
 mod environment;
@@ -21,6 +22,7 @@ mod logs;
 mod member;
 mod metrics;
 mod registry;
+mod reload;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -144,6 +146,7 @@ fn init_tracing(level: Option<&str>, format: LogFormat) {
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
+    let filter = reload::log_filter(filter);
     let fmt = match format {
         LogFormat::Text => fmt
             .fmt_fields(logs::bounded_fields())
@@ -329,14 +332,14 @@ fn main() -> ExitCode {
     };
     runtime.spawn(trim_heap());
     // SIGHUP's default action ends the process without leaving the cluster; `serf agent`
-    // reloads its configuration instead. Nothing of ours is reloadable yet: say so and go on.
+    // reloads its configuration instead, and so do the commands that subscribe to `reload`.
     match runtime.block_on(async { signal(SignalKind::hangup()) }) {
         Ok(mut hangups) => {
             runtime.spawn(async move {
                 while hangups.recv().await.is_some() {
-                    tracing::info!(
-                        "SIGHUP: nothing to reload (flags and environment are fixed at start)"
-                    );
+                    if !reload::request() {
+                        tracing::info!("SIGHUP: nothing to reload in this command");
+                    }
                 }
             });
         }
@@ -347,7 +350,7 @@ fn main() -> ExitCode {
             Command::Run(args) => cmd::run::run(*args).await,
             Command::Members(args) => cmd::members::run(args).await,
             Command::Resolve(args) => cmd::resolve::run(args).await,
-            Command::Agent(args) => cmd::agent::run(args).await,
+            Command::Agent(args) => cmd::agent::run(args, cli.log_level.as_deref()).await,
             Command::Health(args) => cmd::health::run(args).await,
             Command::Connect(args) => cmd::connect::run(args).await,
             Command::Event(args) => cmd::event::run(args).await,

@@ -268,7 +268,7 @@ impl MemberArgs {
         Ok(tags)
     }
 
-    fn handlers(&self) -> anyhow::Result<Vec<Handler>> {
+    pub(crate) fn handlers(&self) -> anyhow::Result<Vec<Handler>> {
         self.event_handlers
             .iter()
             .map(|spec| {
@@ -467,6 +467,8 @@ struct Inner {
     joined: watch::Receiver<bool>,
     tags: Mutex<BTreeMap<String, String>>,
     tags_file: Option<PathBuf>,
+    /// The event handlers in force (replaced on SIGHUP, [`Member::set_event_handlers`]).
+    handlers: watch::Sender<Arc<Vec<Handler>>>,
     shutdown: CancellationToken,
     stop_requested: CancellationToken,
     tasks: TaskTracker,
@@ -497,9 +499,7 @@ pub(crate) async fn start(
     };
     let member = start_member(&args.gossip, tags, seeds, rpc_addr, settings).await?;
     member.write_tags_file()?;
-    if !handlers.is_empty() {
-        member.spawn_handlers(handlers, extras.handler_env);
-    }
+    member.spawn_handlers(handlers, extras.handler_env);
     Ok(member)
 }
 
@@ -607,6 +607,7 @@ async fn start_member(
             joined,
             tags: Mutex::new(tags),
             tags_file: settings.tags_file,
+            handlers: watch::channel(Arc::new(Vec::new())).0,
             shutdown,
             stop_requested,
             tasks,
@@ -738,7 +739,15 @@ impl Member {
             .with_context(|| format!("writing --tags-file {}", path.display()))
     }
 
+    /// Replaces the event handlers (`serf agent` reloads them on SIGHUP); the next event
+    /// runs the new ones.
+    pub(crate) fn set_event_handlers(&self, handlers: Vec<Handler>) {
+        self.inner.handlers.send_replace(Arc::new(handlers));
+    }
+
     fn spawn_handlers(&self, handlers: Vec<Handler>, extra_env: Vec<(String, String)>) {
+        self.set_event_handlers(handlers);
+        let current = self.inner.handlers.subscribe();
         let mut events = self.subscribe();
         let member = self.clone();
         let token = self.inner.shutdown.clone();
@@ -756,6 +765,10 @@ impl Member {
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
                 };
+                let handlers = Arc::clone(&current.borrow());
+                if handlers.is_empty() {
+                    continue;
+                }
                 let Some((handler_event, responder)) = to_handler_event(&event) else {
                     continue;
                 };

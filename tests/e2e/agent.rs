@@ -15,7 +15,7 @@ use crate::support::{self, stdout_lines, wait_for_line};
 
 /// A running `amb-serf agent`, killed on drop; its log is printed when a test fails.
 pub(crate) struct AmbAgent {
-    child: Child,
+    pub(crate) child: Child,
     name: String,
     pub(crate) bind: SocketAddr,
     pub(crate) rpc: SocketAddr,

@@ -366,3 +366,81 @@ fn a_binary_named_serf_needs_a_subcommand() {
         describe(&output)
     );
 }
+
+#[test]
+fn agent_reloads_config_tags_file_and_handlers_on_sighup() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("config.json");
+    let tags_file = dir.path().join("tags.json");
+    std::fs::write(&config, r#"{"log_level": "warn", "tags": {"zone": "a"}}"#).unwrap();
+    std::fs::write(&tags_file, r#"{"rack": "r1"}"#).unwrap();
+    let (config_text, tags_text) = (
+        config.display().to_string(),
+        tags_file.display().to_string(),
+    );
+    let agent = AmbAgent::start(
+        "hup",
+        loopback(5),
+        &[
+            "-config-file",
+            &config_text,
+            "-tags-file",
+            &tags_text,
+            "-tag=fixed=1",
+        ],
+    );
+    let members = |rpc| text(&run(&mut command(require("serf"), rpc, &["members"])).stdout);
+    assert!(
+        members(agent.rpc).contains("alive  fixed=1,rack=r1,zone=a"),
+        "{}",
+        members(agent.rpc)
+    );
+    assert!(
+        !agent.log().contains("rpc request"),
+        "warn from the config file:\n{}",
+        agent.log()
+    );
+
+    // New level, tags and handler in the config file, a new rack in the tags file; `-tag` wins.
+    std::fs::write(
+        &config,
+        r#"{"log_level": "debug", "tags": {"zone": "b", "fixed": "2"},
+            "event_handlers": ["query:whoami=echo reloaded"]}"#,
+    )
+    .unwrap();
+    std::fs::write(&tags_file, r#"{"rack": "r2", "zone": "x"}"#).unwrap();
+    agent.child.signal(libc::SIGHUP);
+    eventually(DEADLINE, "the reloaded tags", || {
+        members(agent.rpc)
+            .contains("alive  fixed=1,rack=r2,zone=b")
+            .then_some(())
+    });
+    let query = run(&mut command(
+        require("serf"),
+        agent.rpc,
+        &["query", "-timeout=1s", "whoami"],
+    ));
+    assert!(
+        text(&query.stdout).contains("Response from 'hup': reloaded"),
+        "{}",
+        describe(&query)
+    );
+    eventually(DEADLINE, "debug lines after the reload", || {
+        agent.log().contains("rpc request").then_some(())
+    });
+
+    // A broken config file keeps the running configuration, and the agent.
+    std::fs::write(&config, r#"{"log_level": "inf"}"#).unwrap();
+    agent.child.signal(libc::SIGHUP);
+    eventually(DEADLINE, "the failed reload logged", || {
+        agent.log().contains("reload failed").then_some(())
+    });
+    assert!(
+        agent
+            .log()
+            .contains(r#"log_level \"inf\" is neither a level"#),
+        "{}",
+        agent.log()
+    );
+    assert!(members(agent.rpc).contains("alive  fixed=1,rack=r2,zone=b"));
+}
