@@ -91,6 +91,8 @@ enum Command {
     Rtt(cmd::info::RttArgs),
     /// Test the network reachability of the cluster's members (`serf reachability`).
     Reachability(cmd::reachability::Args),
+    /// Print the version and the Serf protocol range (`serf version`).
+    Version(cmd::version::Args),
 }
 
 /// The levels a filter directive may name.
@@ -365,6 +367,7 @@ fn main() -> ExitCode {
             Command::Monitor(args) => cmd::monitor::run(args, cli.log_level.as_deref()).await,
             Command::Rtt(args) => cmd::info::rtt(args).await,
             Command::Reachability(args) => cmd::reachability::run(args).await,
+            Command::Version(args) => cmd::version::run(args),
         }
     });
     // Do not wait for blocking work (a DNS lookup of a connection cut by the drain timeout).

@@ -15,6 +15,7 @@ pub(crate) mod reachability;
 pub(crate) mod resolve;
 pub(crate) mod run;
 pub(crate) mod tags;
+pub(crate) mod version;
 
 /// Bad usage or configuration: `main` exits with code 2 when a command fails with this.
 #[derive(Debug)]

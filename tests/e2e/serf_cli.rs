@@ -250,6 +250,16 @@ fn every_serf_subcommand_prints_what_go_serf_prints() {
         describe(&ours)
     );
 
+    // version: the protocol line is Go's.
+    let ours = run(Command::new(serf.path()).arg("version"));
+    let go_version = run(Command::new(require("serf")).arg("version"));
+    assert_eq!(
+        text(&ours.stdout).lines().nth(1),
+        text(&go_version.stdout).lines().nth(1),
+        "{}",
+        describe(&ours)
+    );
+
     // keygen: 32 random bytes in base64, different each time.
     let key = run(Command::new(serf.path()).arg("keygen"));
     let again = run(Command::new(serf.path()).arg("keygen"));
@@ -389,7 +399,12 @@ fn agent_reloads_config_tags_file_and_handlers_on_sighup() {
             "-tag=fixed=1",
         ],
     );
-    let members = |rpc| text(&run(&mut command(require("serf"), rpc, &["members"])).stdout);
+    // Tags sorted: Go prints them in map order.
+    let members = |rpc| {
+        unordered(&text(
+            &run(&mut command(require("serf"), rpc, &["members"])).stdout,
+        ))
+    };
     assert!(
         members(agent.rpc).contains("alive  fixed=1,rack=r1,zone=a"),
         "{}",
