@@ -18,10 +18,6 @@ pub(crate) struct Args {
     #[command(flatten)]
     client: ClientArgs,
 
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    format: Format,
-
     /// Only this node answers (repeatable).
     #[arg(long = "node", value_name = "NAME")]
     nodes: Vec<String>,
@@ -41,6 +37,10 @@ pub(crate) struct Args {
     /// Relay each response through this many extra nodes.
     #[arg(long, default_value_t = 0, value_name = "N")]
     relay_factor: u8,
+
+    /// Output: acks and responses as they come (text), or one JSON document at the end.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
 
     /// Query name.
     name: String,

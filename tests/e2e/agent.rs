@@ -146,21 +146,7 @@ fn describe(output: &Output) -> String {
 /// Lines sorted, each `k=v,k=v` tag list sorted, runs of spaces collapsed (column widths
 /// differ when the two agents print different sets).
 fn normalized(text: &str) -> Vec<String> {
-    let mut lines: Vec<String> = text
-        .lines()
-        .map(|line| {
-            line.split_whitespace()
-                .map(|token| {
-                    let mut tags: Vec<&str> = token.split(',').collect();
-                    tags.sort_unstable();
-                    tags.join(",")
-                })
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect();
-    lines.sort();
-    lines
+    support::unordered_lines(text, true)
 }
 
 fn sorted_json(text: &str) -> serde_json::Value {

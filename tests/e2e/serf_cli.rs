@@ -10,7 +10,7 @@ use std::time::Duration;
 use testkit::{eventually, free_port, loopback, require, Child, SerfAgent, DEADLINE};
 
 use crate::agent::AmbAgent;
-use crate::support::{stdout_lines, wait_for_line};
+use crate::support::{stdout_lines, unordered_lines, wait_for_line};
 
 /// A directory holding `serf`, a symlink to the amb-serf binary.
 struct Symlink {
@@ -99,21 +99,7 @@ fn exact(text: &str) -> String {
 
 /// Lines sorted, and each `k=v,k=v` tag list sorted (Go prints maps in random order).
 fn unordered(text: &str) -> String {
-    let mut lines: Vec<String> = text
-        .lines()
-        .map(|line| {
-            line.split(' ')
-                .map(|token| {
-                    let mut tags: Vec<&str> = token.split(',').collect();
-                    tags.sort_unstable();
-                    tags.join(",")
-                })
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect();
-    lines.sort();
-    lines.join("\n")
+    unordered_lines(text, false).join("\n")
 }
 
 /// `serf info`: the section and key names (the values move on with time).
