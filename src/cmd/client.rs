@@ -8,6 +8,13 @@ use serf::rpc::Client;
 /// The agent address when neither a flag nor a variable names one.
 const DEFAULT_RPC_ADDR: &str = "127.0.0.1:7373";
 
+/// `SERF_RPC_ADDR` (as Go's `serf` reads it), else `127.0.0.1:7373`.
+pub(crate) fn default_rpc_addr() -> String {
+    crate::environment::var("SERF_RPC_ADDR")
+        .filter(|addr| !addr.is_empty())
+        .unwrap_or_else(|| DEFAULT_RPC_ADDR.to_owned())
+}
+
 /// How a `serf` subcommand reaches its agent.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct ClientArgs {
@@ -23,11 +30,7 @@ pub(crate) struct ClientArgs {
 impl ClientArgs {
     /// The agent's RPC address: the flag (or `AMB_RPC_ADDR`), else `SERF_RPC_ADDR`.
     pub(crate) fn addr(&self) -> String {
-        self.rpc_addr
-            .clone()
-            .or_else(|| crate::environment::var("SERF_RPC_ADDR"))
-            .filter(|addr| !addr.is_empty())
-            .unwrap_or_else(|| DEFAULT_RPC_ADDR.to_owned())
+        self.rpc_addr.clone().unwrap_or_else(default_rpc_addr)
     }
 
     /// Connects (handshake, and auth when a token is given).

@@ -29,8 +29,9 @@ use crate::registry::{self, Registry, RegistryArgs};
 /// member of our own tagged `role=serf-members` (join mode, like `ctlc/serf-members`).
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct RpcArgs {
-    /// RPC address of the Serf agent (a Go `serf agent` or amb-serf).
-    #[arg(long, env = "AMB_RPC_ADDR", default_value = "127.0.0.1:7373")]
+    /// RPC address of the Serf agent (a Go `serf agent` or amb-serf) [default: SERF_RPC_ADDR,
+    /// else 127.0.0.1:7373].
+    #[arg(long, env = "AMB_RPC_ADDR", default_value_t = super::client::default_rpc_addr(), hide_default_value = true)]
     pub(crate) rpc_addr: String,
 
     /// RPC auth key of the agent, if it has one (`rpc_auth`).
