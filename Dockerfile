@@ -49,6 +49,8 @@ RUN set -eu; \
     "$bin" --version; \
     mkdir -p /out/usr/local/bin /out/etc; \
     cp "$bin" /out/usr/local/bin/amb-serf; \
+    # Invoked as `serf`, the binary is the `serf` command line (`docker exec c serf members`).
+    ln -s amb-serf /out/usr/local/bin/serf; \
     # Only the dependency layer above is worth caching: keep this one small.
     rm -rf target; \
     echo 'amb-serf:x:10001:10001:amb-serf:/:/nonexistent' > /out/etc/passwd; \

@@ -9,6 +9,11 @@ pub(crate) fn vars() -> Vec<(String, String)> {
     lossy(std::env::vars_os())
 }
 
+/// One variable of the process environment, converted lossily to UTF-8.
+pub(crate) fn var(name: &str) -> Option<String> {
+    std::env::var_os(name).map(|value| value.to_string_lossy().into_owned())
+}
+
 fn lossy(
     vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
 ) -> Vec<(String, String)> {

@@ -11,15 +11,18 @@ use tokio::signal::unix::{signal, SignalKind};
 mod address;
 mod advertisement;
 mod cmd;
+mod config_file;
 mod consumer;
 mod duration;
 mod environment;
 mod event_handler;
+mod go_flags;
 mod health;
 mod logs;
 mod member;
 mod metrics;
 mod registry;
+mod reload;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -64,6 +67,32 @@ enum Command {
     Health(cmd::health::Args),
     /// Serve roles advertised in the cluster on local ports, following membership live.
     Connect(cmd::connect::Args),
+    /// Send a custom event through the Serf cluster (`serf event`).
+    Event(cmd::event::Args),
+    /// Send a query to the Serf cluster (`serf query`).
+    Query(cmd::query::Args),
+    /// Tell the agent to join the cluster (`serf join`).
+    Join(cmd::membership::JoinArgs),
+    /// Make the agent leave the cluster gracefully and shut down (`serf leave`).
+    Leave(cmd::membership::LeaveArgs),
+    /// Force a member into the "left" state (`serf force-leave`).
+    ForceLeave(cmd::membership::ForceLeaveArgs),
+    /// Manage the cluster's gossip encryption keyring (`serf keys`).
+    Keys(cmd::keys::Args),
+    /// Generate a new encryption key (`serf keygen`).
+    Keygen(cmd::keys::KeygenArgs),
+    /// Modify the tags of a running agent (`serf tags`).
+    Tags(cmd::tags::Args),
+    /// Debugging information about the agent (`serf info`).
+    Info(cmd::info::Args),
+    /// Stream the agent's log and events (`serf monitor`); the level is `--log-level`.
+    Monitor(cmd::monitor::Args),
+    /// Estimate the round-trip time between two nodes (`serf rtt`).
+    Rtt(cmd::info::RttArgs),
+    /// Test the network reachability of the cluster's members (`serf reachability`).
+    Reachability(cmd::reachability::Args),
+    /// Print the version and the Serf protocol range (`serf version`).
+    Version(cmd::version::Args),
 }
 
 /// The levels a filter directive may name.
@@ -71,16 +100,30 @@ const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
 
 /// A log filter whose every directive is a level or `TARGET=LEVEL` (a span filter is left to
 /// the filter's own parser): a typo such as `inf` would otherwise read as a target name and
-/// silently turn logging off.
+/// silently turn logging off. Go's level name `err` (`serf agent -log-level=err`) is `error`.
 fn parse_log_filter(value: &str) -> Result<String, String> {
     let is_level = |level: &str| LEVELS.contains(&level.trim().to_ascii_lowercase().as_str());
+    let go_level = |level: &str| {
+        if level.trim().eq_ignore_ascii_case("err") {
+            "error".to_owned()
+        } else {
+            level.to_owned()
+        }
+    };
+    let mut directives = Vec::new();
     for directive in value.split(',').map(str::trim) {
+        let directive = match directive.split_once('=') {
+            Some((target, level)) if !directive.contains('[') => {
+                format!("{target}={}", go_level(level))
+            }
+            _ => go_level(directive),
+        };
         let valid = if directive.contains('[') {
-            tracing_subscriber::EnvFilter::try_new(directive).is_ok()
+            tracing_subscriber::EnvFilter::try_new(&directive).is_ok()
         } else {
             match directive.split_once('=') {
                 Some((target, level)) => !target.trim().is_empty() && is_level(level),
-                None => is_level(directive),
+                None => is_level(&directive),
             }
         };
         if !valid {
@@ -89,8 +132,9 @@ fn parse_log_filter(value: &str) -> Result<String, String> {
                 LEVELS.join(", ")
             ));
         }
+        directives.push(directive);
     }
-    Ok(value.to_owned())
+    Ok(directives.join(","))
 }
 
 fn init_tracing(level: Option<&str>, format: LogFormat) {
@@ -104,6 +148,7 @@ fn init_tracing(level: Option<&str>, format: LogFormat) {
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
+    let filter = reload::log_filter(filter);
     let fmt = match format {
         LogFormat::Text => fmt
             .fmt_fields(logs::bounded_fields())
@@ -124,10 +169,26 @@ fn init_tracing(level: Option<&str>, format: LogFormat) {
 }
 
 /// Parses the command line. With no subcommand, `amb-serf [FLAGS]` is `amb-serf run [FLAGS]`, so
-/// `docker run … amb-serf --forward 3306=mysql:3306` works as users expect.
+/// `docker run … amb-serf --forward 3306=mysql:3306` works as users expect. Go's single-dash
+/// long flags are accepted ([`go_flags`]). Invoked as `serf` (a symlink), the binary is the
+/// `serf` command line: a subcommand is required, as Go's `serf` requires one.
 fn parse_cli() -> (Cli, Command) {
+    use clap::{CommandFactory, FromArgMatches};
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let first = Cli::try_parse_from(&args);
+    let root = Cli::command();
+    let parse = |args: &[std::ffi::OsString]| {
+        let normalized = go_flags::normalize(args, &root);
+        if invoked_as_serf(args) {
+            let matches = Cli::command()
+                .subcommand_required(true)
+                .arg_required_else_help(true)
+                .try_get_matches_from(normalized)?;
+            Cli::from_arg_matches(&matches)
+        } else {
+            Cli::try_parse_from(normalized)
+        }
+    };
+    let first = parse(&args);
     if let Ok(Cli {
         command: Some(_), ..
     }) = &first
@@ -140,20 +201,29 @@ fn parse_cli() -> (Cli, Command) {
         use clap::error::ErrorKind;
         let asked_for_output = matches!(
             error.kind(),
-            ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+            ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
         );
         // A first word that is not a flag (nor a global flag's value) was meant as a
         // subcommand: report that error (e.g. a bad AMB_* value for `… --log-format json run`).
         let names_a_subcommand = first_word(&args).is_some_and(|arg| !arg.starts_with('-'));
-        if asked_for_output || names_a_subcommand {
+        if asked_for_output || names_a_subcommand || invoked_as_serf(&args) {
             fail(error, &args);
         }
     }
     let mut with_run = args.clone();
     with_run.insert(1.min(with_run.len()), "run".into());
-    let mut cli = Cli::try_parse_from(with_run).unwrap_or_else(|error| fail(&error, &args));
+    let mut cli = parse(&with_run).unwrap_or_else(|error| fail(&error, &args));
     let command = cli.command.take().expect("`run` was inserted");
     (cli, command)
+}
+
+/// Whether the binary was started under the name `serf` (argv[0]'s file name).
+fn invoked_as_serf(args: &[std::ffi::OsString]) -> bool {
+    args.first()
+        .and_then(|arg0| std::path::Path::new(arg0).file_name())
+        .is_some_and(|name| name == "serf")
 }
 
 /// Exits with clap's `error` (code 2, or 0 for help); when a bad value came from an `AMB_*`
@@ -264,14 +334,14 @@ fn main() -> ExitCode {
     };
     runtime.spawn(trim_heap());
     // SIGHUP's default action ends the process without leaving the cluster; `serf agent`
-    // reloads its configuration instead. Nothing of ours is reloadable yet: say so and go on.
+    // reloads its configuration instead, and so do the commands that subscribe to `reload`.
     match runtime.block_on(async { signal(SignalKind::hangup()) }) {
         Ok(mut hangups) => {
             runtime.spawn(async move {
                 while hangups.recv().await.is_some() {
-                    tracing::info!(
-                        "SIGHUP: nothing to reload (flags and environment are fixed at start)"
-                    );
+                    if !reload::request() {
+                        tracing::info!("SIGHUP: nothing to reload in this command");
+                    }
                 }
             });
         }
@@ -282,15 +352,29 @@ fn main() -> ExitCode {
             Command::Run(args) => cmd::run::run(*args).await,
             Command::Members(args) => cmd::members::run(args).await,
             Command::Resolve(args) => cmd::resolve::run(args).await,
-            Command::Agent(args) => cmd::agent::run(args).await,
+            Command::Agent(args) => cmd::agent::run(args, cli.log_level.as_deref()).await,
             Command::Health(args) => cmd::health::run(args).await,
             Command::Connect(args) => cmd::connect::run(args).await,
+            Command::Event(args) => cmd::event::run(args).await,
+            Command::Query(args) => cmd::query::run(args).await,
+            Command::Join(args) => cmd::membership::join(args).await,
+            Command::Leave(args) => cmd::membership::leave(args).await,
+            Command::ForceLeave(args) => cmd::membership::force_leave(args).await,
+            Command::Keys(args) => cmd::keys::run(args).await,
+            Command::Keygen(args) => cmd::keys::keygen(args),
+            Command::Tags(args) => cmd::tags::run(args).await,
+            Command::Info(args) => cmd::info::run(args).await,
+            Command::Monitor(args) => cmd::monitor::run(args, cli.log_level.as_deref()).await,
+            Command::Rtt(args) => cmd::info::rtt(args).await,
+            Command::Reachability(args) => cmd::reachability::run(args).await,
+            Command::Version(args) => cmd::version::run(args),
         }
     });
     // Do not wait for blocking work (a DNS lookup of a connection cut by the drain timeout).
     runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.downcast_ref::<cmd::Reported>().is_some() => ExitCode::from(1),
         Err(error) => {
             eprintln!("amb-serf: {error:#}");
             if error.downcast_ref::<cmd::UsageError>().is_some() {

@@ -62,8 +62,8 @@ pub(crate) struct GossipArgs {
     #[arg(long, env = "AMB_NODE")]
     pub(crate) node: Option<String>,
 
-    /// Gossip address, UDP and TCP (`serf agent -bind`).
-    #[arg(long, env = "AMB_BIND", default_value = "0.0.0.0:7946")]
+    /// Gossip address, UDP and TCP (`serf agent -bind`); an IP alone means port 7946.
+    #[arg(long, env = "AMB_BIND", default_value = "0.0.0.0:7946", value_parser = parse_bind)]
     pub(crate) bind: SocketAddr,
 
     /// Address other members reach us at, `IP` or `IP:PORT` (default: the bind address, or the
@@ -219,6 +219,22 @@ fn parse_tag(value: &str) -> Result<Option<(String, String)>, String> {
     }
 }
 
+/// `IP:PORT`, or an IP alone (`10.0.0.5`, `[::1]`, `::1`) on Serf's port 7946, as `serf agent
+/// -bind` reads it.
+fn parse_bind(value: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = value.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let ip = value
+        .strip_prefix('[')
+        .and_then(|v| v.strip_suffix(']'))
+        .unwrap_or(value);
+    match ip.parse::<IpAddr>() {
+        Ok(ip) => Ok(SocketAddr::new(ip, 7946)),
+        Err(_) => Err(format!("{value:?} is not IP or IP:PORT")),
+    }
+}
+
 fn parse_advertise(value: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = value.parse::<SocketAddr>() {
         return Ok(addr);
@@ -253,7 +269,7 @@ impl MemberArgs {
         Ok(tags)
     }
 
-    fn handlers(&self) -> anyhow::Result<Vec<Handler>> {
+    pub(crate) fn handlers(&self) -> anyhow::Result<Vec<Handler>> {
         self.event_handlers
             .iter()
             .map(|spec| {
@@ -452,6 +468,8 @@ struct Inner {
     joined: watch::Receiver<bool>,
     tags: Mutex<BTreeMap<String, String>>,
     tags_file: Option<PathBuf>,
+    /// The event handlers in force (replaced on SIGHUP, [`Member::set_event_handlers`]).
+    handlers: watch::Sender<Arc<Vec<Handler>>>,
     shutdown: CancellationToken,
     stop_requested: CancellationToken,
     tasks: TaskTracker,
@@ -482,9 +500,7 @@ pub(crate) async fn start(
     };
     let member = start_member(&args.gossip, tags, seeds, rpc_addr, settings).await?;
     member.write_tags_file()?;
-    if !handlers.is_empty() {
-        member.spawn_handlers(handlers, extras.handler_env);
-    }
+    member.spawn_handlers(handlers, extras.handler_env);
     Ok(member)
 }
 
@@ -592,6 +608,7 @@ async fn start_member(
             joined,
             tags: Mutex::new(tags),
             tags_file: settings.tags_file,
+            handlers: watch::channel(Arc::new(Vec::new())).0,
             shutdown,
             stop_requested,
             tasks,
@@ -723,7 +740,15 @@ impl Member {
             .with_context(|| format!("writing --tags-file {}", path.display()))
     }
 
+    /// Replaces the event handlers (`serf agent` reloads them on SIGHUP); the next event
+    /// runs the new ones.
+    pub(crate) fn set_event_handlers(&self, handlers: Vec<Handler>) {
+        self.inner.handlers.send_replace(Arc::new(handlers));
+    }
+
     fn spawn_handlers(&self, handlers: Vec<Handler>, extra_env: Vec<(String, String)>) {
+        self.set_event_handlers(handlers);
+        let current = self.inner.handlers.subscribe();
         let mut events = self.subscribe();
         let member = self.clone();
         let token = self.inner.shutdown.clone();
@@ -741,6 +766,10 @@ impl Member {
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
                 };
+                let handlers = Arc::clone(&current.borrow());
+                if handlers.is_empty() {
+                    continue;
+                }
                 let Some((handler_event, responder)) = to_handler_event(&event) else {
                     continue;
                 };
@@ -928,6 +957,23 @@ mod tests {
         let mut argv = vec!["test"];
         argv.extend_from_slice(flags);
         Cli::try_parse_from(argv).expect("valid flags").member
+    }
+
+    #[test]
+    fn a_bind_address_without_port_is_on_7946() {
+        assert_eq!(
+            args(&["--bind", "10.0.0.5"]).gossip.bind.to_string(),
+            "10.0.0.5:7946"
+        );
+        assert_eq!(
+            args(&["--bind", "[::1]"]).gossip.bind.to_string(),
+            "[::1]:7946"
+        );
+        assert_eq!(
+            args(&["--bind", "127.0.0.1:1"]).gossip.bind.to_string(),
+            "127.0.0.1:1"
+        );
+        assert!(parse_bind("host").is_err());
     }
 
     fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

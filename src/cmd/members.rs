@@ -19,6 +19,7 @@ use serde::Serialize;
 use serf_agent::rpc::filter::MemberFilter;
 use serf_agent::rpc::{Client, Member, MembersFilter, StreamEvent};
 
+use super::client::columnize;
 use super::UsageError;
 use crate::member::{self, GossipArgs};
 use crate::registry::{self, Registry, RegistryArgs};
@@ -28,8 +29,9 @@ use crate::registry::{self, Registry, RegistryArgs};
 /// member of our own tagged `role=serf-members` (join mode, like `ctlc/serf-members`).
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct RpcArgs {
-    /// RPC address of the Serf agent (a Go `serf agent` or amb-serf).
-    #[arg(long, env = "AMB_RPC_ADDR", default_value = "127.0.0.1:7373")]
+    /// RPC address of the Serf agent (a Go `serf agent` or amb-serf) [default: SERF_RPC_ADDR,
+    /// else 127.0.0.1:7373].
+    #[arg(long, env = "AMB_RPC_ADDR", default_value_t = super::client::default_rpc_addr(), hide_default_value = true)]
     pub(crate) rpc_addr: String,
 
     /// RPC auth key of the agent, if it has one (`rpc_auth`).
@@ -165,6 +167,10 @@ pub(crate) struct Args {
     #[arg(long)]
     name: Option<String>,
 
+    /// Deprecated in `serf`: the same as `--tag role=REGEX` (prints Go's warning).
+    #[arg(long, value_name = "REGEX")]
+    role: Option<String>,
+
     /// Add protocol versions to the text table.
     #[arg(long)]
     detailed: bool,
@@ -176,8 +182,12 @@ pub(crate) struct Args {
 
 impl Args {
     fn filter(&self) -> MembersFilter {
+        let role = self
+            .role
+            .iter()
+            .map(|role| ("role".to_owned(), role.clone()));
         MembersFilter {
-            tags: self.tags.iter().cloned().collect(),
+            tags: self.tags.iter().cloned().chain(role).collect(),
             status: self.status.clone().unwrap_or_default(),
             name: self.name.clone().unwrap_or_default(),
         }
@@ -255,43 +265,15 @@ pub(crate) fn render_table(members: &[Member], detailed: bool) -> String {
     columnize(&rows).trim().to_owned()
 }
 
-/// Go's `columnize.SimpleFormat`: columns padded to the widest cell, glued by two spaces, the
-/// last column unpadded.
-fn columnize(rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = Vec::new();
-    for row in rows {
-        for (index, cell) in row.iter().enumerate() {
-            let width = cell.trim().chars().count();
-            match widths.get_mut(index) {
-                Some(current) => *current = (*current).max(width),
-                None => widths.push(width),
-            }
-        }
-    }
-    let mut out = String::new();
-    for row in rows {
-        for (index, cell) in row.iter().enumerate() {
-            let cell = cell.trim();
-            if index + 1 == row.len() {
-                out.push_str(cell);
-                out.push('\n');
-            } else {
-                out.push_str(cell);
-                let pad = widths[index] - cell.chars().count();
-                out.push_str(&" ".repeat(pad));
-                out.push_str("  ");
-            }
-        }
-    }
-    out
-}
-
 fn sorted(mut members: Vec<Member>) -> Vec<Member> {
     members.sort_by(|a, b| a.name.cmp(&b.name));
     members
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    if args.role.is_some() {
+        println!("Deprecation warning: 'Role' has been replaced with 'Tags'");
+    }
     let filter = args.filter();
     // Check the regexes here, so a typo is a usage error rather than an agent error.
     let local_filter = MemberFilter::new(&filter.tags, &filter.status, &filter.name)

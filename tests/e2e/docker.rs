@@ -317,12 +317,12 @@ fn healthcheck_passes(id: &str) {
     });
 }
 
-/// Polls `amb-serf members --format json` inside `serf_1` (the agent's RPC on its loopback)
-/// until `name` has `status`; returns that member's JSON.
+/// Polls `serf members -format json` inside `serf_1` (the image's `serf` symlink to amb-serf,
+/// the agent's RPC on its loopback) until `name` has `status`; returns that member's JSON.
 fn serf_member(serf_1: &str, name: &str, status: &str, deadline: Duration) -> serde_json::Value {
     eventually(deadline, &format!("serf_1 showing {name} {status}"), || {
         let output = docker_output(
-            &["exec", serf_1, "amb-serf", "members", "--format", "json"],
+            &["exec", serf_1, "serf", "members", "-format", "json"],
             DEADLINE,
         );
         let members: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;

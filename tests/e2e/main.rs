@@ -14,5 +14,6 @@ mod hostile;
 mod modern;
 mod proxy;
 mod rpc_cli;
+mod serf_cli;
 mod soak;
 mod support;

@@ -322,3 +322,29 @@ pub(crate) fn wait_for_line(
         }
     }
 }
+
+/// `text`'s lines sorted, each `k=v,k=v` tag list in them sorted (Go prints maps in random
+/// order); with `collapse`, runs of spaces as one (column widths differ between two tables).
+pub(crate) fn unordered_lines(text: &str, collapse: bool) -> Vec<String> {
+    let mut lines: Vec<String> = text
+        .lines()
+        .map(|line| {
+            let tokens: Vec<&str> = if collapse {
+                line.split_whitespace().collect()
+            } else {
+                line.split(' ').collect()
+            };
+            tokens
+                .into_iter()
+                .map(|token| {
+                    let mut tags: Vec<&str> = token.split(',').collect();
+                    tags.sort_unstable();
+                    tags.join(",")
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    lines.sort();
+    lines
+}

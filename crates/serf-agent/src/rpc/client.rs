@@ -86,6 +86,19 @@ pub enum Error {
     },
 }
 
+/// A keyring operation for [`Client::key_command`] (keys in base64).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyCommand {
+    /// Install a key on every member.
+    Install(String),
+    /// Make a key primary on every member.
+    Use(String),
+    /// Remove a key from every member.
+    Remove(String),
+    /// List the keys across the cluster.
+    List,
+}
+
 /// Identifies a running stream, monitor or query for [`Client::stop`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct StreamHandle(pub u64);
@@ -616,6 +629,28 @@ impl Client {
     }
 
     async fn key_call(&self, name: &str, key: Option<&str>) -> Result<KeyResponse, Error> {
+        let (response, error) = self.key_answer(name, key).await?;
+        let Some(mut message) = error else {
+            return Ok(response);
+        };
+        if !response.messages.is_empty() {
+            let details: Vec<String> = response
+                .messages
+                .iter()
+                .map(|(node, text)| format!("{node}: {text}"))
+                .collect();
+            message = format!("{message} ({})", details.join("; "));
+        }
+        Err(self.agent_error(name, message))
+    }
+
+    /// A key command's whole answer: the response, and the agent's error text if it reported
+    /// one (the response then names each member that failed).
+    async fn key_answer(
+        &self,
+        name: &str,
+        key: Option<&str>,
+    ) -> Result<(KeyResponse, Option<String>), Error> {
         let (header, body) = match key {
             Some(key) => {
                 let request = KeyRequest {
@@ -627,18 +662,26 @@ impl Client {
         };
         let response: KeyResponse = self.decode_body(body)?.unwrap_or_default();
         if header.error.is_empty() {
-            return Ok(response);
+            return Ok((response, None));
         }
-        let mut message = header.error;
-        if !response.messages.is_empty() {
-            let details: Vec<String> = response
-                .messages
-                .iter()
-                .map(|(node, text)| format!("{node}: {text}"))
-                .collect();
-            message = format!("{message} ({})", details.join("; "));
+        if body_less(&header.error) {
+            return Err(self.agent_error(name, header.error));
         }
-        Err(self.agent_error(name, message))
+        Ok((response, Some(header.error)))
+    }
+
+    /// Runs a key command and returns the response together with the agent's error text,
+    /// as `serf keys` needs them: on failure it prints every member's message.
+    pub async fn key_command(
+        &self,
+        command: KeyCommand,
+    ) -> Result<(KeyResponse, Option<String>), Error> {
+        match command {
+            KeyCommand::Install(key) => self.key_answer(command::INSTALL_KEY, Some(&key)).await,
+            KeyCommand::Use(key) => self.key_answer(command::USE_KEY, Some(&key)).await,
+            KeyCommand::Remove(key) => self.key_answer(command::REMOVE_KEY, Some(&key)).await,
+            KeyCommand::List => self.key_answer(command::LIST_KEYS, None).await,
+        }
     }
 
     /// Installs a new encryption key (base64) on every member.
@@ -811,6 +854,12 @@ impl QueryStream {
                 }
             };
             match record.kind.as_str() {
+                // A Go agent may send acks from "" once the query's ack channel closed (a
+                // race at its deadline); Go's client ends the query there, and so do we.
+                query_record::ACK if record.from.is_empty() => {
+                    self.done = true;
+                    return None;
+                }
                 query_record::ACK => return Some(Ok(QueryReply::Ack(record.from))),
                 query_record::RESPONSE => {
                     return Some(Ok(QueryReply::Response {
@@ -879,10 +928,7 @@ async fn read_loop(inner: Arc<Inner>, mut read: OwnedReadHalf) {
             let seq = header.seq;
             match dispatch.handlers.remove(&seq) {
                 Some(Handler::Reply { body, reply }) => {
-                    let no_body = header.error == errors::AUTH_REQUIRED
-                        || header.error == errors::HANDSHAKE_REQUIRED
-                        || header.error == errors::UNSUPPORTED_COMMAND;
-                    if body && !no_body {
+                    if body && !body_less(&header.error) {
                         Next::Reply(reply, header)
                     } else {
                         let _ = reply.send((header, None));
@@ -969,6 +1015,13 @@ async fn read_loop(inner: Arc<Inner>, mut read: OwnedReadHalf) {
     dispatch.closed = Some(reason);
     // Dropping the handlers fails pending replies and ends every stream.
     dispatch.handlers.clear();
+}
+
+/// Errors after which the agent sends no body, whatever the command.
+fn body_less(error: &str) -> bool {
+    error == errors::AUTH_REQUIRED
+        || error == errors::HANDSHAKE_REQUIRED
+        || error == errors::UNSUPPORTED_COMMAND
 }
 
 fn is_query_done(inner: &Inner, seq: u64, body: &[u8]) -> bool {

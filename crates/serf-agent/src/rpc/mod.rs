@@ -35,8 +35,8 @@ pub mod server;
 
 pub use backend::{Backend, BackendError, Event, LogLevel, LogLine, MemberEventKind, QueryReply};
 pub use client::{
-    Client, Error, EventStream, LogStream, MembersFilter, Query, QueryStream, StreamEvent,
-    StreamHandle,
+    Client, Error, EventStream, KeyCommand, LogStream, MembersFilter, Query, QueryStream,
+    StreamEvent, StreamHandle,
 };
 pub use memory::MemoryBackend;
 pub use messages::{Coordinate, KeyResponse, Member, Stats};
