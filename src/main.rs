@@ -19,6 +19,7 @@ mod health;
 mod logs;
 mod member;
 mod metrics;
+mod nameserver;
 mod registry;
 
 #[derive(Debug, Parser)]
@@ -63,7 +64,7 @@ enum Command {
     /// Exit 0 if a running amb-serf's /healthz answers 200 (for Docker's HEALTHCHECK).
     Health(cmd::health::Args),
     /// Serve roles advertised in the cluster on local ports, following membership live.
-    Connect(cmd::connect::Args),
+    Connect(Box<cmd::connect::Args>),
 }
 
 /// The levels a filter directive may name.
@@ -284,7 +285,7 @@ fn main() -> ExitCode {
             Command::Resolve(args) => cmd::resolve::run(args).await,
             Command::Agent(args) => cmd::agent::run(args).await,
             Command::Health(args) => cmd::health::run(args).await,
-            Command::Connect(args) => cmd::connect::run(args).await,
+            Command::Connect(args) => cmd::connect::run(*args).await,
         }
     });
     // Do not wait for blocking work (a DNS lookup of a connection cut by the drain timeout).

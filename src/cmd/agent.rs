@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::member::{self, MemberArgs};
 use crate::metrics;
+use crate::nameserver;
 
 /// How long a leave may take before we exit anyway (Serf's broadcast timeout plus the
 /// propagation delay, with room to spare).
@@ -27,12 +28,16 @@ pub(crate) struct Args {
     /// image's HEALTHCHECK and Kubernetes probes; off by default.
     #[arg(long, env = "AMB_METRICS_ADDR", value_name = "HOST:PORT")]
     metrics_addr: Option<SocketAddr>,
+
+    #[command(flatten)]
+    dns: nameserver::DnsArgs,
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let tags = args.member.tags()?;
     let seeds = args.member.gossip.seeds(crate::environment::vars())?;
     let metrics_listener = metrics::bind(args.metrics_addr).await?;
+    let dns = args.dns.bind().await?;
     let member = member::start(&args.member, tags, seeds, member::Extras::default()).await?;
     // An agent forwards nothing and has no backend: ready while it runs, until it leaves.
     let (lifecycle_tx, lifecycle) = watch::channel(metrics::Lifecycle::Running);
@@ -45,6 +50,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             members: metrics::statuses_of(Some(member.clone())),
         });
         tokio::spawn(metrics::serve(listener, observed, metrics_stop.clone()));
+    }
+    if let Some(dns) = dns {
+        nameserver::spawn(dns, member.clone(), metrics_stop.clone());
     }
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let stop_from_rpc = tokio::select! {

@@ -240,6 +240,15 @@ fn fit(mut response: Message, transport: Transport, limit: usize) -> Vec<u8> {
         response.answers.truncate(keep);
         bytes = encode_or_fail(&response);
     }
+    if bytes.len() > limit {
+        // Only the question and authority left, and still too long: the header alone.
+        let failure = Message::error_msg(
+            response.metadata.id,
+            response.metadata.op_code,
+            ResponseCode::ServFail,
+        );
+        return encode_or_fail(&failure);
+    }
     bytes
 }
 
