@@ -145,17 +145,21 @@ impl Zone {
         response: &mut Message,
         rng: &mut impl Rng,
     ) {
-        let mut records: Vec<Record> = providers
-            .iter()
-            .map(|provider| {
-                let srv = SRV::new(1, 1, provider.port, provider.target.clone());
-                Record::from_rdata(owner.clone(), self.config.ttl, RData::SRV(srv))
+        let with_port = || providers.iter().filter(|provider| provider.port.is_some());
+        let mut records: Vec<Record> = with_port()
+            .filter_map(|provider| {
+                let srv = SRV::new(1, 1, provider.port?, provider.target.clone());
+                Some(Record::from_rdata(
+                    owner.clone(),
+                    self.config.ttl,
+                    RData::SRV(srv),
+                ))
             })
             .collect();
         records.shuffle(rng);
         response.add_answers(records);
         let mut seen = BTreeSet::new();
-        for provider in providers {
+        for provider in with_port() {
             let Some(ip) = provider.ip else { continue };
             if seen.insert(&provider.target) {
                 response.add_additionals(self.address(&provider.target, ip, RecordType::ANY));

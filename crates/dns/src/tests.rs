@@ -93,6 +93,20 @@ fn cluster() -> Zone {
         ),
         alive("plain", "10.0.0.9", &[]),
         alive(
+            "named",
+            "10.0.0.11",
+            &[("role", "web"), ("health", "passing")],
+        ),
+        alive(
+            "broken",
+            "10.0.0.12",
+            &[
+                ("role", "web"),
+                ("health", "passing"),
+                ("service", "no-port"),
+            ],
+        ),
+        alive(
             "down",
             "10.0.0.10",
             &[("role", "80"), ("health", "critical")],
@@ -295,6 +309,14 @@ fn srv_port_comes_from_service_then_role_then_ports() {
     );
     // Only the in-zone target has an address here.
     assert_eq!(ips(&response.additionals), set(&["fd00::7"]));
+}
+
+#[test]
+fn a_role_without_a_port_has_addresses_and_no_srv() {
+    let zone = cluster();
+    let response = ask(&zone, "web.role.serf.", RecordType::A);
+    assert_eq!(ips(&response.answers), set(&["10.0.0.11"]));
+    assert_nodata(&ask(&zone, "_web._tcp.serf.", RecordType::SRV));
 }
 
 #[test]

@@ -47,8 +47,8 @@ pub(crate) struct Provider {
     pub(crate) target: Name,
     /// The address the target resolves to in this zone, when it does.
     pub(crate) ip: Option<IpAddr>,
-    /// The port to dial.
-    pub(crate) port: u16,
+    /// The port to dial (SRV), when the member advertises one.
+    pub(crate) port: Option<u16>,
 }
 
 /// What the zone knows: healthy providers per role and the address of every alive member.
@@ -108,32 +108,35 @@ impl Zone {
 }
 
 /// Where `member` is dialled, as an SRV target whose address record is ours when we can give
-/// one. `None` when it advertises no usable port or its `service` host is no DNS name.
+/// one. `None` when its `service` tag is unusable (no port, or a host that is no DNS name).
 fn provider(domain: &Name, member: &Member) -> Option<Provider> {
-    match targets::dial_address(member.addr, &member.tags)? {
-        Dial::Addr(addr) => {
-            let ip = addr.ip();
-            let by_node = (ip == member.addr)
-                .then(|| names::node(&member.name, domain))
-                .flatten();
-            let target = match by_node {
-                Some(target) => target,
-                None => names::addr(ip, domain),
-            };
-            Some(Provider {
-                target,
-                ip: Some(ip),
-                port: addr.port(),
-            })
-        }
-        Dial::Host(host, port) => {
+    let in_zone = |ip: IpAddr| {
+        let by_node = (ip == member.addr)
+            .then(|| names::node(&member.name, domain))
+            .flatten();
+        by_node.unwrap_or_else(|| names::addr(ip, domain))
+    };
+    match targets::dial_address(member.addr, &member.tags) {
+        Some(Dial::Addr(addr)) => Some(Provider {
+            target: in_zone(addr.ip()),
+            ip: Some(addr.ip()),
+            port: Some(addr.port()),
+        }),
+        Some(Dial::Host(host, port)) => {
             let mut target = Name::from_ascii(&host).ok()?;
             target.set_fqdn(true);
             Some(Provider {
                 target,
                 ip: None,
-                port,
+                port: Some(port),
             })
         }
+        // A role that is no port and no `ports` tag: an address without a port.
+        None if !member.tags.contains_key(registrar::tags::SERVICE) => Some(Provider {
+            target: in_zone(member.addr),
+            ip: Some(member.addr),
+            port: None,
+        }),
+        None => None,
     }
 }

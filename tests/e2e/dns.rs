@@ -1,0 +1,305 @@
+//! `--dns-addr`: the member's DNS interface, asked by the real `dig` (Debian's
+//! `bind9-dnsutils`) about real `amb-serf agent` and `run` members on loopback.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use testkit::{eventually, free_port, loopback, require, time_until, Child, DEADLINE};
+
+use crate::support::{self, Ambassador};
+
+/// A running `amb-serf agent`, killed on drop; its log is printed when a test fails.
+struct Agent {
+    child: Child,
+    name: String,
+    gossip: SocketAddr,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// `amb-serf agent --node NAME` gossiping on `ip`, RPC on a port of its own, with `extra`
+    /// flags (tags, `--join`, `--dns-addr`).
+    fn start(name: &str, ip: Ipv4Addr, extra: &[&str]) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let log = std::env::temp_dir().join(format!(
+            "amb-serf-dns-{}-{}.log",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let gossip = SocketAddr::from((ip, free_port(ip)));
+        let rpc = SocketAddr::from((loopback(1), free_port(loopback(1))));
+        let (gossip_text, rpc_text) = (gossip.to_string(), rpc.to_string());
+        let mut args = vec![
+            "agent",
+            "--node",
+            name,
+            "--bind",
+            &gossip_text,
+            "--rpc-addr",
+            &rpc_text,
+        ];
+        args.extend_from_slice(extra);
+        let child = Child::spawn(
+            &format!("amb-serf agent {name}"),
+            &mut support::command(&[], &args),
+            Some(&log),
+        );
+        Self {
+            child,
+            name: name.to_owned(),
+            gossip,
+            log,
+        }
+    }
+
+    /// A provider of `role` joining `seed`, with `tags` beside it.
+    fn provider(name: &str, ip: Ipv4Addr, seed: &Self, tags: &[&str]) -> Self {
+        let join = seed.gossip.to_string();
+        let mut extra = vec!["--join", &join];
+        for tag in tags {
+            extra.extend(["--tag", tag]);
+        }
+        Self::start(name, ip, &extra)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- amb-serf agent {} log ---\n{}", self.name, self.log());
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// An agent answering DNS on a port of its own; returns it and that address.
+fn dns_seed(name: &str) -> (Agent, SocketAddr) {
+    let dns = SocketAddr::from((loopback(1), free_port(loopback(1))));
+    let agent = Agent::start(name, loopback(1), &["--dns-addr", &dns.to_string()]);
+    let node = format!("{name}.node.serf");
+    eventually(DEADLINE, "the DNS interface answers", || {
+        (short(dns, &[&node]) == set(&["127.0.0.1"])).then_some(())
+    });
+    (agent, dns)
+}
+
+/// `dig @SERVER -p PORT ARGS…`, one try of 2 s, its whole output.
+fn dig(server: SocketAddr, args: &[&str]) -> String {
+    let mut command = Command::new(require("dig"));
+    command
+        .arg(format!("@{}", server.ip()))
+        .args(["-p", &server.port().to_string(), "+time=2", "+tries=1"])
+        .args(args);
+    let output = testkit::run_with_timeout(&mut command, Duration::from_secs(30));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The `+short` answer lines as a set (their order is random).
+fn short(server: SocketAddr, args: &[&str]) -> BTreeSet<String> {
+    let mut args = args.to_vec();
+    args.push("+short");
+    dig(server, &args)
+        .lines()
+        .filter(|line| !line.is_empty() && !line.starts_with(';'))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn set(lines: &[&str]) -> BTreeSet<String> {
+    lines.iter().map(|line| (*line).to_owned()).collect()
+}
+
+/// The status in dig's header line (`NOERROR`, `NXDOMAIN`, …).
+fn status(output: &str) -> &str {
+    output
+        .split("status: ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or_else(|| panic!("no status in dig's output:\n{output}"))
+}
+
+/// The count dig prints for a section (`ANSWER: 2`).
+fn count(output: &str, section: &str) -> usize {
+    output
+        .split(&format!("{section}: "))
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|digits| digits.parse().ok())
+        .unwrap_or_else(|| panic!("no {section} count in dig's output:\n{output}"))
+}
+
+#[test]
+fn roles_nodes_and_negative_answers() {
+    let (seed, dns) = dns_seed("dns-seed-1");
+    let passing = ["role=3306", "health=passing"];
+    let _a = Agent::provider("db-a", loopback(2), &seed, &passing);
+    let b = Agent::provider("db-b", loopback(3), &seed, &passing);
+    let _c = Agent::provider(
+        "db-c",
+        loopback(4),
+        &seed,
+        &["role=3306", "health=critical"],
+    );
+    // Role A: the alive, passing providers only.
+    eventually(DEADLINE, "both passing providers in 3306.role.serf", || {
+        (short(dns, &["3306.role.serf", "A"]) == set(&["127.0.0.2", "127.0.0.3"])).then_some(())
+    });
+    eventually(DEADLINE, "db-c known", || {
+        (short(dns, &["db-c.node.serf"]) == set(&["127.0.0.4"])).then_some(())
+    });
+    // The same over TCP.
+    assert_eq!(
+        short(dns, &["+tcp", "3306.role.serf", "A"]),
+        set(&["127.0.0.2", "127.0.0.3"])
+    );
+
+    // SRV by both names, targets in the zone, their addresses in the additional section.
+    let services = set(&["1 1 3306 db-a.node.serf.", "1 1 3306 db-b.node.serf."]);
+    assert_eq!(short(dns, &["_3306._tcp.serf", "SRV"]), services);
+    assert_eq!(short(dns, &["3306.role.serf", "SRV"]), services);
+    let additional = dig(dns, &["_3306._tcp.serf", "SRV", "+noall", "+additional"]);
+    assert!(
+        additional.contains("db-a.node.serf.\t\t0\tIN\tA\t127.0.0.2")
+            && additional.contains("db-b.node.serf.\t\t0\tIN\tA\t127.0.0.3"),
+        "{additional}"
+    );
+
+    // Negative answers.
+    let nxdomain = dig(dns, &["nobody.node.serf", "A"]);
+    assert_eq!(status(&nxdomain), "NXDOMAIN", "{nxdomain}");
+    assert!(
+        nxdomain.contains("IN\tSOA\tns.serf. hostmaster.serf."),
+        "{nxdomain}"
+    );
+    assert_eq!(status(&dig(dns, &["www.serf", "A"])), "NXDOMAIN");
+    let nodata = dig(dns, &["6379.role.serf", "A"]);
+    assert_eq!(status(&nodata), "NOERROR", "{nodata}");
+    assert_eq!(count(&nodata, "ANSWER"), 0, "{nodata}");
+    assert_eq!(count(&nodata, "AUTHORITY"), 1, "{nodata}");
+    assert!(nodata.contains("IN\tSOA"), "{nodata}");
+    assert!(nodata.contains(" aa"), "authoritative: {nodata}");
+    let ipv6 = dig(dns, &["3306.role.serf", "AAAA"]);
+    assert_eq!((status(&ipv6), count(&ipv6, "ANSWER")), ("NOERROR", 0));
+    let refused = dig(dns, &["example.com", "A"]);
+    assert_eq!(status(&refused), "REFUSED", "{refused}");
+    assert_eq!(count(&refused, "ANSWER"), 0);
+    // EDNS0 is answered with our payload size.
+    assert!(dig(dns, &["3306.role.serf"]).contains("udp: 1232"));
+
+    // A member that leaves is gone from the answer at once.
+    b.child.signal(libc::SIGTERM);
+    let took = time_until(
+        Duration::from_secs(10),
+        "db-b gone from 3306.role.serf",
+        || short(dns, &["3306.role.serf", "A"]) == set(&["127.0.0.2"]),
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "db-b left, still answered for {took:?}"
+    );
+    assert_eq!(status(&dig(dns, &["db-b.node.serf"])), "NXDOMAIN");
+}
+
+#[test]
+fn large_answers_are_truncated_over_udp_and_complete_over_tcp() {
+    let (seed, dns) = dns_seed("dns-seed-2");
+    // Long node names make long SRV targets: four of them do not fit in 512 bytes.
+    let names: Vec<String> = (0..4)
+        .map(|index| {
+            let label = "x".repeat(50);
+            format!("web-{index}.{label}.{label}")
+        })
+        .collect();
+    let _providers: Vec<Agent> = names
+        .iter()
+        .map(|name| Agent::provider(name, loopback(1), &seed, &["role=8080", "health=passing"]))
+        .collect();
+    eventually(DEADLINE, "four providers of 8080 over TCP", || {
+        (short(dns, &["+tcp", "_8080._tcp.serf", "SRV"]).len() == 4).then_some(())
+    });
+    // Without EDNS0 (512 bytes), no retry: TC and no answer.
+    let truncated = dig(dns, &["+noedns", "+ignore", "_8080._tcp.serf", "SRV"]);
+    assert!(truncated.contains(" tc"), "{truncated}");
+    assert_eq!(count(&truncated, "ANSWER"), 0, "{truncated}");
+    // dig's default: it retries over TCP and gets everything.
+    let retried = dig(dns, &["+noedns", "_8080._tcp.serf", "SRV"]);
+    assert!(retried.contains("retrying in TCP mode"), "{retried}");
+    assert_eq!(count(&retried, "ANSWER"), 4, "{retried}");
+    assert!(retried.contains("(TCP)"), "{retried}");
+}
+
+#[test]
+fn a_critical_backend_disappears_within_the_health_interval() {
+    let backend = TcpListener::bind((loopback(1), 0)).unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    let dns = SocketAddr::from((loopback(1), free_port(loopback(1))));
+    let listen_port = free_port(loopback(1));
+    let forward = format!("{listen_port}={backend_addr}");
+    let dns_text = dns.to_string();
+    let _ambassador = Ambassador::start(
+        &[],
+        &[
+            "--forward",
+            &forward,
+            "--role",
+            "web",
+            "--node",
+            "web-dns",
+            "--health-interval",
+            "1s",
+            "--dns-addr",
+            &dns_text,
+        ],
+    );
+    eventually(DEADLINE, "web.role.serf answered", || {
+        (short(dns, &["web.role.serf"]) == set(&["127.0.0.1"])).then_some(())
+    });
+    // The port dialled is the forwarded one (the role is a name).
+    assert_eq!(
+        short(dns, &["_web._tcp.serf", "SRV"]),
+        set(&[&format!("1 1 {listen_port} web-dns.node.serf.")])
+    );
+    drop(backend);
+    let took = time_until(
+        Duration::from_secs(20),
+        "web gone from web.role.serf",
+        || short(dns, &["web.role.serf"]).is_empty(),
+    );
+    assert!(
+        took < Duration::from_secs(4),
+        "critical for {took:?} and still answered"
+    );
+    let nodata = dig(dns, &["web.role.serf"]);
+    assert_eq!((status(&nodata), count(&nodata, "ANSWER")), ("NOERROR", 0));
+    // The member itself is still there.
+    assert_eq!(short(dns, &["web-dns.node.serf"]), set(&["127.0.0.1"]));
+}
+
+#[test]
+fn bad_flags_are_usage_errors() {
+    let output = support::run_to_exit(
+        &[],
+        &[
+            "agent",
+            "--bind",
+            "127.0.0.1:0",
+            "--rpc-addr",
+            "127.0.0.1:0",
+            "--dns-addr",
+            "127.0.0.1:0",
+            "--dns-domain",
+            ".",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--dns-domain"), "{stderr}");
+}
