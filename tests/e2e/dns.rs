@@ -303,3 +303,94 @@ fn bad_flags_are_usage_errors() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--dns-domain"), "{stderr}");
 }
+
+/// `/etc/netns/<namespace>/resolv.conf`, which `ip netns exec` mounts over `/etc/resolv.conf`
+/// for what runs in that namespace; removed on drop.
+struct NetnsResolvConf {
+    dir: PathBuf,
+}
+
+impl NetnsResolvConf {
+    fn write(netns: &str, text: &str) -> Self {
+        let dir = PathBuf::from("/etc/netns").join(netns);
+        std::fs::create_dir_all(&dir).expect("creating /etc/netns/<namespace>");
+        let guard = Self { dir };
+        std::fs::write(guard.dir.join("resolv.conf"), text).expect("writing resolv.conf");
+        guard
+    }
+}
+
+impl Drop for NetnsResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `getent hosts NAME` in `host`: glibc's stub resolver, reading the namespace's resolv.conf.
+fn getent(host: &testkit::netns::Host, name: &str) -> (Option<i32>, String) {
+    let output = testkit::run_with_timeout(
+        host.command("getent").args(["hosts", name]),
+        Duration::from_secs(30),
+    );
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn the_system_resolver_finds_a_role() {
+    let Some(net) = testkit::netns::Net::for_test(1) else {
+        return;
+    };
+    let host = net.host(0);
+    // glibc takes no port in resolv.conf: the member answers on 53 in a namespace of its own.
+    let _resolv_conf = NetnsResolvConf::write(
+        &host.netns,
+        "nameserver 127.0.0.1\noptions timeout:1 attempts:2\n",
+    );
+    let bind = format!("{}:7946", host.ip);
+    let log = std::env::temp_dir().join(format!("amb-serf-dns-glibc-{}.log", std::process::id()));
+    let mut command = host.command(support::binary());
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .args([
+            "agent",
+            "--node",
+            "glibc-db",
+            "--bind",
+            &bind,
+            "--rpc-addr",
+            "127.0.0.1:7373",
+            "--tag",
+            "role=3306",
+            "--tag",
+            "health=passing",
+            "--dns-addr",
+            "127.0.0.1:53",
+        ]);
+    let _agent = Child::spawn("amb-serf agent glibc-db", &mut command, Some(&log));
+    let expected = host.ip.to_string();
+    let found = std::panic::catch_unwind(|| {
+        eventually(DEADLINE, "getent hosts 3306.role.serf", || {
+            let (code, stdout) = getent(host, "3306.role.serf");
+            (code == Some(0)).then_some(stdout)
+        })
+    });
+    let found = found.unwrap_or_else(|panic| {
+        eprintln!(
+            "--- amb-serf agent glibc-db log ---\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::panic::resume_unwind(panic)
+    });
+    assert!(found.starts_with(&format!("{expected} ")), "{found}");
+    let (code, node) = getent(host, "glibc-db.node.serf");
+    assert_eq!(code, Some(0));
+    assert!(node.starts_with(&format!("{expected} ")), "{node}");
+    // Not found: getent's exit status 2.
+    assert_eq!(getent(host, "nobody.node.serf").0, Some(2));
+    assert_eq!(getent(host, "6379.role.serf").0, Some(2));
+    let _ = std::fs::remove_file(&log);
+}
