@@ -14,10 +14,10 @@ use testkit::{
 use crate::support::{self, stdout_lines, wait_for_line};
 
 /// A running `amb-serf agent`, killed on drop; its log is printed when a test fails.
-struct AmbAgent {
-    child: Child,
+pub(crate) struct AmbAgent {
+    pub(crate) child: Child,
     name: String,
-    bind: SocketAddr,
+    pub(crate) bind: SocketAddr,
     rpc: SocketAddr,
     log: PathBuf,
 }
@@ -27,7 +27,7 @@ impl AmbAgent {
     /// taken by a process outside this suite between the check and the agent's bind (seen once
     /// in a full run, not reproduced since): then the agent exits naming it, the holders are
     /// printed, and it starts again on other ports.
-    fn start(name: &str, ip: std::net::Ipv4Addr, extra: &[&str]) -> Self {
+    pub(crate) fn start(name: &str, ip: std::net::Ipv4Addr, extra: &[&str]) -> Self {
         const ATTEMPTS: usize = 3;
         for attempt in 1..=ATTEMPTS {
             match Self::try_start(name, ip, extra) {

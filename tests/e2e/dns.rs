@@ -5,79 +5,21 @@ use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use testkit::{eventually, free_port, loopback, require, time_until, Child, DEADLINE};
 
+use crate::agent::AmbAgent as Agent;
 use crate::support::{self, Ambassador};
 
-/// A running `amb-serf agent`, killed on drop; its log is printed when a test fails.
-struct Agent {
-    child: Child,
-    name: String,
-    gossip: SocketAddr,
-    log: PathBuf,
-}
-
-impl Agent {
-    /// `amb-serf agent --node NAME` gossiping on `ip`, RPC on a port of its own, with `extra`
-    /// flags (tags, `--join`, `--dns-addr`).
-    fn start(name: &str, ip: Ipv4Addr, extra: &[&str]) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let log = std::env::temp_dir().join(format!(
-            "amb-serf-dns-{}-{}.log",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let gossip = SocketAddr::from((ip, free_port(ip)));
-        let rpc = SocketAddr::from((loopback(1), free_port(loopback(1))));
-        let (gossip_text, rpc_text) = (gossip.to_string(), rpc.to_string());
-        let mut args = vec![
-            "agent",
-            "--node",
-            name,
-            "--bind",
-            &gossip_text,
-            "--rpc-addr",
-            &rpc_text,
-        ];
-        args.extend_from_slice(extra);
-        let child = Child::spawn(
-            &format!("amb-serf agent {name}"),
-            &mut support::command(&[], &args),
-            Some(&log),
-        );
-        Self {
-            child,
-            name: name.to_owned(),
-            gossip,
-            log,
-        }
+/// A provider joining `seed`, with `tags`.
+fn provider(name: &str, ip: Ipv4Addr, seed: &Agent, tags: &[&str]) -> Agent {
+    let join = seed.bind.to_string();
+    let mut extra = vec!["--join", &join];
+    for tag in tags {
+        extra.extend(["--tag", tag]);
     }
-
-    /// A provider of `role` joining `seed`, with `tags` beside it.
-    fn provider(name: &str, ip: Ipv4Addr, seed: &Self, tags: &[&str]) -> Self {
-        let join = seed.gossip.to_string();
-        let mut extra = vec!["--join", &join];
-        for tag in tags {
-            extra.extend(["--tag", tag]);
-        }
-        Self::start(name, ip, &extra)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- amb-serf agent {} log ---\n{}", self.name, self.log());
-        }
-        let _ = std::fs::remove_file(&self.log);
-    }
+    Agent::start(name, ip, &extra)
 }
 
 /// An agent answering DNS on a port of its own; returns it and that address.
@@ -140,9 +82,9 @@ fn count(output: &str, section: &str) -> usize {
 fn roles_nodes_and_negative_answers() {
     let (seed, dns) = dns_seed("dns-seed-1");
     let passing = ["role=3306", "health=passing"];
-    let _a = Agent::provider("db-a", loopback(2), &seed, &passing);
-    let b = Agent::provider("db-b", loopback(3), &seed, &passing);
-    let _c = Agent::provider(
+    let _a = provider("db-a", loopback(2), &seed, &passing);
+    let b = provider("db-b", loopback(3), &seed, &passing);
+    let _c = provider(
         "db-c",
         loopback(4),
         &seed,
@@ -220,7 +162,7 @@ fn large_answers_are_truncated_over_udp_and_complete_over_tcp() {
         .collect();
     let _providers: Vec<Agent> = names
         .iter()
-        .map(|name| Agent::provider(name, loopback(1), &seed, &["role=8080", "health=passing"]))
+        .map(|name| provider(name, loopback(1), &seed, &["role=8080", "health=passing"]))
         .collect();
     eventually(DEADLINE, "four providers of 8080 over TCP", || {
         (short(dns, &["+tcp", "_8080._tcp.serf", "SRV"]).len() == 4).then_some(())
