@@ -201,8 +201,12 @@ async fn serve_tcp(
 ) {
     let clients = Arc::new(Semaphore::new(MAX_TCP_CLIENTS));
     loop {
-        let Ok(permit) = Arc::clone(&clients).acquire_owned().await else {
-            return;
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => return,
+            permit = Arc::clone(&clients).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
         };
         let (stream, from) = tokio::select! {
             () = shutdown.cancelled() => return,
