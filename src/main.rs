@@ -21,6 +21,7 @@ mod health;
 mod logs;
 mod member;
 mod metrics;
+mod nameserver;
 mod registry;
 mod reload;
 
@@ -66,7 +67,7 @@ enum Command {
     /// Exit 0 if a running amb-serf's /healthz answers 200 (for Docker's HEALTHCHECK).
     Health(cmd::health::Args),
     /// Serve roles advertised in the cluster on local ports, following membership live.
-    Connect(cmd::connect::Args),
+    Connect(Box<cmd::connect::Args>),
     /// Send a custom event through the Serf cluster (`serf event`).
     Event(cmd::event::Args),
     /// Send a query to the Serf cluster (`serf query`).
@@ -354,7 +355,7 @@ fn main() -> ExitCode {
             Command::Resolve(args) => cmd::resolve::run(args).await,
             Command::Agent(args) => cmd::agent::run(args, cli.log_level.as_deref()).await,
             Command::Health(args) => cmd::health::run(args).await,
-            Command::Connect(args) => cmd::connect::run(args).await,
+            Command::Connect(args) => cmd::connect::run(*args).await,
             Command::Event(args) => cmd::event::run(args).await,
             Command::Query(args) => cmd::query::run(args).await,
             Command::Join(args) => cmd::membership::join(args).await,

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config_file::ConfigArgs;
 use crate::member::{self, Member, MemberArgs};
 use crate::metrics;
+use crate::nameserver;
 
 /// How long a leave may take before we exit anyway (Serf's broadcast timeout plus the
 /// propagation delay, with room to spare).
@@ -33,6 +34,9 @@ pub(crate) struct Args {
     /// image's HEALTHCHECK and Kubernetes probes; off by default.
     #[arg(long, env = "AMB_METRICS_ADDR", value_name = "HOST:PORT")]
     metrics_addr: Option<SocketAddr>,
+
+    #[command(flatten)]
+    dns: nameserver::DnsArgs,
 }
 
 /// What the flags and the config files ask for; computed at start and on every SIGHUP.
@@ -66,6 +70,7 @@ pub(crate) async fn run(args: Args, log_flag: Option<&str>) -> anyhow::Result<()
     let seeds = args.member.gossip.seeds(crate::environment::vars())?;
     let metrics_listener = metrics::bind(args.metrics_addr).await?;
     let mut reloads = crate::reload::subscribe();
+    let dns = args.dns.bind().await?;
     let member = member::start(&start.member, start.tags, seeds, member::Extras::default()).await?;
     // An agent forwards nothing and has no backend: ready while it runs, until it leaves.
     let (lifecycle_tx, lifecycle) = watch::channel(metrics::Lifecycle::Running);
@@ -78,6 +83,9 @@ pub(crate) async fn run(args: Args, log_flag: Option<&str>) -> anyhow::Result<()
             members: metrics::statuses_of(Some(member.clone())),
         });
         tokio::spawn(metrics::serve(listener, observed, metrics_stop.clone()));
+    }
+    if let Some(dns) = dns {
+        nameserver::spawn(dns, member.clone(), metrics_stop.clone());
     }
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let stop_from_rpc = loop {

@@ -82,6 +82,10 @@ pub(crate) struct Args {
     /// unless given).
     #[arg(long, env = "AMB_METRICS_ADDR", value_name = "HOST:PORT")]
     metrics_addr: Option<SocketAddr>,
+
+    /// The DNS interface, answered from the cluster's membership.
+    #[command(flatten)]
+    dns: crate::nameserver::DnsArgs,
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
@@ -122,6 +126,10 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let bound = consumer.bind(&mut proxy, &specs, args.consume.policy())?;
     let stats = proxy.stats();
     let metrics_listener = metrics::bind(args.metrics_addr).await?;
+    if !matches!(registry, Registry::Serf) {
+        args.dns.refuse_without_serf()?;
+    }
+    let dns = args.dns.bind().await?;
 
     // With etcd there is no member: providers come from the watch of the prefix.
     let member = match &registry {
@@ -152,6 +160,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             source
         }
         (Registry::Serf, Some(member)) => {
+            if let Some(dns) = dns {
+                crate::nameserver::spawn(dns, member.clone(), shutdown.clone());
+            }
             tokio::spawn(consumer.follow(member.clone(), shutdown.clone()));
             "serf events".to_owned()
         }

@@ -135,6 +135,10 @@ pub(crate) struct Args {
     #[arg(long, env = "AMB_METRICS_ADDR", value_name = "HOST:PORT")]
     metrics_addr: Option<SocketAddr>,
 
+    /// The DNS interface, answered from the cluster's membership.
+    #[command(flatten)]
+    dns: crate::nameserver::DnsArgs,
+
     /// The Serf member: name, gossip address, where to join, tags, RPC, event handlers.
     #[command(flatten)]
     member: MemberArgs,
@@ -247,6 +251,10 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     };
     let stats = proxy.stats();
     let metrics_listener = metrics::bind(args.metrics_addr).await?;
+    if !matches!(registry, Registry::Serf) {
+        args.dns.refuse_without_serf()?;
+    }
+    let dns = args.dns.bind().await?;
     print_summary(&proxy, &specs);
     if let Some((_, bound)) = &consumer {
         for (spec, addr) in bound {
@@ -326,6 +334,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             }
             (Registry::Serf, _) => unreachable!("a Serf registry always starts a member"),
         }
+    }
+    if let (Some(dns), Advertiser::Serf(member)) = (dns, &advertiser) {
+        crate::nameserver::spawn(dns, member.clone(), shutdown.clone());
     }
     lifecycle_tx.send_replace(metrics::Lifecycle::Running);
     info!(

@@ -3,6 +3,7 @@
 mod agent;
 mod ambassador;
 mod connect;
+mod dns;
 mod docker;
 mod encryption;
 mod environment;
