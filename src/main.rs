@@ -12,6 +12,7 @@ mod address;
 mod advertisement;
 mod cmd;
 mod consumer;
+mod dataplane;
 mod duration;
 mod environment;
 mod event_handler;

@@ -61,6 +61,8 @@ pub use tokio_util::task::TaskTracker;
 mod copy;
 pub mod dial;
 pub mod health;
+#[cfg(target_os = "linux")]
+pub mod kernel;
 pub mod link_env;
 #[cfg(target_os = "linux")]
 mod rate_limit;

@@ -1,0 +1,233 @@
+//! `--dataplane`: which data path carries `run`'s forwards, and the driver of the kernel one
+//! (`proxy::kernel`): install the table, follow health and re-resolved names, close and remove
+//! it on shutdown.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use proxy::kernel::{self, Options, Rights, Rule, Ruleset};
+use proxy::link_env::{ForwardSpec, Host};
+use registrar::tags::Health;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::cmd::UsageError;
+
+/// How often targets given by name are looked up again (a target that changes IP is followed).
+const RESOLVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Which data path forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Mode {
+    /// Every forward through the process (splice, counters, drain).
+    Userspace,
+    /// nftables DNAT in this network namespace; needs CAP_NET_ADMIN and IPv4 forwarding.
+    Kernel,
+    /// kernel when the process may, else userspace.
+    Auto,
+}
+
+/// The `--dataplane` flag.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct DataplaneArgs {
+    /// userspace, kernel (nftables NAT in this network namespace: needs --cap-add NET_ADMIN
+    /// and --sysctl net.ipv4.ip_forward=1; exits 2 without them) or auto (kernel when
+    /// allowed, else userspace; the choice is logged at start).
+    #[arg(long, env = "AMB_DATAPLANE", value_enum, default_value_t = Mode::Auto, value_name = "MODE")]
+    pub(crate) dataplane: Mode,
+}
+
+/// The running kernel path: its table and the task that keeps it current.
+pub(crate) struct KernelPath {
+    table: String,
+    stop: CancellationToken,
+    /// Ends with the rules last applied.
+    task: JoinHandle<Vec<Rule>>,
+}
+
+/// Chooses the data path and, for the kernel one, installs the table. `Ok(None)`: user space
+/// carries everything. An error is a [`UsageError`] (`kernel` without the rights) or, under
+/// `kernel`, a table the kernel refused.
+pub(crate) async fn start(
+    mode: Mode,
+    instance: &str,
+    bound: Vec<(ForwardSpec, SocketAddr)>,
+    health: watch::Receiver<Health>,
+) -> anyhow::Result<Option<KernelPath>> {
+    let table = kernel::table_name(instance);
+    let rights = match mode {
+        Mode::Userspace => Rights {
+            net_admin: false,
+            forwarding: false,
+        },
+        Mode::Kernel | Mode::Auto => Rights::check(),
+    };
+    let user_space = |why: &str| {
+        info!(dataplane = "userspace", "data path: user space ({why})");
+        // A table left by a crashed run under our name would steal our clients.
+        if rights.net_admin {
+            let _ = kernel::remove(&table);
+        }
+        Ok(None)
+    };
+    match mode {
+        Mode::Userspace => return user_space("--dataplane userspace"),
+        Mode::Kernel if !rights.sufficient() => {
+            return Err(UsageError(format!("--dataplane kernel: {rights}")).into())
+        }
+        Mode::Auto if !rights.sufficient() => return user_space(&rights.to_string()),
+        Mode::Kernel | Mode::Auto => {}
+    }
+    let names = resolve_names(&bound).await;
+    let (rules, skipped) = kernel::plan(&bound, |name| names.get(name).copied());
+    for skip in &skipped {
+        warn!(forward = %skip.forward, reason = %skip.reason, "forward stays in user space");
+    }
+    if rules.is_empty() {
+        return user_space("no forward the kernel can carry");
+    }
+    let route_localnet = kernel::route_localnet();
+    let ruleset = ruleset(&table, &rules, *health.borrow(), route_localnet);
+    match apply(ruleset.clone()).await {
+        Ok(()) => {}
+        Err(error) if mode == Mode::Auto => {
+            warn!(
+                dataplane = "userspace",
+                %error,
+                "data path: user space (the kernel refused the nftables table)"
+            );
+            return Ok(None);
+        }
+        Err(error) => return Err(anyhow::Error::new(error).context("--dataplane kernel")),
+    }
+    info!(
+        dataplane = "kernel",
+        %table,
+        forwards = rules.len(),
+        route_localnet,
+        "data path: kernel (nftables NAT; the user-space listeners catch what it does not take)"
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(follow(
+        bound,
+        (rules, ruleset),
+        route_localnet,
+        health,
+        stop.clone(),
+    ));
+    Ok(Some(KernelPath { table, stop, task }))
+}
+
+impl KernelPath {
+    /// No new connection through the kernel from now on (the user-space listeners close at
+    /// the same time); connections in flight continue on their conntrack entries.
+    pub(crate) async fn stop_new(&mut self) {
+        self.stop.cancel();
+        if let Ok(rules) = (&mut self.task).await {
+            // Only the source NAT stays, for the connections in flight.
+            let closed = ruleset(&self.table, &rules, Health::Critical, false);
+            if let Err(error) = apply(closed).await {
+                warn!(%error, "could not close the kernel path to new connections");
+            }
+        }
+    }
+
+    /// Deletes the table (after the drain: connections in flight need its NAT hooks).
+    pub(crate) async fn remove(self) {
+        let table = self.table.clone();
+        match tokio::task::spawn_blocking(move || kernel::remove(&table)).await {
+            Ok(Ok(())) => info!(table = %self.table, "removed the nftables table"),
+            Ok(Err(error)) => warn!(%error, "could not remove the nftables table"),
+            Err(error) => warn!(%error, "removing the nftables table panicked"),
+        }
+    }
+}
+
+/// Keeps the table current: DNAT only while the backend passes, names re-resolved. Returns
+/// the rules last applied.
+async fn follow(
+    bound: Vec<(ForwardSpec, SocketAddr)>,
+    (mut applied, mut current): (Vec<Rule>, Ruleset),
+    route_localnet: bool,
+    mut health: watch::Receiver<Health>,
+    stop: CancellationToken,
+) -> Vec<Rule> {
+    let has_names = bound
+        .iter()
+        .any(|(spec, _)| matches!(spec.target.host, Host::Name(_)));
+    let mut resolve = tokio::time::interval(RESOLVE_INTERVAL);
+    resolve.tick().await;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return applied,
+            changed = health.changed() => if changed.is_err() { return applied },
+            _ = resolve.tick(), if has_names => {}
+        }
+        let names = resolve_names(&bound).await;
+        let (rules, _) = kernel::plan(&bound, |name| names.get(name).copied());
+        let wanted = ruleset(&current.table, &rules, *health.borrow(), route_localnet);
+        if wanted == current {
+            continue;
+        }
+        match apply(wanted.clone()).await {
+            Ok(()) => {
+                info!(
+                    table = %current.table,
+                    passing = *health.borrow() == Health::Passing,
+                    rules = rules.len(),
+                    "updated the nftables table"
+                );
+                current = wanted;
+                applied = rules;
+            }
+            Err(error) => warn!(%error, "could not update the nftables table"),
+        }
+    }
+}
+
+fn ruleset(table: &str, rules: &[Rule], health: Health, route_localnet: bool) -> Ruleset {
+    let options = Options {
+        passing: health == Health::Passing,
+        route_localnet,
+    };
+    Ruleset::build(table, rules, options)
+}
+
+async fn apply(ruleset: Ruleset) -> Result<(), kernel::Error> {
+    tokio::task::spawn_blocking(move || kernel::apply(&ruleset))
+        .await
+        .unwrap_or_else(|panic| {
+            Err(kernel::Error {
+                step: "applying the nftables table".into(),
+                source: std::io::Error::other(panic.to_string()),
+            })
+        })
+}
+
+/// The first IPv4 address of each target given by name (none: left out).
+async fn resolve_names(bound: &[(ForwardSpec, SocketAddr)]) -> HashMap<String, Ipv4Addr> {
+    let mut names = HashMap::new();
+    for (spec, _) in bound {
+        if let Host::Name(name) = &spec.target.host {
+            if names.contains_key(name) {
+                continue;
+            }
+            let found = tokio::net::lookup_host((name.as_str(), spec.target.port))
+                .await
+                .ok()
+                .and_then(|mut addrs| {
+                    addrs.find_map(|addr| match addr.ip() {
+                        IpAddr::V4(ip) => Some(ip),
+                        IpAddr::V6(_) => None,
+                    })
+                });
+            if let Some(ip) = found {
+                names.insert(name.clone(), ip);
+            }
+        }
+    }
+    names
+}
