@@ -377,3 +377,24 @@ fn auto_without_net_admin_serves_in_user_space_and_kernel_exits_2_naming_what_is
     tcp_round_trip(client, SocketAddr::from((proxy.ip, TCP_PORT)), 256 << 10);
     assert_eq!(ruleset(proxy), before, "no rule without the capability");
 }
+
+#[test]
+fn with_route_localnet_loopback_clients_go_through_the_kernel_too() {
+    let Some(net) = Net::for_test(3) else { return };
+    let (proxy, backend) = (net.host(1), net.host(2));
+    let _tcp_echo = echo_on(backend, SocketAddr::from((backend.ip, TCP_PORT)));
+    let _udp_echo = UdpEcho::start(backend, SocketAddr::from((backend.ip, UDP_PORT)));
+    let sysctl = run_with_timeout(
+        proxy
+            .command(require("sysctl"))
+            .args(["-w", "net.ipv4.conf.all.route_localnet=1"]),
+        DEADLINE,
+    );
+    assert!(sysctl.status.success(), "{sysctl:?}");
+    let _ambassador = start_ambassador(proxy, "k4", backend, &["--dataplane", "kernel"]);
+    let table = table("k4");
+    tcp_round_trip(proxy, SocketAddr::from(([127, 0, 0, 1], TCP_PORT)), 1 << 20);
+    udp_round_trips(proxy, SocketAddr::from(([127, 0, 0, 1], UDP_PORT)));
+    assert!(dnat_packets(proxy, &table, "output", "tcp dport 7000") >= Some(1));
+    assert!(dnat_packets(proxy, &table, "output", "udp dport 7001") >= Some(1));
+}
