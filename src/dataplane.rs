@@ -2,11 +2,13 @@
 //! (`proxy::kernel`): install the table, follow health and re-resolved names, close and remove
 //! it on shutdown.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use proxy::kernel::{self, Options, Rights, Rule, Ruleset};
+use proxy::kernel::{self, Count, Options, Rights, Rule, Ruleset};
 use proxy::link_env::{ForwardSpec, Host};
 use registrar::tags::Health;
 use tokio::sync::watch;
@@ -46,6 +48,119 @@ pub(crate) struct KernelPath {
     stop: CancellationToken,
     /// Ends with the rules last applied.
     task: JoinHandle<Vec<Rule>>,
+    counters: Arc<Counters>,
+}
+
+/// The table as installed, and the counts of the tables it replaced (replacing a table
+/// resets its counters), for `/metrics`.
+#[derive(Default)]
+pub(crate) struct Counters(Mutex<Installed>);
+
+#[derive(Default)]
+struct Installed {
+    current: Option<(Ruleset, Vec<Rule>)>,
+    /// (packets, bytes) per forward and count, from replaced tables.
+    carried: HashMap<(Rule, Count), (u64, u64)>,
+}
+
+impl Counters {
+    /// Replaces the table with `ruleset` (built from `rules`), carrying the old counts over.
+    /// Blocking.
+    fn replace(&self, ruleset: Ruleset, rules: Vec<Rule>) -> Result<(), kernel::Error> {
+        let mut installed = self.0.lock().unwrap_or_else(|poison| poison.into_inner());
+        let old = installed.current.as_ref().map(read).unwrap_or_default();
+        kernel::apply(&ruleset)?;
+        for (key, (packets, bytes)) in old {
+            let carried = installed.carried.entry(key).or_default();
+            carried.0 += packets;
+            carried.1 += bytes;
+        }
+        installed.current = Some((ruleset, rules));
+        Ok(())
+    }
+
+    /// Totals per forward and count since the start. Blocking (one netlink dump).
+    fn totals(&self) -> BTreeMap<(String, Count), (u64, u64)> {
+        let installed = self.0.lock().unwrap_or_else(|poison| poison.into_inner());
+        let now = installed.current.as_ref().map(read).unwrap_or_default();
+        let mut totals = BTreeMap::new();
+        for ((rule, count), (packets, bytes)) in installed.carried.iter().chain(&now) {
+            let total: &mut (u64, u64) = totals.entry((labels(rule), *count)).or_default();
+            total.0 += packets;
+            total.1 += bytes;
+        }
+        totals
+    }
+
+    /// The Prometheus lines of the kernel path's counters.
+    pub(crate) async fn render(self: Arc<Self>) -> String {
+        let totals = tokio::task::spawn_blocking(move || self.totals())
+            .await
+            .unwrap_or_default();
+        render(&totals)
+    }
+}
+
+/// The counters of an installed table, keyed by forward and count (none if unreadable).
+fn read((ruleset, rules): &(Ruleset, Vec<Rule>)) -> HashMap<(Rule, Count), (u64, u64)> {
+    let mut counts = HashMap::new();
+    for counter in kernel::counters(ruleset).unwrap_or_default() {
+        let Some(rule) = rules.get(counter.forward) else {
+            continue;
+        };
+        let total: &mut (u64, u64) = counts.entry((*rule, counter.count)).or_default();
+        total.0 += counter.packets;
+        total.1 += counter.bytes;
+    }
+    counts
+}
+
+/// A forward's Prometheus labels.
+fn labels(rule: &Rule) -> String {
+    let listen = rule.listen.unwrap_or(Ipv4Addr::UNSPECIFIED);
+    format!(
+        "protocol=\"{}\",listen=\"{listen}:{}\",target=\"{}\"",
+        rule.protocol, rule.port, rule.target
+    )
+}
+
+/// `amb_serf_kernel_*` in the Prometheus text format.
+fn render(totals: &BTreeMap<(String, Count), (u64, u64)>) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, help: &str, samples: Vec<(String, u64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    };
+    let select = |count: Count, bytes: bool, direction: Option<&str>| {
+        totals
+            .iter()
+            .filter(|((_, c), _)| *c == count)
+            .map(|((labels, _), (p, b))| {
+                let labels = match direction {
+                    Some(direction) => format!("{labels},direction=\"{direction}\""),
+                    None => labels.clone(),
+                };
+                (labels, if bytes { *b } else { *p })
+            })
+            .collect::<Vec<_>>()
+    };
+    metric(
+        "amb_serf_kernel_connections_total",
+        "Connections (UDP flows) the kernel data path DNAT-ed, per forward.",
+        select(Count::Connections, false, None),
+    );
+    for (name, help, bytes) in [
+        ("amb_serf_kernel_packets_total", "Packets", false),
+        ("amb_serf_kernel_bytes_total", "Bytes", true),
+    ] {
+        let mut samples = select(Count::ToUpstream, bytes, Some("to_upstream"));
+        samples.extend(select(Count::ToClient, bytes, Some("to_client")));
+        let help = format!("{help} the kernel data path carried, per forward and direction.");
+        metric(name, &help, samples);
+    }
+    out
 }
 
 /// Chooses the data path and, for the kernel one, installs the table. `Ok(None)`: user space
@@ -91,7 +206,8 @@ pub(crate) async fn start(
     }
     let route_localnet = kernel::route_localnet();
     let ruleset = ruleset(&table, &rules, *health.borrow(), route_localnet);
-    match apply(ruleset.clone()).await {
+    let counters = Arc::new(Counters::default());
+    match apply(&counters, ruleset.clone(), rules.clone()).await {
         Ok(()) => {}
         Err(error) if mode == Mode::Auto => {
             warn!(
@@ -117,11 +233,22 @@ pub(crate) async fn start(
         route_localnet,
         health,
         stop.clone(),
+        Arc::clone(&counters),
     ));
-    Ok(Some(KernelPath { table, stop, task }))
+    Ok(Some(KernelPath {
+        table,
+        stop,
+        task,
+        counters,
+    }))
 }
 
 impl KernelPath {
+    /// Its counters, for `/metrics`.
+    pub(crate) fn counters(&self) -> Arc<Counters> {
+        Arc::clone(&self.counters)
+    }
+
     /// No new connection through the kernel from now on (the user-space listeners close at
     /// the same time); connections in flight continue on their conntrack entries.
     pub(crate) async fn stop_new(&mut self) {
@@ -129,7 +256,7 @@ impl KernelPath {
         if let Ok(rules) = (&mut self.task).await {
             // Only the source NAT stays, for the connections in flight.
             let closed = ruleset(&self.table, &rules, Health::Critical, false);
-            if let Err(error) = apply(closed).await {
+            if let Err(error) = apply(&self.counters, closed, rules).await {
                 warn!(%error, "could not close the kernel path to new connections");
             }
         }
@@ -154,6 +281,7 @@ async fn follow(
     route_localnet: bool,
     mut health: watch::Receiver<Health>,
     stop: CancellationToken,
+    counters: Arc<Counters>,
 ) -> Vec<Rule> {
     let has_names = bound
         .iter()
@@ -172,7 +300,7 @@ async fn follow(
         if wanted == current {
             continue;
         }
-        match apply(wanted.clone()).await {
+        match apply(&counters, wanted.clone(), rules.clone()).await {
             Ok(()) => {
                 info!(
                     table = %current.table,
@@ -196,8 +324,13 @@ fn ruleset(table: &str, rules: &[Rule], health: Health, route_localnet: bool) ->
     Ruleset::build(table, rules, options)
 }
 
-async fn apply(ruleset: Ruleset) -> Result<(), kernel::Error> {
-    tokio::task::spawn_blocking(move || kernel::apply(&ruleset))
+async fn apply(
+    counters: &Arc<Counters>,
+    ruleset: Ruleset,
+    rules: Vec<Rule>,
+) -> Result<(), kernel::Error> {
+    let counters = Arc::clone(counters);
+    tokio::task::spawn_blocking(move || counters.replace(ruleset, rules))
         .await
         .unwrap_or_else(|panic| {
             Err(kernel::Error {
@@ -230,4 +363,40 @@ async fn resolve_names(bound: &[(ForwardSpec, SocketAddr)]) -> HashMap<String, I
         }
     }
     names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_render_per_forward_and_direction() {
+        let rule = Rule {
+            protocol: proxy::Protocol::Tcp,
+            listen: None,
+            port: 80,
+            target: "10.0.0.5:8080".parse().unwrap(),
+        };
+        let forward = labels(&rule);
+        assert_eq!(
+            forward,
+            "protocol=\"tcp\",listen=\"0.0.0.0:80\",target=\"10.0.0.5:8080\""
+        );
+        let totals = BTreeMap::from([
+            ((forward.clone(), Count::Connections), (3, 180)),
+            ((forward.clone(), Count::ToUpstream), (10, 1000)),
+            ((forward.clone(), Count::ToClient), (20, 2000)),
+        ]);
+        let text = render(&totals);
+        for line in [
+            format!("amb_serf_kernel_connections_total{{{forward}}} 3"),
+            format!("amb_serf_kernel_packets_total{{{forward},direction=\"to_upstream\"}} 10"),
+            format!("amb_serf_kernel_packets_total{{{forward},direction=\"to_client\"}} 20"),
+            format!("amb_serf_kernel_bytes_total{{{forward},direction=\"to_upstream\"}} 1000"),
+            format!("amb_serf_kernel_bytes_total{{{forward},direction=\"to_client\"}} 2000"),
+            "# TYPE amb_serf_kernel_bytes_total counter".to_owned(),
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+    }
 }

@@ -378,6 +378,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             health: health_rx,
             lifecycle: lifecycle_rx,
             members: metrics::statuses_of(serf_member),
+            kernel: kernel_path.as_ref().map(|path| path.counters()),
         });
         tokio::spawn(metrics::serve(listener, observed, metrics_stop.clone()));
     }

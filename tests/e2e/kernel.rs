@@ -13,6 +13,7 @@ use std::time::Duration;
 use testkit::netns::{Host, Net};
 use testkit::{require, run_with_timeout};
 
+use crate::ambassador::http_get;
 use crate::faults::{echo_on, echoes};
 use crate::support::{binary, eventually, Ambassador, RandomBytes, DEADLINE};
 
@@ -167,7 +168,12 @@ fn kernel_path_carries_tcp_and_udp_byte_for_byte_and_sigterm_removes_its_table()
     let _udp_echo = UdpEcho::start(backend, SocketAddr::from((backend.ip, UDP_PORT)));
     let before = ruleset(proxy);
 
-    let mut ambassador = start_ambassador(proxy, "k1", backend, &["--dataplane", "kernel"]);
+    let mut ambassador = start_ambassador(
+        proxy,
+        "k1",
+        backend,
+        &["--dataplane", "kernel", "--metrics-addr", "127.0.0.1:9090"],
+    );
     assert_eq!(
         ambassador.lines_with(&["data path: kernel", "amb-serf-k1"]),
         1,
@@ -191,6 +197,28 @@ fn kernel_path_carries_tcp_and_udp_byte_for_byte_and_sigterm_removes_its_table()
     udp_round_trips(proxy, udp);
     assert!(dnat_packets(proxy, &table, "output", "tcp dport 7000") >= Some(1));
     assert!(dnat_packets(proxy, &table, "output", "udp dport 7001") >= Some(1));
+
+    // /metrics: the rules' counters, every packet of both paths.
+    let metrics = proxy
+        .enter(|| http_get(SocketAddr::from(([127, 0, 0, 1], 9090)), "/metrics"))
+        .expect("GET /metrics")
+        .1;
+    let sample = |name: &str, protocol: &str, direction: &str| -> u64 {
+        let line = metrics
+            .lines()
+            .find(|line| {
+                line.starts_with(name)
+                    && line.contains(&format!("protocol=\"{protocol}\""))
+                    && line.contains(direction)
+            })
+            .unwrap_or_else(|| panic!("no {name} {protocol} {direction} in:\n{metrics}"));
+        line.rsplit(' ').next().unwrap().parse().expect("a number")
+    };
+    for direction in ["to_upstream", "to_client"] {
+        assert!(sample("amb_serf_kernel_bytes_total", "tcp", direction) > 5 << 20);
+        assert!(sample("amb_serf_kernel_packets_total", "udp", direction) >= 8);
+    }
+    assert!(sample("amb_serf_kernel_connections_total", "tcp", "") >= 2);
 
     // A loopback client: without route_localnet the kernel leaves it to the user-space
     // listener, which still serves it.

@@ -24,7 +24,9 @@ mod ruleset;
 use std::fmt;
 use std::io;
 
-pub use ruleset::{plan, table_name, Chain, Expr, Hook, Options, Rule, Ruleset, Skipped};
+pub use ruleset::{
+    plan, table_name, Chain, Count, Entry, Expr, Hook, Options, Rule, Ruleset, Skipped,
+};
 
 /// An nftables change the kernel refused; it applied nothing of the batch.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +51,45 @@ pub fn remove(table: &str) -> Result<(), Error> {
         Err(error) if error.source.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         other => other,
     }
+}
+
+/// One counter of an installed `ruleset`: the forward (index into its rules), what it
+/// counts, packets and bytes (since the table was last replaced).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counter {
+    /// Index of the forward in the rules the ruleset was built from.
+    pub forward: usize,
+    /// What it counts.
+    pub count: Count,
+    /// Packets.
+    pub packets: u64,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+/// Reads the counters of the installed `ruleset` (one netlink dump). Blocking.
+pub fn counters(ruleset: &Ruleset) -> Result<Vec<Counter>, Error> {
+    let dumped = netlink::dump_rules(&ruleset.table)?;
+    Ok(match_counters(ruleset, &dumped))
+}
+
+/// Pairs the dumped rules of each chain, in order, with the ruleset's entries.
+fn match_counters(ruleset: &Ruleset, dumped: &[netlink::Dumped]) -> Vec<Counter> {
+    let mut counters = Vec::new();
+    for chain in &ruleset.chains {
+        let installed = dumped.iter().filter(|rule| rule.chain == chain.name);
+        for (entry, rule) in chain.rules.iter().zip(installed) {
+            if let (Some((forward, count)), Some((packets, bytes))) = (entry.counts, rule.counter) {
+                counters.push(Counter {
+                    forward,
+                    count,
+                    packets,
+                    bytes,
+                });
+            }
+        }
+    }
+    counters
 }
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
@@ -138,6 +179,59 @@ mod tests {
         );
         check("CapEff:\tnot hex\n", false);
         check("", false);
+    }
+
+    #[test]
+    fn dumped_counters_pair_with_the_entries_of_their_chain_in_order() {
+        let rules = [
+            Rule {
+                protocol: crate::Protocol::Tcp,
+                listen: None,
+                port: 80,
+                target: "10.0.0.5:80".parse().unwrap(),
+            },
+            Rule {
+                protocol: crate::Protocol::Udp,
+                listen: None,
+                port: 53,
+                target: "10.0.0.6:53".parse().unwrap(),
+            },
+        ];
+        let options = Options {
+            passing: true,
+            route_localnet: true,
+        };
+        let ruleset = Ruleset::build("t", &rules, options);
+        let dumped = |chain: &str, counter| netlink::Dumped {
+            chain: chain.to_owned(),
+            counter,
+        };
+        let counters = match_counters(
+            &ruleset,
+            &[
+                dumped("prerouting", Some((1, 60))),
+                dumped("prerouting", Some((2, 120))),
+                dumped("postrouting", None),
+                dumped("postrouting", None),
+                dumped("count_input", Some((7, 700))),
+                dumped("count_input", Some((9, 900))),
+            ],
+        );
+        let counter = |forward, count, packets, bytes| Counter {
+            forward,
+            count,
+            packets,
+            bytes,
+        };
+        assert_eq!(
+            counters,
+            [
+                counter(0, Count::Connections, 1, 60),
+                counter(1, Count::Connections, 2, 120),
+                counter(0, Count::ToClient, 7, 700),
+                counter(1, Count::ToClient, 9, 900),
+            ]
+        );
     }
 
     #[test]

@@ -128,6 +128,17 @@ impl Attrs<'_> {
         });
     }
 
+    /// Conntrack key `key` (of `direction`: 0 original, 1 reply) → register 1.
+    fn ct(&mut self, key: u32, direction: Option<u8>) {
+        self.expr("ct", |ct| {
+            ct.u32(1, NFT_REG_1); // NFTA_CT_DREG
+            ct.u32(2, key); // NFTA_CT_KEY
+            if let Some(direction) = direction {
+                ct.bytes(3, &[direction]); // NFTA_CT_DIRECTION
+            }
+        });
+    }
+
     fn immediate(&mut self, register: u32, value: &[u8]) {
         self.expr("immediate", |immediate| {
             immediate.u32(1, register); // NFTA_IMMEDIATE_DREG
@@ -171,13 +182,26 @@ impl Attrs<'_> {
                 self.cmp(true, &port.to_be_bytes());
             }
             Expr::CtStatusDnat => {
-                self.expr("ct", |ct| {
-                    ct.u32(1, NFT_REG_1); // NFTA_CT_DREG
-                    ct.u32(2, 2); // NFTA_CT_KEY: NFT_CT_STATUS
-                });
+                self.ct(2, None); // NFT_CT_STATUS
                 const IPS_DST_NAT: u32 = 1 << 5;
                 self.bitwise(IPS_DST_NAT.to_ne_bytes());
                 self.cmp(false, &[0; 4]);
+            }
+            Expr::CtOriginalDport(port) => {
+                self.ct(12, Some(0)); // NFT_CT_PROTO_DST
+                self.cmp(true, &port.to_be_bytes());
+            }
+            Expr::CtReplySaddr(ip) => {
+                self.ct(19, Some(1)); // NFT_CT_SRC_IP
+                self.cmp(true, &ip.octets());
+            }
+            Expr::CtReplySport(port) => {
+                self.ct(11, Some(1)); // NFT_CT_PROTO_SRC
+                self.cmp(true, &port.to_be_bytes());
+            }
+            Expr::CtDirectionOriginal(original) => {
+                self.ct(1, None); // NFT_CT_DIRECTION
+                self.cmp(true, &[u8::from(!original)]); // IP_CT_DIR_ORIGINAL 0, REPLY 1
             }
             Expr::Counter => self.expr("counter", |_| {}),
             Expr::Dnat(target) => {
@@ -293,10 +317,13 @@ impl Batch {
         for chain in &ruleset.chains {
             let hook = match chain.hook {
                 Hook::Prerouting => 0,
+                Hook::Input => 1,
+                Hook::Forward => 2,
                 Hook::Output => 3,
                 Hook::Postrouting => 4,
             };
-            let step = format!("add chain ip {table} {} (type nat)", chain.name);
+            let kind = if chain.nat { "nat" } else { "filter" };
+            let step = format!("add chain ip {table} {} (type {kind})", chain.name);
             batch.nft(NFT_MSG_NEWCHAIN, NLM_F_CREATE, step, |a| {
                 a.string(NFTA_CHAIN_TABLE, table);
                 a.string(NFTA_CHAIN_NAME, chain.name);
@@ -305,11 +332,12 @@ impl Batch {
                     h.u32(NFTA_HOOK_PRIORITY, chain.priority as u32);
                 });
                 a.u32(NFTA_CHAIN_POLICY, NF_ACCEPT);
-                a.string(NFTA_CHAIN_TYPE, "nat");
+                a.string(NFTA_CHAIN_TYPE, kind);
             });
         }
         for chain in &ruleset.chains {
             for rule in &chain.rules {
+                let rule = &rule.exprs;
                 let step = format!("add rule ip {table} {} {rule:?}", chain.name);
                 batch.nft(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, step, |a| {
                     a.string(NFTA_RULE_TABLE, table);
@@ -342,26 +370,7 @@ impl Batch {
     /// Sends the batch and waits for the kernel's answer to each message. On an error, the
     /// kernel applied nothing; the error names the step it refused.
     pub(super) fn send(&self) -> Result<(), super::Error> {
-        let failed = |step: &str, source: io::Error| super::Error {
-            step: step.to_owned(),
-            source,
-        };
-        let socket = Socket::new(
-            Domain::from(libc::AF_NETLINK),
-            Type::RAW,
-            Some(SocketProtocol::from(libc::NETLINK_NETFILTER)),
-        )
-        .map_err(|e| failed("opening a netfilter netlink socket", e))?;
-        socket
-            .set_read_timeout(Some(REPLY_TIMEOUT))
-            .map_err(|e| failed("setting the netlink reply timeout", e))?;
-        let sent = socket
-            .send(&self.bytes)
-            .map_err(|e| failed("sending the nftables batch", e))?;
-        if sent != self.bytes.len() {
-            let short = io::Error::other(format!("{sent} of {} bytes", self.bytes.len()));
-            return Err(failed("sending the nftables batch", short));
-        }
+        let socket = open_and_send(&self.bytes, "sending the nftables batch")?;
         // The last message with an ack is the one before the batch end.
         let last = u32::try_from(self.steps.len() - 2).expect("batches are small");
         let mut buffer = vec![0; 64 * 1024];
@@ -387,23 +396,163 @@ impl Batch {
     }
 }
 
-/// The `(sequence number, errno)` of each `NLMSG_ERROR` (an ack when errno is 0) in `bytes`.
-fn acks(mut bytes: &[u8]) -> Vec<(u32, i32)> {
-    let mut acks = Vec::new();
+fn failed(step: &str, source: io::Error) -> super::Error {
+    super::Error {
+        step: step.to_owned(),
+        source,
+    }
+}
+
+/// A new `NETLINK_NETFILTER` socket (with the reply timeout) that has sent `bytes`.
+fn open_and_send(bytes: &[u8], step: &str) -> Result<Socket, super::Error> {
+    let socket = Socket::new(
+        Domain::from(libc::AF_NETLINK),
+        Type::RAW,
+        Some(SocketProtocol::from(libc::NETLINK_NETFILTER)),
+    )
+    .map_err(|e| failed("opening a netfilter netlink socket", e))?;
+    socket
+        .set_read_timeout(Some(REPLY_TIMEOUT))
+        .map_err(|e| failed("setting the netlink reply timeout", e))?;
+    let sent = socket.send(bytes).map_err(|e| failed(step, e))?;
+    if sent != bytes.len() {
+        let short = io::Error::other(format!("{sent} of {} bytes", bytes.len()));
+        return Err(failed(step, short));
+    }
+    Ok(socket)
+}
+
+/// One rule of a dumped table: its chain and, if it has a counter, (packets, bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Dumped {
+    pub(super) chain: String,
+    pub(super) counter: Option<(u64, u64)>,
+}
+
+/// Every rule of `table`, in chain order (`NFT_MSG_GETRULE` dump).
+pub(super) fn dump_rules(table: &str) -> Result<Vec<Dumped>, super::Error> {
+    const NLM_F_DUMP: u16 = 0x300;
+    const NFT_MSG_GETRULE: u16 = 7;
+    const NLMSG_DONE: u16 = 3;
+    let mut request = Batch {
+        bytes: Vec::new(),
+        steps: Vec::new(),
+    };
+    let step = format!("list rules of table ip {table}");
+    let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE;
+    request.message(
+        kind,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        NFPROTO_IPV4,
+        step.clone(),
+        |a| {
+            a.string(NFTA_RULE_TABLE, table);
+        },
+    );
+    let socket = open_and_send(&request.bytes, &step)?;
+    let mut buffer = vec![0; 64 * 1024];
+    let mut rules = Vec::new();
+    loop {
+        let len = (&socket).read(&mut buffer).map_err(|e| failed(&step, e))?;
+        for (kind, _, payload) in messages(&buffer[..len]) {
+            match kind {
+                NLMSG_DONE => return Ok(rules),
+                NLMSG_ERROR => {
+                    let errno = payload
+                        .get(..4)
+                        .map_or(0, |b| -i32::from_ne_bytes(b.try_into().expect("4")));
+                    if errno != 0 {
+                        return Err(failed(&step, io::Error::from_raw_os_error(errno)));
+                    }
+                }
+                _ => rules.extend(parse_rule(payload.get(4..).unwrap_or_default())),
+            }
+        }
+    }
+}
+
+/// The `(type, sequence number, payload)` of each netlink message in `bytes`.
+fn messages(mut bytes: &[u8]) -> Vec<(u16, u32, &[u8])> {
+    let mut out = Vec::new();
     while bytes.len() >= NLMSG_HDRLEN {
         let field = |at: usize| u32::from_ne_bytes(bytes[at..at + 4].try_into().expect("4"));
         let len = field(0) as usize;
         if len < NLMSG_HDRLEN || len > bytes.len() {
             break;
         }
-        let kind = u16::from_ne_bytes([bytes[4], bytes[5]]);
-        if kind == NLMSG_ERROR && len >= NLMSG_HDRLEN + 4 {
-            let error = i32::from_ne_bytes(bytes[16..20].try_into().expect("4"));
-            acks.push((field(8), -error));
-        }
+        out.push((
+            u16::from_ne_bytes([bytes[4], bytes[5]]),
+            field(8),
+            &bytes[NLMSG_HDRLEN..len],
+        ));
         bytes = &bytes[len.next_multiple_of(4).min(bytes.len())..];
     }
-    acks
+    out
+}
+
+/// The `(type, payload)` of each attribute in `bytes` (flags masked off).
+fn attributes(mut bytes: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while bytes.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([bytes[0], bytes[1]]));
+        if len < 4 || len > bytes.len() {
+            break;
+        }
+        out.push((
+            u16::from_ne_bytes([bytes[2], bytes[3]]) & 0x3fff,
+            &bytes[4..len],
+        ));
+        bytes = &bytes[len.next_multiple_of(4).min(bytes.len())..];
+    }
+    out
+}
+
+/// A rule message's attributes → its chain and counter.
+fn parse_rule(attrs: &[u8]) -> Option<Dumped> {
+    let mut chain = None;
+    let mut counter = None;
+    for (kind, payload) in attributes(attrs) {
+        match kind {
+            NFTA_RULE_CHAIN => {
+                let name = payload.split(|b| *b == 0).next().unwrap_or_default();
+                chain = Some(String::from_utf8_lossy(name).into_owned());
+            }
+            NFTA_RULE_EXPRESSIONS => {
+                for (_, elem) in attributes(payload) {
+                    let parts = attributes(elem);
+                    let name = parts.iter().find(|(k, _)| *k == NFTA_EXPR_NAME);
+                    if name.is_some_and(|(_, n)| n.starts_with(b"counter\0")) {
+                        let data = parts.iter().find(|(k, _)| *k == NFTA_EXPR_DATA);
+                        let values = data.map(|(_, d)| attributes(d)).unwrap_or_default();
+                        let value = |kind: u16| {
+                            values.iter().find(|(k, _)| *k == kind).and_then(|(_, v)| {
+                                Some(u64::from_be_bytes(v.get(..8)?.try_into().ok()?))
+                            })
+                        };
+                        // NFTA_COUNTER_PACKETS 2, NFTA_COUNTER_BYTES 1
+                        counter = Some((value(2).unwrap_or(0), value(1).unwrap_or(0)));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(Dumped {
+        chain: chain?,
+        counter,
+    })
+}
+
+/// The `(sequence number, errno)` of each `NLMSG_ERROR` (an ack when errno is 0) in `bytes`.
+fn acks(bytes: &[u8]) -> Vec<(u32, i32)> {
+    messages(bytes)
+        .into_iter()
+        .filter(|(kind, _, payload)| *kind == NLMSG_ERROR && payload.len() >= 4)
+        .map(|(_, seq, payload)| {
+            let error = i32::from_ne_bytes(payload[..4].try_into().expect("4"));
+            (seq, -error)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -441,24 +590,13 @@ mod tests {
         let batch = Batch::replace(&Ruleset::build("amb-serf-x", &rules, options));
         let kinds: Vec<u16> = headers(batch.bytes()).iter().map(|h| h.0).collect();
         let nft = |msg: u16| (10 << 8) | msg;
-        assert_eq!(
-            kinds,
-            [
-                16,
-                nft(0),
-                nft(2),
-                nft(0),
-                nft(3),
-                nft(3),
-                nft(3),
-                nft(6),
-                nft(6),
-                nft(6),
-                17
-            ]
-        );
+        let mut expected = vec![16, nft(0), nft(2), nft(0)];
+        expected.extend([nft(3); 6]); // prerouting, output, postrouting, count_*
+        expected.extend([nft(6); 7]); // DNAT ×2, masquerade, counts: forward ×2, output, input
+        expected.push(17);
+        assert_eq!(kinds, expected);
         let seqs: Vec<u32> = headers(batch.bytes()).iter().map(|h| h.2).collect();
-        assert_eq!(seqs, (0..11).collect::<Vec<_>>());
+        assert_eq!(seqs, (0..18).collect::<Vec<_>>());
         assert_eq!(batch.steps[1], "add table ip amb-serf-x");
     }
 

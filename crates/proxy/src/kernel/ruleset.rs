@@ -9,7 +9,7 @@ const MAX_TABLE_NAME: usize = 64;
 
 /// One forward the kernel carries: packets to `listen` (`None`: any local address) on `port`
 /// are DNAT-ed to `target` and masqueraded on their way out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Rule {
     /// TCP or UDP.
     pub protocol: Protocol,
@@ -106,17 +106,39 @@ pub struct Ruleset {
     pub chains: Vec<Chain>,
 }
 
-/// A base chain of type `nat`.
+/// A base chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chain {
-    /// `prerouting`, `output` or `postrouting`.
+    /// `prerouting`, `output`, `postrouting` (type `nat`) or `count_*` (type `filter`).
     pub name: &'static str,
     /// The netfilter hook.
     pub hook: Hook,
-    /// The chain's priority (`dstnat` −100, `srcnat` 100).
+    /// `nat` chains see the first packet of each connection; `filter` chains every packet.
+    pub nat: bool,
+    /// The chain's priority (`dstnat` −100, `srcnat` 100, `filter` 0).
     pub priority: i32,
     /// Its rules, in order.
-    pub rules: Vec<Vec<Expr>>,
+    pub rules: Vec<Entry>,
+}
+
+/// One rule: its expressions, and what its counter counts (if it has one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The expressions, in order.
+    pub exprs: Vec<Expr>,
+    /// The forward (index into the rules given to [`Ruleset::build`]) and what its counter counts.
+    pub counts: Option<(usize, Count)>,
+}
+
+/// What a rule's counter counts for its forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Count {
+    /// New connections (UDP flows): the first packet of each, DNAT-ed.
+    Connections,
+    /// Packets and bytes from clients to the target.
+    ToUpstream,
+    /// Packets and bytes from the target back to clients.
+    ToClient,
 }
 
 /// The netfilter IPv4 hooks we use.
@@ -124,6 +146,10 @@ pub struct Chain {
 pub enum Hook {
     /// Packets arriving from another host or namespace.
     Prerouting,
+    /// Packets for this namespace's own processes.
+    Input,
+    /// Packets routed through this namespace.
+    Forward,
     /// Packets sent by this namespace's own processes.
     Output,
     /// Packets leaving.
@@ -145,6 +171,14 @@ pub enum Expr {
     Dport(u16),
     /// `ct status dnat`.
     CtStatusDnat,
+    /// `ct original proto-dst PORT`.
+    CtOriginalDport(u16),
+    /// `ct reply ip saddr ADDR`.
+    CtReplySaddr(Ipv4Addr),
+    /// `ct reply proto-src PORT`.
+    CtReplySport(u16),
+    /// `ct direction original` (`false`: `reply`).
+    CtDirectionOriginal(bool),
     /// `counter`.
     Counter,
     /// `dnat to ADDR:PORT`.
@@ -171,7 +205,9 @@ impl Ruleset {
         let mut prerouting = Vec::new();
         let mut output = Vec::new();
         let mut postrouting = Vec::new();
-        for rule in rules {
+        let (mut count_forward, mut count_output, mut count_input) =
+            (Vec::new(), Vec::new(), Vec::new());
+        for (index, rule) in rules.iter().enumerate() {
             let matches = [
                 match rule.listen {
                     Some(ip) => Expr::Daddr(ip),
@@ -180,46 +216,66 @@ impl Ruleset {
                 Expr::L4proto(rule.protocol),
                 Expr::Dport(rule.port),
             ];
+            let counted = |count, exprs: Vec<Expr>| Entry {
+                exprs,
+                counts: Some((index, count)),
+            };
             if options.passing {
                 let dnat = [Expr::Counter, Expr::Dnat(rule.target)];
-                prerouting.push([&matches[..], &dnat].concat());
+                prerouting.push(counted(Count::Connections, [&matches[..], &dnat].concat()));
                 let local_guard = (!options.route_localnet && !rule.target.ip().is_loopback())
                     .then_some(Expr::SaddrNotLoopback);
-                output.push(local_guard.into_iter().chain(matches).chain(dnat).collect());
+                let exprs = local_guard.into_iter().chain(matches).chain(dnat);
+                output.push(counted(Count::Connections, exprs.collect()));
             }
             // Kept while failing too: connections in flight keep their source NAT.
-            let masquerade = vec![
-                Expr::CtStatusDnat,
-                Expr::Daddr(*rule.target.ip()),
-                Expr::L4proto(rule.protocol),
-                Expr::Dport(rule.target.port()),
-                Expr::Masquerade,
-            ];
+            let masquerade = Entry {
+                exprs: vec![
+                    Expr::CtStatusDnat,
+                    Expr::Daddr(*rule.target.ip()),
+                    Expr::L4proto(rule.protocol),
+                    Expr::Dport(rule.target.port()),
+                    Expr::Masquerade,
+                ],
+                counts: None,
+            };
             if !postrouting.contains(&masquerade) {
                 postrouting.push(masquerade);
             }
+            // Every packet of the forward's connections: routed through (both directions),
+            // or from and to a client of this namespace (sent original, received reply).
+            let connection = [
+                Expr::L4proto(rule.protocol),
+                Expr::CtStatusDnat,
+                Expr::CtOriginalDport(rule.port),
+                Expr::CtReplySaddr(*rule.target.ip()),
+                Expr::CtReplySport(rule.target.port()),
+            ];
+            let direction = |original: bool| {
+                let tail = [Expr::CtDirectionOriginal(original), Expr::Counter];
+                [&connection[..], &tail].concat()
+            };
+            count_forward.push(counted(Count::ToUpstream, direction(true)));
+            count_forward.push(counted(Count::ToClient, direction(false)));
+            count_output.push(counted(Count::ToUpstream, direction(true)));
+            count_input.push(counted(Count::ToClient, direction(false)));
         }
+        let chain = |name, hook, nat, priority, rules| Chain {
+            name,
+            hook,
+            nat,
+            priority,
+            rules,
+        };
         Self {
             table: table.to_owned(),
             chains: vec![
-                Chain {
-                    name: "prerouting",
-                    hook: Hook::Prerouting,
-                    priority: -100,
-                    rules: prerouting,
-                },
-                Chain {
-                    name: "output",
-                    hook: Hook::Output,
-                    priority: -100,
-                    rules: output,
-                },
-                Chain {
-                    name: "postrouting",
-                    hook: Hook::Postrouting,
-                    priority: 100,
-                    rules: postrouting,
-                },
+                chain("prerouting", Hook::Prerouting, true, -100, prerouting),
+                chain("output", Hook::Output, true, -100, output),
+                chain("postrouting", Hook::Postrouting, true, 100, postrouting),
+                chain("count_forward", Hook::Forward, false, 0, count_forward),
+                chain("count_output", Hook::Output, false, 0, count_output),
+                chain("count_input", Hook::Input, false, 0, count_input),
             ],
         }
     }
@@ -320,7 +376,11 @@ mod tests {
 
     fn chain_rules(ruleset: &Ruleset, name: &str) -> Vec<Vec<Expr>> {
         let chain = ruleset.chains.iter().find(|c| c.name == name).unwrap();
-        chain.rules.clone()
+        chain
+            .rules
+            .iter()
+            .map(|entry| entry.exprs.clone())
+            .collect()
     }
 
     #[test]
@@ -387,10 +447,47 @@ mod tests {
             route_localnet: true,
         };
         let ruleset = Ruleset::build("t", &rules, options);
-        assert_eq!(ruleset.chains.len(), 3);
+        assert_eq!(ruleset.chains.len(), 6);
         assert!(chain_rules(&ruleset, "prerouting").is_empty());
         assert!(chain_rules(&ruleset, "output").is_empty());
         // Two forwards to one target share one masquerade rule.
         assert_eq!(chain_rules(&ruleset, "postrouting").len(), 2);
+        // Connections in flight are still counted.
+        assert_eq!(chain_rules(&ruleset, "count_forward").len(), 6);
+    }
+
+    #[test]
+    fn every_packet_is_counted_once_per_direction_whatever_the_path() {
+        let rules = [rule(Protocol::Udp, None, 53, "10.0.0.5:5353")];
+        let options = Options {
+            passing: true,
+            route_localnet: true,
+        };
+        let ruleset = Ruleset::build("t", &rules, options);
+        let counts = |name: &str| -> Vec<_> {
+            let chain = ruleset.chains.iter().find(|c| c.name == name).unwrap();
+            chain.rules.iter().map(|entry| entry.counts).collect()
+        };
+        assert_eq!(counts("prerouting"), [Some((0, Count::Connections))]);
+        assert_eq!(counts("output"), [Some((0, Count::Connections))]);
+        assert_eq!(counts("postrouting"), [None]);
+        assert_eq!(
+            counts("count_forward"),
+            [Some((0, Count::ToUpstream)), Some((0, Count::ToClient))]
+        );
+        assert_eq!(counts("count_output"), [Some((0, Count::ToUpstream))]);
+        assert_eq!(counts("count_input"), [Some((0, Count::ToClient))]);
+        assert_eq!(
+            chain_rules(&ruleset, "count_input"),
+            [vec![
+                Expr::L4proto(Protocol::Udp),
+                Expr::CtStatusDnat,
+                Expr::CtOriginalDport(53),
+                Expr::CtReplySaddr(Ipv4Addr::new(10, 0, 0, 5)),
+                Expr::CtReplySport(5353),
+                Expr::CtDirectionOriginal(false),
+                Expr::Counter,
+            ]]
+        );
     }
 }
