@@ -290,30 +290,9 @@ impl Batch {
         let table = ruleset.table.as_str();
         let mut batch = Self::new();
         // Add (a no-op if it exists) then delete: the usual idiom for "whatever was there".
-        batch.nft(
-            NFT_MSG_NEWTABLE,
-            NLM_F_CREATE,
-            format!("add table ip {table}"),
-            |a| {
-                a.string(NFTA_TABLE_NAME, table);
-            },
-        );
-        batch.nft(
-            NFT_MSG_DELTABLE,
-            0,
-            format!("delete table ip {table}"),
-            |a| {
-                a.string(NFTA_TABLE_NAME, table);
-            },
-        );
-        batch.nft(
-            NFT_MSG_NEWTABLE,
-            NLM_F_CREATE,
-            format!("add table ip {table}"),
-            |a| {
-                a.string(NFTA_TABLE_NAME, table);
-            },
-        );
+        batch.table(NFT_MSG_NEWTABLE, table);
+        batch.table(NFT_MSG_DELTABLE, table);
+        batch.table(NFT_MSG_NEWTABLE, table);
         for chain in &ruleset.chains {
             let hook = match chain.hook {
                 Hook::Prerouting => 0,
@@ -356,15 +335,19 @@ impl Batch {
     /// Deletes the table `table`.
     pub(super) fn delete(table: &str) -> Self {
         let mut batch = Self::new();
-        batch.nft(
-            NFT_MSG_DELTABLE,
-            0,
-            format!("delete table ip {table}"),
-            |a| {
-                a.string(NFTA_TABLE_NAME, table);
-            },
-        );
+        batch.table(NFT_MSG_DELTABLE, table);
         batch.finish()
+    }
+
+    /// `NFT_MSG_NEWTABLE` (create if missing) or `NFT_MSG_DELTABLE` of `table`.
+    fn table(&mut self, msg: u16, table: &str) {
+        let (flags, verb) = match msg {
+            NFT_MSG_NEWTABLE => (NLM_F_CREATE, "add"),
+            _ => (0, "delete"),
+        };
+        self.nft(msg, flags, format!("{verb} table ip {table}"), |a| {
+            a.string(NFTA_TABLE_NAME, table);
+        });
     }
 
     /// Sends the batch and waits for the kernel's answer to each message. On an error, the
