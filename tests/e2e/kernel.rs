@@ -355,18 +355,28 @@ fn a_crashed_runs_table_is_replaced_on_restart_and_another_ambassadors_is_untouc
     assert_eq!(ruleset(proxy), before);
 }
 
-/// `amb-serf ARGS` in `host` without `CAP_NET_ADMIN` (dropped from the bounding set, so root
-/// does not get it at exec).
-fn without_net_admin(host: &Host, args: &[&str]) -> Command {
-    let mut command = host.command(require("setpriv"));
+/// `WRAPPER… amb-serf ARGS` in `host`, with the environment the other e2e tests give it.
+fn wrapped(host: &Host, wrapper: &[&str], args: &[&str]) -> Command {
+    let mut command = host.command(require(wrapper[0]));
     command
-        .args(["--bounding-set", "-net_admin", "--", binary()])
+        .args(&wrapper[1..])
+        .arg(binary())
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("RUST_LOG", "info")
         .args(["--log-format", "json"])
         .args(args);
     command
+}
+
+/// `amb-serf ARGS` in `host` without `CAP_NET_ADMIN` (dropped from the bounding set, so root
+/// does not get it at exec).
+fn without_net_admin(host: &Host, args: &[&str]) -> Command {
+    wrapped(
+        host,
+        &["setpriv", "--bounding-set", "-net_admin", "--"],
+        args,
+    )
 }
 
 #[test]
@@ -425,4 +435,59 @@ fn with_route_localnet_loopback_clients_go_through_the_kernel_too() {
     udp_round_trips(proxy, SocketAddr::from(([127, 0, 0, 1], UDP_PORT)));
     assert!(dnat_packets(proxy, &table, "output", "tcp dport 7000") >= Some(1));
     assert!(dnat_packets(proxy, &table, "output", "udp dport 7001") >= Some(1));
+}
+
+#[test]
+fn a_target_name_that_changes_address_is_followed() {
+    let Some(net) = Net::for_test(4) else { return };
+    let (client, proxy) = (net.host(0), net.host(1));
+    let (first, second) = (net.host(2), net.host(3));
+    let _first_echo = echo_on(first, SocketAddr::from((first.ip, TCP_PORT)));
+    let _second_echo = echo_on(second, SocketAddr::from((second.ip, TCP_PORT)));
+    // The ambassador alone sees this hosts file (a private mount namespace); rewritten in
+    // place, the bind mount shows the new text.
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, format!("{} backend\n", first.ip)).expect("hosts file");
+    let hosts_arg = hosts.to_str().expect("UTF-8 path");
+    let forward = format!("{TCP_PORT}=backend:{TCP_PORT}");
+    let mount = "mount --bind \"$0\" /etc/hosts && exec \"$@\"";
+    let wrapper = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        mount,
+        hosts_arg,
+    ];
+    let args = [
+        "run",
+        "--listen-addr",
+        "0.0.0.0",
+        "--forward",
+        &forward,
+        "--node",
+        "k5",
+        "--health-interval",
+        "0",
+        "--dataplane",
+        "kernel",
+    ];
+    let _ambassador = Ambassador::start_prepared(wrapped(proxy, &wrapper, &args));
+    let dnat_to = |ip| {
+        let rules = nft(proxy, &["list", "chain", "ip", &table("k5"), "prerouting"]);
+        rules.is_some_and(|rules| rules.contains(&format!("dnat to {ip}:{TCP_PORT}")))
+    };
+    assert!(dnat_to(first.ip), "{}", ruleset(proxy));
+    let tcp = SocketAddr::from((proxy.ip, TCP_PORT));
+    assert!(echoes(client, tcp));
+
+    std::fs::write(&hosts, format!("{} backend\n", second.ip)).expect("rewriting hosts");
+    eventually(DEADLINE, "the DNAT rule follows the new address", || {
+        dnat_to(second.ip).then_some(())
+    });
+    assert!(echoes(client, tcp));
+    assert!(dnat_packets(proxy, &table("k5"), "prerouting", "tcp dport 7000") >= Some(1));
 }
