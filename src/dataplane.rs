@@ -176,6 +176,7 @@ pub(crate) async fn start(
     let rights = match mode {
         Mode::Userspace => Rights {
             net_admin: false,
+            net_admin_inheritable: false,
             forwarding: false,
         },
         Mode::Kernel | Mode::Auto => Rights::check(),

@@ -100,6 +100,8 @@ const ROUTE_LOCALNET: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
 pub struct Rights {
     /// The process has `CAP_NET_ADMIN` (in its network namespace's user namespace).
     pub net_admin: bool,
+    /// It has it only as inheritable: what Docker's `--cap-add` gives a non-root user.
+    pub net_admin_inheritable: bool,
     /// IPv4 forwarding is on (or this process turned it on).
     pub forwarding: bool,
 }
@@ -109,11 +111,12 @@ impl Rights {
     /// process may (only with `CAP_NET_ADMIN`).
     pub fn check() -> Self {
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        let net_admin = has_net_admin(&status);
+        let net_admin = has_net_admin(&status, "CapEff:");
         let forwarding = sysctl_on(IP_FORWARD)
             || (net_admin && std::fs::write(IP_FORWARD, "1\n").is_ok() && sysctl_on(IP_FORWARD));
         Self {
             net_admin,
+            net_admin_inheritable: has_net_admin(&status, "CapInh:"),
             forwarding,
         }
     }
@@ -128,7 +131,12 @@ impl fmt::Display for Rights {
     /// What is missing, in the flags that give it (`docker run …`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut missing = Vec::new();
-        if !self.net_admin {
+        if !self.net_admin && self.net_admin_inheritable {
+            missing.push(
+                "an effective CAP_NET_ADMIN (Docker gives --cap-add to root only: \
+                 docker run --user 0 --cap-add NET_ADMIN)",
+            );
+        } else if !self.net_admin {
             missing.push("CAP_NET_ADMIN (docker run --cap-add NET_ADMIN)");
         }
         if !self.forwarding {
@@ -153,12 +161,13 @@ fn sysctl_on(path: &str) -> bool {
     std::fs::read_to_string(path).is_ok_and(|value| value.trim() == "1")
 }
 
-/// `CapEff` of a `/proc/<pid>/status` text has bit 12 (`CAP_NET_ADMIN`).
-fn has_net_admin(status: &str) -> bool {
+/// The capability set `field` (`CapEff:`) of a `/proc/<pid>/status` text has bit 12
+/// (`CAP_NET_ADMIN`).
+fn has_net_admin(status: &str, field: &str) -> bool {
     const CAP_NET_ADMIN: u32 = 12;
     status
         .lines()
-        .find_map(|line| line.strip_prefix("CapEff:"))
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
 }
@@ -169,7 +178,9 @@ mod tests {
 
     #[test]
     fn net_admin_is_bit_12_of_the_effective_set() {
-        let check = |status: &str, expected: bool| assert_eq!(has_net_admin(status), expected);
+        let check = |status: &str, expected: bool| {
+            assert_eq!(has_net_admin(status, "CapEff:"), expected, "{status}");
+        };
         check("Name:\tx\nCapEff:\t000001ffffffffff\n", true);
         check("CapEff:\t0000000000001000\n", true);
         check("CapEff:\t0000000000000fff\n", false);
@@ -179,6 +190,7 @@ mod tests {
         );
         check("CapEff:\tnot hex\n", false);
         check("", false);
+        assert!(has_net_admin("CapInh:\t0000000000001000\n", "CapInh:"));
     }
 
     #[test]
@@ -238,6 +250,7 @@ mod tests {
     fn missing_rights_are_named_with_the_docker_flags_that_give_them() {
         let rights = |net_admin, forwarding| Rights {
             net_admin,
+            net_admin_inheritable: false,
             forwarding,
         };
         assert_eq!(
@@ -248,6 +261,15 @@ mod tests {
             rights(false, false).to_string(),
             "missing CAP_NET_ADMIN (docker run --cap-add NET_ADMIN) and IPv4 forwarding \
              (docker run --sysctl net.ipv4.ip_forward=1)"
+        );
+        let docker_non_root = Rights {
+            net_admin_inheritable: true,
+            ..rights(false, true)
+        };
+        assert_eq!(
+            docker_non_root.to_string(),
+            "missing an effective CAP_NET_ADMIN (Docker gives --cap-add to root only: \
+             docker run --user 0 --cap-add NET_ADMIN)"
         );
         assert!(rights(true, true).sufficient());
         assert!(!rights(true, false).sufficient());
