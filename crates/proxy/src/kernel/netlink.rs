@@ -53,6 +53,9 @@ const NFT_REG_2: u32 = 2;
 
 /// How long the kernel may take to answer a batch.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// A batch must fit in one `sendmsg` under the default socket send buffer (212,992 bytes less
+/// overhead): about 50 forwards (~4 KiB each).
+const MAX_BATCH: usize = 200 * 1024;
 
 /// Attribute writer over one message buffer.
 struct Attrs<'a>(&'a mut Vec<u8>);
@@ -353,6 +356,17 @@ impl Batch {
     /// Sends the batch and waits for the kernel's answer to each message. On an error, the
     /// kernel applied nothing; the error names the step it refused.
     pub(super) fn send(&self) -> Result<(), super::Error> {
+        if self.bytes.len() > MAX_BATCH {
+            let reason = format!(
+                "{} bytes, over the {MAX_BATCH} one netlink message may take: too many forwards \
+                 for the kernel path",
+                self.bytes.len()
+            );
+            return Err(failed(
+                "sending the nftables batch",
+                io::Error::other(reason),
+            ));
+        }
         let socket = open_and_send(&self.bytes, "sending the nftables batch")?;
         // The last message with an ack is the one before the batch end.
         let last = u32::try_from(self.steps.len() - 2).expect("batches are small");
@@ -542,6 +556,7 @@ fn acks(bytes: &[u8]) -> Vec<(u32, i32)> {
 mod tests {
     use super::*;
     use crate::kernel::ruleset::{Options, Rule};
+    use std::net::SocketAddrV4;
 
     /// Walks the netlink messages of a batch: (type, flags, seq) each.
     fn headers(mut bytes: &[u8]) -> Vec<(u16, u16, u32)> {
@@ -581,6 +596,29 @@ mod tests {
         let seqs: Vec<u32> = headers(batch.bytes()).iter().map(|h| h.2).collect();
         assert_eq!(seqs, (0..18).collect::<Vec<_>>());
         assert_eq!(batch.steps[1], "add table ip amb-serf-x");
+    }
+
+    #[test]
+    fn a_batch_over_one_socket_buffer_is_refused_before_anything_is_sent() {
+        let rules: Vec<Rule> = (0..60)
+            .map(|i| Rule {
+                protocol: Protocol::Tcp,
+                listen: None,
+                port: 1000 + i,
+                target: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 5), 2000 + i),
+            })
+            .collect();
+        let options = Options {
+            passing: true,
+            route_localnet: false,
+        };
+        let batch = Batch::replace(&Ruleset::build("amb-serf-x", &rules, options));
+        let error = batch.send().expect_err("too large");
+        assert_eq!(error.step, "sending the nftables batch");
+        assert!(
+            error.source.to_string().contains("too many forwards"),
+            "{error}"
+        );
     }
 
     #[test]
