@@ -49,6 +49,9 @@ pub(crate) struct KernelPath {
     /// Ends with the rules last applied.
     task: JoinHandle<Vec<Rule>>,
     counters: Arc<Counters>,
+    /// Set once [`KernelPath::remove`] ran; otherwise dropping removes the table (an error
+    /// return after the table went in must not leave rules behind).
+    removed: bool,
 }
 
 /// The table as installed, and the counts of the tables it replaced (replacing a table
@@ -241,6 +244,7 @@ pub(crate) async fn start(
         stop,
         task,
         counters,
+        removed: false,
     }))
 }
 
@@ -264,12 +268,26 @@ impl KernelPath {
     }
 
     /// Deletes the table (after the drain: connections in flight need its NAT hooks).
-    pub(crate) async fn remove(self) {
+    pub(crate) async fn remove(mut self) {
         let table = self.table.clone();
         match tokio::task::spawn_blocking(move || kernel::remove(&table)).await {
             Ok(Ok(())) => info!(table = %self.table, "removed the nftables table"),
             Ok(Err(error)) => warn!(%error, "could not remove the nftables table"),
             Err(error) => warn!(%error, "removing the nftables table panicked"),
+        }
+        self.removed = true;
+    }
+}
+
+impl Drop for KernelPath {
+    fn drop(&mut self) {
+        if !self.removed {
+            self.task.abort();
+            // One netlink round trip; this is an error path on the way out.
+            match kernel::remove(&self.table) {
+                Ok(()) => info!(table = %self.table, "removed the nftables table"),
+                Err(error) => warn!(%error, "could not remove the nftables table"),
+            }
         }
     }
 }

@@ -332,6 +332,35 @@ fn a_crashed_runs_table_is_replaced_on_restart_and_another_ambassadors_is_untouc
     );
     let other_addr = SocketAddr::from((proxy.ip, 7100));
 
+    // A run that fails after its table went in (its gossip port is taken) removes it.
+    let failing_forward = format!("7200={}:{TCP_PORT}", backend.ip);
+    let failed = run_with_timeout(
+        &mut wrapped(
+            proxy,
+            &[],
+            &[
+                "run",
+                "--forward",
+                &failing_forward,
+                "--node",
+                "k6",
+                "--bind",
+                &other_bind,
+                "--rpc-addr",
+                "127.0.0.1:7375",
+                "--health-interval",
+                "0",
+                "--dataplane",
+                "kernel",
+            ],
+        ),
+        DEADLINE,
+    );
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("removed the nftables table"), "{stderr}");
+    assert!(nft(proxy, &["list", "table", "ip", &table("k6")]).is_none());
+
     let mut crashed = start_ambassador(proxy, "k3", backend, &["--dataplane", "kernel"]);
     crashed.signal(libc::SIGKILL);
     crashed.wait_exit(DEADLINE);
@@ -355,12 +384,18 @@ fn a_crashed_runs_table_is_replaced_on_restart_and_another_ambassadors_is_untouc
     assert_eq!(ruleset(proxy), before);
 }
 
-/// `WRAPPER… amb-serf ARGS` in `host`, with the environment the other e2e tests give it.
+/// `WRAPPER… amb-serf ARGS` in `host` (no wrapper: the binary itself), with the environment
+/// the other e2e tests give it.
 fn wrapped(host: &Host, wrapper: &[&str], args: &[&str]) -> Command {
-    let mut command = host.command(require(wrapper[0]));
+    let mut command = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut command = host.command(require(program));
+            command.args(rest).arg(binary());
+            command
+        }
+        None => host.command(binary()),
+    };
     command
-        .args(&wrapper[1..])
-        .arg(binary())
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("RUST_LOG", "info")
