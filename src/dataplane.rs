@@ -179,7 +179,7 @@ pub(crate) async fn start(
     let rights = match mode {
         Mode::Userspace => Rights {
             net_admin: false,
-            net_admin_inheritable: false,
+            root: false,
             forwarding: false,
         },
         Mode::Kernel | Mode::Auto => Rights::check(),

@@ -69,7 +69,7 @@ fn image_forwards_in_the_kernel_with_net_admin_and_says_why_not_without() {
     });
     stops_cleanly(&ambassador);
 
-    // The image's own user with --cap-add: Docker makes it inheritable only, and auto says so.
+    // The image's own user with --cap-add: Docker gives it to root only, and auto says so.
     let plain = created.run(
         "non-root ambassador",
         &[

@@ -100,8 +100,8 @@ const ROUTE_LOCALNET: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
 pub struct Rights {
     /// The process has `CAP_NET_ADMIN` (in its network namespace's user namespace).
     pub net_admin: bool,
-    /// It has it only as inheritable: what Docker's `--cap-add` gives a non-root user.
-    pub net_admin_inheritable: bool,
+    /// The process runs as root (uid 0): Docker gives `--cap-add` capabilities to root only.
+    pub root: bool,
     /// IPv4 forwarding is on (or this process turned it on).
     pub forwarding: bool,
 }
@@ -111,12 +111,12 @@ impl Rights {
     /// process may (only with `CAP_NET_ADMIN`).
     pub fn check() -> Self {
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        let net_admin = has_net_admin(&status, "CapEff:");
+        let net_admin = has_net_admin(&status);
         let forwarding = sysctl_on(IP_FORWARD)
             || (net_admin && std::fs::write(IP_FORWARD, "1\n").is_ok() && sysctl_on(IP_FORWARD));
         Self {
             net_admin,
-            net_admin_inheritable: has_net_admin(&status, "CapInh:"),
+            root: is_root(&status),
             forwarding,
         }
     }
@@ -131,13 +131,13 @@ impl fmt::Display for Rights {
     /// What is missing, in the flags that give it (`docker run …`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut missing = Vec::new();
-        if !self.net_admin && self.net_admin_inheritable {
-            missing.push(
-                "an effective CAP_NET_ADMIN (Docker gives --cap-add to root only: \
-                 docker run --user 0 --cap-add NET_ADMIN)",
-            );
-        } else if !self.net_admin {
+        if !self.net_admin && self.root {
             missing.push("CAP_NET_ADMIN (docker run --cap-add NET_ADMIN)");
+        } else if !self.net_admin {
+            missing.push(
+                "CAP_NET_ADMIN as root (docker run --user 0 --cap-add NET_ADMIN: Docker gives \
+                 added capabilities to root only)",
+            );
         }
         if !self.forwarding {
             missing.push("IPv4 forwarding (docker run --sysctl net.ipv4.ip_forward=1)");
@@ -161,13 +161,21 @@ fn sysctl_on(path: &str) -> bool {
     std::fs::read_to_string(path).is_ok_and(|value| value.trim() == "1")
 }
 
-/// The capability set `field` (`CapEff:`) of a `/proc/<pid>/status` text has bit 12
-/// (`CAP_NET_ADMIN`).
-fn has_net_admin(status: &str, field: &str) -> bool {
+/// The effective uid of a `/proc/<pid>/status` text is 0.
+fn is_root(status: &str) -> bool {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        == Some("0")
+}
+
+/// `CapEff` of a `/proc/<pid>/status` text has bit 12 (`CAP_NET_ADMIN`).
+fn has_net_admin(status: &str) -> bool {
     const CAP_NET_ADMIN: u32 = 12;
     status
         .lines()
-        .find_map(|line| line.strip_prefix(field))
+        .find_map(|line| line.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
 }
@@ -179,7 +187,7 @@ mod tests {
     #[test]
     fn net_admin_is_bit_12_of_the_effective_set() {
         let check = |status: &str, expected: bool| {
-            assert_eq!(has_net_admin(status, "CapEff:"), expected, "{status}");
+            assert_eq!(has_net_admin(status), expected, "{status}");
         };
         check("Name:\tx\nCapEff:\t000001ffffffffff\n", true);
         check("CapEff:\t0000000000001000\n", true);
@@ -190,7 +198,9 @@ mod tests {
         );
         check("CapEff:\tnot hex\n", false);
         check("", false);
-        assert!(has_net_admin("CapInh:\t0000000000001000\n", "CapInh:"));
+        assert!(is_root("Uid:\t1000\t0\t0\t0\n"));
+        assert!(!is_root("Uid:\t0\t10001\t10001\t10001\n"));
+        assert!(!is_root(""));
     }
 
     #[test]
@@ -250,7 +260,7 @@ mod tests {
     fn missing_rights_are_named_with_the_docker_flags_that_give_them() {
         let rights = |net_admin, forwarding| Rights {
             net_admin,
-            net_admin_inheritable: false,
+            root: true,
             forwarding,
         };
         assert_eq!(
@@ -263,13 +273,13 @@ mod tests {
              (docker run --sysctl net.ipv4.ip_forward=1)"
         );
         let docker_non_root = Rights {
-            net_admin_inheritable: true,
+            root: false,
             ..rights(false, true)
         };
         assert_eq!(
             docker_non_root.to_string(),
-            "missing an effective CAP_NET_ADMIN (Docker gives --cap-add to root only: \
-             docker run --user 0 --cap-add NET_ADMIN)"
+            "missing CAP_NET_ADMIN as root (docker run --user 0 --cap-add NET_ADMIN: Docker \
+             gives added capabilities to root only)"
         );
         assert!(rights(true, true).sufficient());
         assert!(!rights(true, false).sufficient());
