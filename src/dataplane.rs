@@ -176,29 +176,24 @@ pub(crate) async fn start(
     health: watch::Receiver<Health>,
 ) -> anyhow::Result<Option<KernelPath>> {
     let table = kernel::table_name(instance);
-    let rights = match mode {
-        Mode::Userspace => Rights {
-            net_admin: false,
-            root: false,
-            forwarding: false,
-        },
-        Mode::Kernel | Mode::Auto => Rights::check(),
-    };
     let user_space = |why: &str| {
         info!(dataplane = "userspace", "data path: user space ({why})");
         // A table left by a crashed run under our name would steal our clients.
-        if rights.net_admin {
+        if kernel::net_admin() {
             let _ = kernel::remove(&table);
         }
         Ok(None)
     };
+    if mode == Mode::Userspace {
+        return user_space("--dataplane userspace");
+    }
+    let rights = Rights::check();
     match mode {
-        Mode::Userspace => return user_space("--dataplane userspace"),
         Mode::Kernel if !rights.sufficient() => {
             return Err(UsageError(format!("--dataplane kernel: {rights}")).into())
         }
         Mode::Auto if !rights.sufficient() => return user_space(&rights.to_string()),
-        Mode::Kernel | Mode::Auto => {}
+        Mode::Userspace | Mode::Kernel | Mode::Auto => {}
     }
     let names = resolve_names(&bound).await;
     let (rules, skipped) = kernel::plan(&bound, |name| names.get(name).copied());

@@ -379,6 +379,16 @@ fn a_crashed_runs_table_is_replaced_on_restart_and_another_ambassadors_is_untouc
     assert!(nft(proxy, &["list", "table", "ip", &table("k3")]).is_none());
     assert!(dnat_packets(proxy, &table("other"), "prerouting", "tcp dport 7100") >= Some(1));
     assert!(echoes(client, other_addr));
+
+    // Crashed again, restarted in user space: the stale table goes all the same.
+    let mut crashed = start_ambassador(proxy, "k3", backend, &["--dataplane", "kernel"]);
+    crashed.signal(libc::SIGKILL);
+    crashed.wait_exit(DEADLINE);
+    let user_space = start_ambassador(proxy, "k3", backend, &["--dataplane", "userspace"]);
+    assert!(nft(proxy, &["list", "table", "ip", &table("k3")]).is_none());
+    assert!(echoes(client, SocketAddr::from((proxy.ip, TCP_PORT))));
+    drop(user_space);
+
     other.signal(libc::SIGTERM);
     assert!(other.wait_exit(DEADLINE).success());
     assert_eq!(ruleset(proxy), before);

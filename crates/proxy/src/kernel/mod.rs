@@ -110,7 +110,7 @@ impl Rights {
     /// Reads the effective capabilities and turns IPv4 forwarding on when it is off and the
     /// process may (only with `CAP_NET_ADMIN`).
     pub fn check() -> Self {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let status = self_status();
         let net_admin = has_net_admin(&status);
         let forwarding = sysctl_on(IP_FORWARD)
             || (net_admin && std::fs::write(IP_FORWARD, "1\n").is_ok() && sysctl_on(IP_FORWARD));
@@ -148,6 +148,15 @@ impl fmt::Display for Rights {
             write!(f, "missing {}", missing.join(" and "))
         }
     }
+}
+
+/// Whether the process has `CAP_NET_ADMIN` now (no side effect, unlike [`Rights::check`]).
+pub fn net_admin() -> bool {
+    has_net_admin(&self_status())
+}
+
+fn self_status() -> String {
+    std::fs::read_to_string("/proc/self/status").unwrap_or_default()
 }
 
 /// Whether `net.ipv4.conf.all.route_localnet` is on: only then may loopback clients be
