@@ -13,6 +13,7 @@ mod advertisement;
 mod cmd;
 mod config_file;
 mod consumer;
+mod dataplane;
 mod duration;
 mod environment;
 mod event_handler;

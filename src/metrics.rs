@@ -75,6 +75,8 @@ pub(crate) struct Observed {
     pub(crate) lifecycle: watch::Receiver<Lifecycle>,
     /// Member statuses.
     pub(crate) members: MembersFn,
+    /// The kernel data path's nftables counters (`run --dataplane kernel`).
+    pub(crate) kernel: Option<Arc<crate::dataplane::Counters>>,
 }
 
 /// Binds `--metrics-addr` when it is given (a busy port fails at startup, before anything is
@@ -179,11 +181,14 @@ async fn route(path: &str, observed: &Observed) -> Response {
         }
         "/metrics" => {
             let members = (observed.members)().await;
-            let body = render(
+            let mut body = render(
                 &Snapshot::of(&observed.stats),
                 *observed.health.borrow(),
                 members.as_deref(),
             );
+            if let Some(kernel) = &observed.kernel {
+                body.push_str(&Arc::clone(kernel).render().await);
+            }
             Response {
                 status: 200,
                 content_type: "text/plain; version=0.0.4; charset=utf-8",

@@ -81,6 +81,7 @@ pub(crate) async fn run(args: Args, log_flag: Option<&str>) -> anyhow::Result<()
             health: watch::channel(Health::Passing).1,
             lifecycle,
             members: metrics::statuses_of(Some(member.clone())),
+            kernel: None,
         });
         tokio::spawn(metrics::serve(listener, observed, metrics_stop.clone()));
     }

@@ -150,6 +150,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             health: consumer.health(),
             lifecycle,
             members: metrics::statuses_of(member.clone()),
+            kernel: None,
         });
         tokio::spawn(metrics::serve(listener, observed, metrics_stop.clone()));
     }

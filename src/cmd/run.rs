@@ -160,6 +160,10 @@ pub(crate) struct Args {
     /// How `--connect` picks and retries providers.
     #[command(flatten)]
     consume: ConsumeArgs,
+
+    /// User space or the kernel (nftables) carries the forwards.
+    #[command(flatten)]
+    dataplane: crate::dataplane::DataplaneArgs,
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
@@ -284,6 +288,14 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     };
     let (health_tx, health_rx) = watch::channel(initial);
     let (lifecycle_tx, lifecycle_rx) = watch::channel(metrics::Lifecycle::Starting);
+    let node_name = args.member.gossip.node_name();
+    let mut kernel_path = crate::dataplane::start(
+        args.dataplane.dataplane,
+        &node_name,
+        proxy.bound(),
+        health_rx.clone(),
+    )
+    .await?;
 
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -377,6 +389,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             health: health_rx,
             lifecycle: lifecycle_rx,
             members: metrics::statuses_of(serf_member),
+            kernel: kernel_path.as_ref().map(|path| path.counters()),
         });
         tokio::spawn(metrics::serve(listener, observed, metrics_stop.clone()));
     }
@@ -403,7 +416,13 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         },
         signal = signals.recv() => second = Some(signal),
     }
+    if let Some(kernel_path) = &mut kernel_path {
+        kernel_path.stop_new().await;
+    }
     drain(&shutdown, &tasks, &stats, deadline, &mut signals, second).await;
+    if let Some(kernel_path) = kernel_path {
+        kernel_path.remove().await;
+    }
     metrics_stop.cancel();
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
     if tokio::time::timeout(left.max(Duration::from_millis(100)), advertiser.shutdown())

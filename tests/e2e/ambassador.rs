@@ -108,7 +108,7 @@ fn redis_cli(addr: SocketAddr, args: &[&str]) -> String {
 }
 
 /// `GET path` on `addr`: (status code, body).
-fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+pub(crate) fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))

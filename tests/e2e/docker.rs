@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::{eventually, DEADLINE};
 
+mod kernel;
 mod seed_story;
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
@@ -150,25 +151,7 @@ struct BaseImages {
 
 /// `name=tag` lines from `scripts/docker-test-images`, built or reused.
 fn base_images() -> BaseImages {
-    let start = Instant::now();
-    let script = Path::new(REPO).join("scripts/docker-test-images");
-    let output = testkit::run_with_timeout(Command::new(&script).arg("all"), BUILD_DEADLINE);
-    assert!(
-        output.status.success(),
-        "{} failed ({}):\n{}",
-        script.display(),
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let tag = |name: &str| {
-        stdout
-            .lines()
-            .find_map(|line| line.strip_prefix(&format!("{name}=")))
-            .unwrap_or_else(|| panic!("no {name}= line from {}: {stdout}", script.display()))
-            .to_owned()
-    };
-    eprintln!("base images ready in {:.1?}", start.elapsed());
+    let tag = base_image_tags(&["all"]);
     BaseImages {
         rust: tag("rust"),
         redis: tag("redis"),
@@ -176,6 +159,29 @@ fn base_images() -> BaseImages {
         serf_exposed: tag("serf-exposed"),
         mariadb: tag("mariadb"),
         wordpress: tag("wordpress"),
+    }
+}
+
+/// `scripts/docker-test-images NAMES…` (built or reused); returns the lookup of each tag.
+fn base_image_tags(names: &[&str]) -> impl Fn(&str) -> String {
+    let start = Instant::now();
+    let script = Path::new(REPO).join("scripts/docker-test-images");
+    let output = testkit::run_with_timeout(Command::new(&script).args(names), BUILD_DEADLINE);
+    assert!(
+        output.status.success(),
+        "{} failed ({}):\n{}",
+        script.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    eprintln!("base images ready in {:.1?}", start.elapsed());
+    move |name: &str| {
+        stdout
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name}= line from {}: {stdout}", script.display()))
+            .to_owned()
     }
 }
 

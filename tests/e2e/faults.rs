@@ -735,7 +735,7 @@ impl Transfer {
 }
 
 /// socat echoing every connection to `addr` on `host`; returns once it accepts.
-fn echo_on(host: &Host, addr: SocketAddr) -> Child {
+pub(crate) fn echo_on(host: &Host, addr: SocketAddr) -> Child {
     let listen = format!(
         "TCP-LISTEN:{},bind={},reuseaddr,fork",
         addr.port(),
@@ -805,7 +805,7 @@ fn cut_mid_transfer(via: Via) {
 }
 
 /// Whether a new connection from `client` to `addr` echoes a few bytes back.
-fn echoes(client: &Host, addr: SocketAddr) -> bool {
+pub(crate) fn echoes(client: &Host, addr: SocketAddr) -> bool {
     let Ok(mut stream) = client.connect(addr, Duration::from_secs(2)) else {
         return false;
     };

@@ -12,6 +12,7 @@ mod faults;
 mod health;
 mod health_check;
 mod hostile;
+mod kernel;
 mod modern;
 mod proxy;
 mod rpc_cli;

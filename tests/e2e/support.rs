@@ -26,6 +26,8 @@ fn configure(mut command: Command, vars: &[(&str, &str)], args: &[&str]) -> Comm
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("RUST_LOG", "info")
+        // Run as root, `auto` would program the namespace's nftables; kernel.rs asks for it.
+        .env("AMB_DATAPLANE", "userspace")
         .args(["--log-format", "json"])
         .args(args);
     for (name, value) in vars {

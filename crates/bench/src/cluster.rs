@@ -215,6 +215,7 @@ fn spawn_amb_run(
     let mut command = Command::new(env.amb_serf);
     command
         .arg("run")
+        .env("AMB_DATAPLANE", "userspace")
         .env(
             format!("BACKEND_PORT_{}_TCP", backend.port()),
             format!("tcp://{backend}"),

@@ -267,7 +267,9 @@ pub(crate) fn start(
                     format!("BACKEND_PORT_{}_TCP", backend.port()),
                     format!("tcp://{backend}"),
                 )
-                .env("AMB_LISTEN_ADDR", "127.0.0.2");
+                .env("AMB_LISTEN_ADDR", "127.0.0.2")
+                // The user-space column; run as root, `auto` would take the kernel path.
+                .env("AMB_DATAPLANE", "userspace");
         }
         Tool::AmbSerfConnect => {
             // The provider: a real agent on the backend's address whose `role` is the backend's

@@ -20,6 +20,10 @@
 //!   [`Proxy::bind_tcp`] adds such a listener beside the fixed forwards (same accept loop, copy
 //!   engine, limits, stats and drain).
 //!
+//! - [`kernel`] (Linux): the kernel data path, the same forwards as nftables NAT rules in the
+//!   process's network namespace (a pure ruleset builder and a small netlink encoder), so the
+//!   bytes never enter the process; the listeners above stay bound for what it does not take.
+//!
 //! Left out on purpose: TLS, HTTP awareness, and the choice among a pool's targets (the
 //! [`Pool`] implementation owns it).
 //!
@@ -61,6 +65,8 @@ pub use tokio_util::task::TaskTracker;
 mod copy;
 pub mod dial;
 pub mod health;
+#[cfg(target_os = "linux")]
+pub mod kernel;
 pub mod link_env;
 #[cfg(target_os = "linux")]
 mod rate_limit;
