@@ -3,7 +3,7 @@
 //! helpers (`columnize`, `encoding/json` escaping) and Go's boolean flag values.
 
 use anyhow::Context as _;
-use serf::rpc::Client;
+use serf_agent::rpc::Client;
 
 /// The agent address when neither a flag nor a variable names one.
 const DEFAULT_RPC_ADDR: &str = "127.0.0.1:7373";

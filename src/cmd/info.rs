@@ -2,7 +2,7 @@
 //! the round-trip time between two nodes from their network coordinates.
 
 use anyhow::{anyhow, Context as _};
-use serf::rpc::{Client, Coordinate, Stats};
+use serf_agent::rpc::{Client, Coordinate, Stats};
 
 use super::client::{go_json, ClientArgs};
 use super::members::Format;

@@ -3,7 +3,7 @@
 
 use base64::Engine as _;
 use rand::RngCore as _;
-use serf::rpc::{KeyCommand, KeyResponse};
+use serf_agent::rpc::{KeyCommand, KeyResponse};
 
 use super::client::{columnize, ClientArgs};
 use super::{Reported, UsageError};

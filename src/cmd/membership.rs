@@ -55,7 +55,7 @@ pub(crate) async fn leave(args: LeaveArgs) -> anyhow::Result<()> {
     let client = args.client.connect().await?;
     match client.leave().await {
         // The agent may close the connection as it shuts down, before or after its answer.
-        Ok(()) | Err(serf::rpc::Error::Closed { .. }) => {}
+        Ok(()) | Err(serf_agent::rpc::Error::Closed { .. }) => {}
         Err(error) => return Err(error).context("Error leaving"),
     }
     println!("Graceful leave complete");

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use anyhow::Context as _;
 use std::net::IpAddr;
 
-use serf::rpc::{Member, StreamEvent};
+use serf_agent::rpc::{Member, StreamEvent};
 
 use super::client::ClientArgs;
 use super::{Reported, UsageError};

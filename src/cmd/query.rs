@@ -6,7 +6,7 @@ use std::io::Write as _;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use serf::rpc::{Query, QueryReply};
+use serf_agent::rpc::{Query, QueryReply};
 
 use super::client::{go_json, ClientArgs};
 use super::members::{parse_tag_filter, Format};

@@ -6,7 +6,7 @@ use std::io::Write as _;
 use std::time::Instant;
 
 use anyhow::Context as _;
-use serf::rpc::{Query, QueryReply};
+use serf_agent::rpc::{Query, QueryReply};
 
 use super::client::ClientArgs;
 use super::Reported;
