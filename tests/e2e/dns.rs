@@ -336,3 +336,35 @@ fn the_system_resolver_finds_a_role() {
     assert_eq!(getent(host, "6379.role.serf").0, Some(2));
     let _ = std::fs::remove_file(&log);
 }
+
+#[test]
+fn connect_answers_too() {
+    let seed = Agent::start("dns-seed-3", loopback(1), &[]);
+    let _db = provider("db-x", loopback(5), &seed, &["role=3306", "health=passing"]);
+    let listen = format!("3306={}", free_port(loopback(1)));
+    let gossip = format!("{}:{}", loopback(1), free_port(loopback(1)));
+    let dns = SocketAddr::from((loopback(1), free_port(loopback(1))));
+    let (join, dns_text) = (seed.bind.to_string(), dns.to_string());
+    let _connect = Ambassador::start_command(
+        &[],
+        &[
+            "connect",
+            &listen,
+            "--listen-addr",
+            "127.0.0.1",
+            "--node",
+            "dns-consumer",
+            "--bind",
+            &gossip,
+            "--rpc-addr=",
+            "--join",
+            &join,
+            "--dns-addr",
+            &dns_text,
+        ],
+    );
+    eventually(DEADLINE, "the provider through connect's DNS", || {
+        (short(dns, &["3306.role.serf"]) == set(&["127.0.0.5"])).then_some(())
+    });
+    assert_eq!(short(dns, &["dns-consumer.node.serf"]), set(&["127.0.0.1"]));
+}
