@@ -143,8 +143,9 @@ fn roles_nodes_and_negative_answers() {
         "db-b gone from 3306.role.serf",
         || short(dns, &["3306.role.serf", "A"]) == set(&["127.0.0.2"]),
     );
+    // The leave is gossiped at once (well under a second here); the margin is for a busy CI.
     assert!(
-        took < Duration::from_secs(3),
+        took < Duration::from_secs(5),
         "db-b left, still answered for {took:?}"
     );
     assert_eq!(status(&dig(dns, &["db-b.node.serf"])), "NXDOMAIN");
@@ -215,8 +216,10 @@ fn a_critical_backend_disappears_within_the_health_interval() {
         "web gone from web.role.serf",
         || short(dns, &["web.role.serf"]).is_empty(),
     );
+    // One interval to the next probe, its timeout (at most the interval), the tag's gossip;
+    // the margin is for a busy CI.
     assert!(
-        took < Duration::from_secs(4),
+        took < Duration::from_secs(6),
         "critical for {took:?} and still answered"
     );
     let nodata = dig(dns, &["web.role.serf"]);
