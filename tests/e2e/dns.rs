@@ -143,8 +143,9 @@ fn roles_nodes_and_negative_answers() {
         "db-b gone from 3306.role.serf",
         || short(dns, &["3306.role.serf", "A"]) == set(&["127.0.0.2"]),
     );
+    // The leave is gossiped at once (well under a second here); the margin is for a busy CI.
     assert!(
-        took < Duration::from_secs(3),
+        took < Duration::from_secs(5),
         "db-b left, still answered for {took:?}"
     );
     assert_eq!(status(&dig(dns, &["db-b.node.serf"])), "NXDOMAIN");
@@ -215,8 +216,10 @@ fn a_critical_backend_disappears_within_the_health_interval() {
         "web gone from web.role.serf",
         || short(dns, &["web.role.serf"]).is_empty(),
     );
+    // One interval to the next probe, its timeout (at most the interval), the tag's gossip;
+    // the margin is for a busy CI.
     assert!(
-        took < Duration::from_secs(4),
+        took < Duration::from_secs(6),
         "critical for {took:?} and still answered"
     );
     let nodata = dig(dns, &["web.role.serf"]);
@@ -335,4 +338,36 @@ fn the_system_resolver_finds_a_role() {
     assert_eq!(getent(host, "nobody.node.serf").0, Some(2));
     assert_eq!(getent(host, "6379.role.serf").0, Some(2));
     let _ = std::fs::remove_file(&log);
+}
+
+#[test]
+fn connect_answers_too() {
+    let seed = Agent::start("dns-seed-3", loopback(1), &[]);
+    let _db = provider("db-x", loopback(5), &seed, &["role=3306", "health=passing"]);
+    let listen = format!("3306={}", free_port(loopback(1)));
+    let gossip = format!("{}:{}", loopback(1), free_port(loopback(1)));
+    let dns = SocketAddr::from((loopback(1), free_port(loopback(1))));
+    let (join, dns_text) = (seed.bind.to_string(), dns.to_string());
+    let _connect = Ambassador::start_command(
+        &[],
+        &[
+            "connect",
+            &listen,
+            "--listen-addr",
+            "127.0.0.1",
+            "--node",
+            "dns-consumer",
+            "--bind",
+            &gossip,
+            "--rpc-addr=",
+            "--join",
+            &join,
+            "--dns-addr",
+            &dns_text,
+        ],
+    );
+    eventually(DEADLINE, "the provider through connect's DNS", || {
+        (short(dns, &["3306.role.serf"]) == set(&["127.0.0.5"])).then_some(())
+    });
+    assert_eq!(short(dns, &["dns-consumer.node.serf"]), set(&["127.0.0.1"]));
 }
