@@ -780,3 +780,42 @@ fn key_queries_rotate_every_keyring_and_report_silent_members() {
     assert_eq!(listed.keys.len(), 2);
     assert!(listed.keys.values().all(|count| *count == 2));
 }
+
+/// `serf force-leave` on the composition the agent runs ([`Serf::force_leave`]): a failed
+/// member becomes `left` everywhere; with prune it is forgotten at once. `stats` counts it.
+#[test]
+fn force_leave_marks_a_failed_member_left_everywhere_and_prune_forgets_it() {
+    let mut sim = Sim::new(15);
+    sim.cluster(&["a", "b", "c", "d"]);
+    sim.kill(2);
+    sim.kill(3);
+    sim.run(Duration::from_secs(20));
+    assert_eq!(sim.status(1, "c"), Some(MemberStatus::Failed));
+    assert_eq!(sim.node(0).stats()["failed"], "2");
+
+    let now = sim.now;
+    sim.node(0).force_leave(now, "c", false);
+    sim.run(Duration::from_secs(2));
+    for at in [0, 1] {
+        assert_eq!(
+            sim.status(at, "c"),
+            Some(MemberStatus::Left),
+            "seed {}",
+            sim.seed
+        );
+    }
+    assert_eq!(sim.node(0).stats()["left"], "1");
+
+    let now = sim.now;
+    sim.node(1).force_leave(now, "d", true);
+    sim.run(Duration::from_secs(2));
+    for at in [0, 1] {
+        assert_eq!(sim.status(at, "d"), None, "seed {}: pruned", sim.seed);
+        assert!(sim.events[at]
+            .iter()
+            .any(|e| matches!(e, Event::MemberReap(m) if m.name == "d")));
+    }
+    // Unknown names are no-ops.
+    let now = sim.now;
+    sim.node(0).force_leave(now, "nobody", true);
+}
