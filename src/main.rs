@@ -321,7 +321,12 @@ async fn trim_heap() {
 fn main() -> ExitCode {
     pin_mmap_threshold();
     let (cli, command) = parse_cli();
-    init_tracing(cli.log_level.as_deref(), cli.log_format);
+    // `monitor -log-level` is the level asked of the agent, not of this client's own log.
+    let own_level = match command {
+        Command::Monitor(_) => None,
+        _ => cli.log_level.as_deref(),
+    };
+    init_tracing(own_level, cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -80,10 +80,12 @@ pub(crate) async fn run(args: Args, log_flag: Option<&str>) -> anyhow::Result<()
         tokio::spawn(metrics::serve(listener, observed, metrics_stop.clone()));
     }
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // One stream for the whole loop: a signal between two iterations is not lost.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let stop_from_rpc = loop {
         tokio::select! {
             _ = terminate.recv() => { tracing::info!("sigterm: leaving the cluster"); break false }
-            _ = tokio::signal::ctrl_c() => { tracing::info!("interrupt: leaving the cluster"); break false }
+            _ = interrupt.recv() => { tracing::info!("interrupt: leaving the cluster"); break false }
             () = member.stop_requested() => break true,
             Ok(()) = reloads.changed() => reload(&args, log_flag, &member).await,
         }
