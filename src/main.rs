@@ -354,7 +354,7 @@ fn main() -> ExitCode {
     }
     let result = runtime.block_on(async {
         match command {
-            Command::Run(args) => cmd::run::run(*args).await,
+            Command::Run(args) => cmd::run::run(*args, cli.log_level.as_deref()).await,
             Command::Members(args) => cmd::members::run(args).await,
             Command::Resolve(args) => cmd::resolve::run(args).await,
             Command::Agent(args) => cmd::agent::run(args, cli.log_level.as_deref()).await,
