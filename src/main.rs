@@ -174,7 +174,14 @@ fn init_tracing(level: Option<&str>, format: LogFormat) {
 /// `serf` command line: a subcommand is required, as Go's `serf` requires one.
 fn parse_cli() -> (Cli, Command) {
     use clap::{CommandFactory, FromArgMatches};
-    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // Go's `serf -v` and `serf --version` are `serf version`.
+    if invoked_as_serf(&args)
+        && args.len() == 2
+        && ["-v", "-version", "--version"].contains(&args[1].to_str().unwrap_or_default())
+    {
+        args[1] = "version".into();
+    }
     let root = Cli::command();
     let parse = |args: &[std::ffi::OsString]| {
         let normalized = go_flags::normalize(args, &root);

@@ -325,6 +325,7 @@ fn monitor_streams_logs_and_events_until_interrupted() {
     }
 }
 
+/// `serf agent -node x -bind IP -profile local …`: one dash, a bind address without a port.
 #[test]
 fn agent_takes_go_flags_and_binds_7946_without_a_port() {
     let serf = Symlink::new();
@@ -339,6 +340,7 @@ fn agent_takes_go_flags_and_binds_7946_without_a_port() {
         "-tag",
         "role=web",
         "-log-level=debug",
+        "-profile=local",
     ]);
     let _agent = Child::spawn("serf agent (amb-serf)", &mut agent, None);
     let output = eventually(DEADLINE, "the agent answers", || {
