@@ -176,7 +176,14 @@ fn init_tracing(level: Option<&str>, format: LogFormat) {
 /// `serf` command line: a subcommand is required, as Go's `serf` requires one.
 fn parse_cli() -> (Cli, Command) {
     use clap::{CommandFactory, FromArgMatches};
-    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // Go's `serf -v` and `serf --version` are `serf version`.
+    if invoked_as_serf(&args)
+        && args.len() == 2
+        && ["-v", "-version", "--version"].contains(&args[1].to_str().unwrap_or_default())
+    {
+        args[1] = "version".into();
+    }
     let root = Cli::command();
     let parse = |args: &[std::ffi::OsString]| {
         let normalized = go_flags::normalize(args, &root);
@@ -323,7 +330,12 @@ async fn trim_heap() {
 fn main() -> ExitCode {
     pin_mmap_threshold();
     let (cli, command) = parse_cli();
-    init_tracing(cli.log_level.as_deref(), cli.log_format);
+    // `monitor -log-level` is the level asked of the agent, not of this client's own log.
+    let own_level = match command {
+        Command::Monitor(_) => None,
+        _ => cli.log_level.as_deref(),
+    };
+    init_tracing(own_level, cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -351,7 +363,7 @@ fn main() -> ExitCode {
     }
     let result = runtime.block_on(async {
         match command {
-            Command::Run(args) => cmd::run::run(*args).await,
+            Command::Run(args) => cmd::run::run(*args, cli.log_level.as_deref()).await,
             Command::Members(args) => cmd::members::run(args).await,
             Command::Resolve(args) => cmd::resolve::run(args).await,
             Command::Agent(args) => cmd::agent::run(args, cli.log_level.as_deref()).await,

@@ -100,6 +100,31 @@ pub(crate) struct GossipArgs {
     /// together with --encrypt.
     #[arg(long, env = "AMB_KEYRING_FILE", value_name = "PATH")]
     pub(crate) keyring_file: Option<PathBuf>,
+
+    /// Timing of failure detection and gossip, as `serf agent -profile`.
+    #[arg(long, env = "AMB_PROFILE", value_enum, default_value_t = Profile::Lan)]
+    pub(crate) profile: Profile,
+}
+
+/// memberlist's timing profiles (`serf agent -profile`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Profile {
+    /// A local area network (the default).
+    Lan,
+    /// Across data centres: slower probes and gossip, more patience.
+    Wan,
+    /// One host: faster probes and gossip.
+    Local,
+}
+
+impl Profile {
+    fn config(self) -> serf::memberlist::Config {
+        match self {
+            Self::Lan => serf::memberlist::Config::lan(),
+            Self::Wan => serf::memberlist::Config::wan(),
+            Self::Local => serf::memberlist::Config::local(),
+        }
+    }
 }
 
 /// A flag value that must never be printed (an encryption key).
@@ -544,6 +569,7 @@ async fn start_member(
     };
     let mut options = serf_agent::driver::Options::new(name.clone(), gossip.bind);
     options.advertise = Some(gossip.advertise_for(gossip.bind));
+    options.config = gossip.profile.config();
     options.keyring = keyring.map(|keyring| gossip.shared_keyring(keyring));
     let gossip_interval = options.config.gossip_interval;
     let query_timeout_mult = config.query_timeout_mult;
@@ -957,6 +983,16 @@ mod tests {
         let mut argv = vec!["test"];
         argv.extend_from_slice(flags);
         Cli::try_parse_from(argv).expect("valid flags").member
+    }
+
+    #[test]
+    fn a_profile_picks_memberlist_timing() {
+        assert_eq!(
+            args(&[]).gossip.profile.config(),
+            serf::memberlist::Config::lan()
+        );
+        let wan = args(&["--profile", "wan"]).gossip.profile.config();
+        assert_eq!(wan, serf::memberlist::Config::wan());
     }
 
     #[test]

@@ -1,12 +1,16 @@
 //! SIGHUP: what `serf agent` reloads, reloaded. `main` turns every SIGHUP into a [`request`];
-//! a command that can reload [`subscribe`]s and re-reads its files (see `cmd/agent.rs`); the log
-//! filter of the console output is swapped through [`set_log_filter`]. With no subscriber the
-//! signal is only logged: it never ends the process.
+//! `agent` and `run` hand their member to [`Reloadable::follow`], which re-reads the config
+//! files and the tags file on each; the log filter of the console output is swapped through
+//! [`set_log_filter`]. With no subscriber the signal is only logged: it never ends the process.
 
+use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use tokio::sync::watch;
 use tracing_subscriber::{reload, EnvFilter, Registry};
+
+use crate::config_file::ConfigArgs;
+use crate::member::{Member, MemberArgs};
 
 fn requests() -> &'static watch::Sender<u64> {
     static REQUESTS: OnceLock<watch::Sender<u64>> = OnceLock::new();
@@ -40,4 +44,105 @@ pub(crate) fn set_log_filter(filter: &str) -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("no reloadable log filter"))?;
     handle.reload(EnvFilter::new(filter))?;
     Ok(())
+}
+
+/// What a command reloads on SIGHUP, as `serf agent` does: the log level, the event handlers
+/// and (for `agent`) the tags, from its flags, `--config-file` and `--tags-file`.
+#[derive(Debug, Clone)]
+pub(crate) struct Reloadable {
+    member: MemberArgs,
+    config: ConfigArgs,
+    log_flag: Option<String>,
+    /// Whether the tags are ours to set (`agent`; `run`'s advertiser owns its tags).
+    tags: bool,
+}
+
+/// What the flags and the config files ask for.
+pub(crate) struct Wanted {
+    /// The member flags with the config files' event handlers added.
+    pub(crate) member: MemberArgs,
+    /// The tags file, then the config files' `tags`, then `--tag`.
+    pub(crate) tags: BTreeMap<String, String>,
+    /// `--log-level`, else the config files' `log_level`.
+    pub(crate) log_level: Option<String>,
+}
+
+impl Reloadable {
+    pub(crate) fn new(
+        member: &MemberArgs,
+        config: &ConfigArgs,
+        log_flag: Option<&str>,
+        tags: bool,
+    ) -> Self {
+        Self {
+            member: member.clone(),
+            config: config.clone(),
+            log_flag: log_flag.map(str::to_owned),
+            tags,
+        }
+    }
+
+    fn wanted(&self) -> anyhow::Result<Wanted> {
+        let config = self.config.read()?;
+        let mut member = self.member.clone();
+        member.event_handlers.extend(config.event_handlers);
+        let mut tags = self.member.tags()?;
+        tags.extend(config.tags);
+        tags.extend(self.member.tags.iter().flatten().cloned());
+        Ok(Wanted {
+            member,
+            tags,
+            log_level: self.log_flag.clone().or(config.log_level),
+        })
+    }
+
+    /// At start: applies the log level and returns what to start the member with.
+    pub(crate) fn start(&self) -> anyhow::Result<Wanted> {
+        let wanted = self.wanted()?;
+        if let Some(level) = &wanted.log_level {
+            set_log_filter(level)?;
+        }
+        Ok(wanted)
+    }
+
+    /// Applies every SIGHUP to `member` from now on, until the process ends. A file that
+    /// cannot be read or is not valid keeps the running configuration, as `serf agent` does.
+    pub(crate) fn follow(self, member: Member) {
+        let mut requests = subscribe();
+        tokio::spawn(async move {
+            while requests.changed().await.is_ok() {
+                tracing::info!(
+                    "SIGHUP: reloading the config files, the tags file and the event handlers"
+                );
+                if let Err(error) = self.apply(&member).await {
+                    tracing::error!(error = %format!("{error:#}"), "reload failed; the running configuration stays");
+                }
+            }
+        });
+    }
+
+    async fn apply(&self, member: &Member) -> anyhow::Result<()> {
+        let wanted = self.wanted()?;
+        let handlers = wanted.member.handlers()?;
+        if let Some(level) = &wanted.log_level {
+            set_log_filter(level)?;
+        }
+        let count = handlers.len();
+        member.set_event_handlers(handlers);
+        if self.tags && wanted.tags != member.tags() {
+            member.set_tags(wanted.tags.clone()).await?;
+        }
+        let tags: Vec<String> = member
+            .tags()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        tracing::info!(
+            event_handlers = count,
+            tags = %tags.join(","),
+            log_level = wanted.log_level.as_deref().unwrap_or("(unchanged)"),
+            "reloaded"
+        );
+        Ok(())
+    }
 }

@@ -13,9 +13,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config_file::ConfigArgs;
-use crate::member::{self, Member, MemberArgs};
+use crate::member::{self, MemberArgs};
 use crate::metrics;
 use crate::nameserver;
+use crate::reload::Reloadable;
 
 /// How long a leave may take before we exit anyway (Serf's broadcast timeout plus the
 /// propagation delay, with room to spare).
@@ -39,39 +40,15 @@ pub(crate) struct Args {
     dns: nameserver::DnsArgs,
 }
 
-/// What the flags and the config files ask for; computed at start and on every SIGHUP.
-struct Wanted {
-    member: MemberArgs,
-    tags: std::collections::BTreeMap<String, String>,
-    log_level: Option<String>,
-}
-
-/// The tags file, then the config files' `tags`, then `--tag`; the handlers of `--event-handler`
-/// then of the config files; `--log-level` over the config files' `log_level`.
-fn wanted(args: &Args, log_flag: Option<&str>) -> anyhow::Result<Wanted> {
-    let config = args.config.read()?;
-    let mut member = args.member.clone();
-    member.event_handlers.extend(config.event_handlers);
-    let mut tags = args.member.tags()?;
-    tags.extend(config.tags);
-    tags.extend(args.member.tags.iter().flatten().cloned());
-    Ok(Wanted {
-        member,
-        tags,
-        log_level: log_flag.map(str::to_owned).or(config.log_level),
-    })
-}
-
 pub(crate) async fn run(args: Args, log_flag: Option<&str>) -> anyhow::Result<()> {
-    let start = wanted(&args, log_flag)?;
-    if let Some(level) = &start.log_level {
-        crate::reload::set_log_filter(level)?;
-    }
+    let reloadable = Reloadable::new(&args.member, &args.config, log_flag, true);
+    let start = reloadable.start()?;
     let seeds = args.member.gossip.seeds(crate::environment::vars())?;
     let metrics_listener = metrics::bind(args.metrics_addr).await?;
     let mut reloads = crate::reload::subscribe();
     let dns = args.dns.bind().await?;
     let member = member::start(&start.member, start.tags, seeds, member::Extras::default()).await?;
+    reloadable.follow(member.clone());
     // An agent forwards nothing and has no backend: ready while it runs, until it leaves.
     let (lifecycle_tx, lifecycle) = watch::channel(metrics::Lifecycle::Running);
     let metrics_stop = CancellationToken::new();
@@ -89,13 +66,10 @@ pub(crate) async fn run(args: Args, log_flag: Option<&str>) -> anyhow::Result<()
         nameserver::spawn(dns, member.clone(), metrics_stop.clone());
     }
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let stop_from_rpc = loop {
-        tokio::select! {
-            _ = terminate.recv() => { tracing::info!("sigterm: leaving the cluster"); break false }
-            _ = tokio::signal::ctrl_c() => { tracing::info!("interrupt: leaving the cluster"); break false }
-            () = member.stop_requested() => break true,
-            Ok(()) = reloads.changed() => reload(&args, log_flag, &member).await,
-        }
+    let stop_from_rpc = tokio::select! {
+        _ = terminate.recv() => { tracing::info!("sigterm: leaving the cluster"); false }
+        _ = tokio::signal::ctrl_c() => { tracing::info!("interrupt: leaving the cluster"); false }
+        () = member.stop_requested() => true,
     };
     lifecycle_tx.send_replace(metrics::Lifecycle::Leaving);
     // After `serf leave` the member has already left; leaving again returns at once.
@@ -108,32 +82,4 @@ pub(crate) async fn run(args: Args, log_flag: Option<&str>) -> anyhow::Result<()
     metrics_stop.cancel();
     tracing::info!("agent stopped");
     Ok(())
-}
-
-/// SIGHUP: applies the config files, the tags file and the flags again. A file that cannot be
-/// read or is not valid keeps the running configuration, as `serf agent` does.
-async fn reload(args: &Args, log_flag: Option<&str>, member: &Member) {
-    tracing::info!("SIGHUP: reloading the config files, the tags file and the event handlers");
-    let result = async {
-        let wanted = wanted(args, log_flag)?;
-        let handlers = wanted.member.handlers()?;
-        if let Some(level) = &wanted.log_level {
-            crate::reload::set_log_filter(level)?;
-        }
-        let count = handlers.len();
-        member.set_event_handlers(handlers);
-        if wanted.tags != member.tags() {
-            member.set_tags(wanted.tags.clone()).await?;
-        }
-        tracing::info!(
-            event_handlers = count,
-            tags = %crate::cmd::members::tag_list(&wanted.tags),
-            log_level = wanted.log_level.as_deref().unwrap_or("(unchanged)"),
-            "reloaded"
-        );
-        anyhow::Ok(())
-    };
-    if let Err(error) = result.await {
-        tracing::error!(error = %format!("{error:#}"), "reload failed; the running configuration stays");
-    }
 }

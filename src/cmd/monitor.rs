@@ -39,9 +39,10 @@ pub(crate) async fn run(args: Args, level: Option<&str>) -> anyhow::Result<()> {
         .monitor(&level)
         .await
         .context("Error starting monitor")?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
             line = logs.recv() => match line {
                 Some(Ok(line)) => println!("{line}"),
                 Some(Err(error)) => return Err(error).context("reading the log stream"),

@@ -76,10 +76,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         writeln!(out, "Query '{}' dispatched", args.name)?;
     }
     let (mut acks, mut responses, mut n_responses) = (Vec::new(), BTreeMap::new(), 0usize);
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
         let reply = tokio::select! {
             reply = replies.recv() => reply,
-            _ = tokio::signal::ctrl_c() => return Err(Reported.into()),
+            _ = interrupt.recv() => return Err(Reported.into()),
         };
         match reply.transpose().context("Error reading query replies")? {
             None => break,

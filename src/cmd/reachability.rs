@@ -62,10 +62,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let start = Instant::now();
     let mut last = start;
     let (mut acks, mut acked, mut duplicates) = (0usize, BTreeSet::new(), false);
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
         let reply = tokio::select! {
             reply = replies.recv() => reply,
-            _ = tokio::signal::ctrl_c() => {
+            _ = interrupt.recv() => {
                 eprintln!("Test interrupted");
                 return Err(Reported.into());
             }

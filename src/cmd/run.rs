@@ -143,6 +143,10 @@ pub(crate) struct Args {
     #[command(flatten)]
     member: MemberArgs,
 
+    /// Log level and event handlers reloaded on SIGHUP (`reload::Reloadable`).
+    #[command(flatten)]
+    config: crate::config_file::ConfigArgs,
+
     /// Serf (the default) or etcd.
     #[command(flatten)]
     registry: RegistryArgs,
@@ -166,7 +170,9 @@ pub(crate) struct Args {
     dataplane: crate::dataplane::DataplaneArgs,
 }
 
-pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+pub(crate) async fn run(args: Args, log_flag: Option<&str>) -> anyhow::Result<()> {
+    let reloadable = crate::reload::Reloadable::new(&args.member, &args.config, log_flag, false);
+    let with_config = reloadable.start()?.member;
     let serf_link = args.member.gossip.serf_link.clone();
     let options = link_env::Options {
         serf_link: serf_link.clone(),
@@ -312,7 +318,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let mut advertiser = match &registry {
         Registry::Serf => Advertiser::Serf(
             member::start(
-                &args.member,
+                &with_config,
                 initial_tags.clone(),
                 seeds,
                 member::Extras { handler_env },
@@ -369,6 +375,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         Advertiser::Serf(member) => Some(member.clone()),
         Advertiser::Etcd { .. } => None,
     };
+    if let Some(member) = serf_member.clone() {
+        reloadable.follow(member);
+    }
     if let Some(tag_member) = serf_member.clone() {
         background.spawn(health::advertise(
             advertisement,

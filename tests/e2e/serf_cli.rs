@@ -325,6 +325,7 @@ fn monitor_streams_logs_and_events_until_interrupted() {
     }
 }
 
+/// `serf agent -node x -bind IP -profile local …`: one dash, a bind address without a port.
 #[test]
 fn agent_takes_go_flags_and_binds_7946_without_a_port() {
     let serf = Symlink::new();
@@ -339,6 +340,7 @@ fn agent_takes_go_flags_and_binds_7946_without_a_port() {
         "-tag",
         "role=web",
         "-log-level=debug",
+        "-profile=local",
     ]);
     let _agent = Child::spawn("serf agent (amb-serf)", &mut agent, None);
     let output = eventually(DEADLINE, "the agent answers", || {
@@ -444,4 +446,61 @@ fn agent_reloads_config_tags_file_and_handlers_on_sighup() {
         agent.log()
     );
     assert!(members(agent.rpc).contains("alive  fixed=1,rack=r2,zone=b"));
+}
+
+#[test]
+fn run_reloads_its_event_handlers_on_sighup() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("config.json");
+    std::fs::write(&config, r#"{"event_handlers": []}"#).unwrap();
+    let ip = loopback(233);
+    let gossip = format!("{ip}:{}", free_port(ip));
+    let rpc = SocketAddr::from((loopback(1), free_port(loopback(1))));
+    let (rpc_text, config_text) = (rpc.to_string(), config.display().to_string());
+    let ambassador = crate::support::Ambassador::start_on(
+        ip,
+        &[],
+        &[
+            "--forward",
+            "9=127.0.0.1:9",
+            "--bind",
+            &gossip,
+            "--rpc-addr",
+            &rpc_text,
+            "--health-interval",
+            "0",
+            "-config-file",
+            &config_text,
+        ],
+    );
+    let ask = || {
+        run(&mut command(
+            require("serf"),
+            rpc,
+            &["query", "-timeout=1s", "whoami"],
+        ))
+    };
+    let before = ask();
+    assert!(
+        text(&before.stdout).contains("Total Responses: 0"),
+        "{}",
+        describe(&before)
+    );
+
+    std::fs::write(
+        &config,
+        r#"{"event_handlers": ["query:whoami=echo run-reloaded"]}"#,
+    )
+    .unwrap();
+    ambassador.signal(libc::SIGHUP);
+    eventually(DEADLINE, "the reloaded handler answering", || {
+        text(&ask().stdout)
+            .contains("': run-reloaded")
+            .then_some(())
+    });
+    assert!(
+        ambassador.log().contains("reloaded"),
+        "{}",
+        ambassador.log()
+    );
 }
