@@ -45,7 +45,6 @@ pub(crate) async fn run(args: Args, log_flag: Option<&str>) -> anyhow::Result<()
     let start = reloadable.start()?;
     let seeds = args.member.gossip.seeds(crate::environment::vars())?;
     let metrics_listener = metrics::bind(args.metrics_addr).await?;
-    let mut reloads = crate::reload::subscribe();
     let dns = args.dns.bind().await?;
     let member = member::start(&start.member, start.tags, seeds, member::Extras::default()).await?;
     reloadable.follow(member.clone());
