@@ -533,3 +533,31 @@ fn a_target_name_that_changes_address_is_followed() {
     assert!(echoes(client, tcp));
     assert!(dnat_packets(proxy, &table("k5"), "prerouting", "tcp dport 7000") >= Some(1));
 }
+
+#[test]
+fn a_loopback_target_is_served_in_the_kernel_from_another_loopback_address() {
+    let Some(net) = Net::for_test(1) else { return };
+    let host = net.host(0);
+    let backend = SocketAddr::from(([127, 0, 0, 1], TCP_PORT));
+    let _echo = echo_on(host, backend);
+    let forward = format!("{TCP_PORT}={backend}");
+    let _ambassador = Ambassador::start_command_in(
+        host,
+        &[],
+        &[
+            "run",
+            "--listen-addr",
+            "127.0.0.2",
+            "--forward",
+            &forward,
+            "--node",
+            "k7",
+            "--health-interval",
+            "0",
+            "--dataplane",
+            "kernel",
+        ],
+    );
+    tcp_round_trip(host, SocketAddr::from(([127, 0, 0, 2], TCP_PORT)), 1 << 20);
+    assert!(dnat_packets(host, &table("k7"), "output", "tcp dport 7000") >= Some(1));
+}

@@ -184,6 +184,14 @@ impl Attrs<'_> {
                 self.payload(2, 2, 2);
                 self.cmp(true, &port.to_be_bytes());
             }
+            Expr::OifNotLoopback => {
+                self.expr("meta", |meta| {
+                    meta.u32(1, NFT_REG_1); // NFTA_META_DREG
+                    meta.u32(2, 5); // NFTA_META_KEY: NFT_META_OIF
+                });
+                const LOOPBACK_IFINDEX: u32 = 1; // in every network namespace
+                self.cmp(false, &LOOPBACK_IFINDEX.to_ne_bytes());
+            }
             Expr::CtStatusDnat => {
                 self.ct(2, None); // NFT_CT_STATUS
                 const IPS_DST_NAT: u32 = 1 << 5;

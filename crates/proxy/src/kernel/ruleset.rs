@@ -169,6 +169,9 @@ pub enum Expr {
     L4proto(Protocol),
     /// `th dport PORT`.
     Dport(u16),
+    /// `oif != "lo"`: masquerading out of the loopback finds no source address (the packet is
+    /// dropped), and a reply on it comes back here anyway.
+    OifNotLoopback,
     /// `ct status dnat`.
     CtStatusDnat,
     /// `ct original proto-dst PORT`.
@@ -231,6 +234,7 @@ impl Ruleset {
             // Kept while failing too: connections in flight keep their source NAT.
             let masquerade = Entry {
                 exprs: vec![
+                    Expr::OifNotLoopback,
                     Expr::CtStatusDnat,
                     Expr::Daddr(*rule.target.ip()),
                     Expr::L4proto(rule.protocol),
@@ -406,6 +410,7 @@ mod tests {
         assert_eq!(
             chain_rules(&ruleset, "postrouting"),
             [vec![
+                Expr::OifNotLoopback,
                 Expr::CtStatusDnat,
                 Expr::Daddr(Ipv4Addr::new(10, 0, 0, 5)),
                 Expr::L4proto(Protocol::Tcp),
