@@ -36,6 +36,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use registrar::advertise::{Advertiser, BoxError, BoxFuture};
+use registrar::tags::{Advertisement, Health};
 use serf::serf::{Event, MemberStatus};
 use serf_agent::member as driver;
 use serf_agent::rpc::agent::{AgentInfo, MemberBackend};
@@ -740,6 +742,15 @@ impl Member {
             .with_context(|| format!("writing --tags-file {}", path.display()))
     }
 
+    /// This member's view as a [`Discovery`](registrar::discovery::Discovery): its member list,
+    /// then its membership events.
+    pub(crate) fn discovery(&self) -> registrar::discovery::SerfDiscovery {
+        registrar::discovery::SerfDiscovery::new(
+            self.inner.events.clone(),
+            self.inner.handle.clone(),
+        )
+    }
+
     /// Replaces the event handlers (`serf agent` reloads them on SIGHUP); the next event
     /// runs the new ones.
     pub(crate) fn set_event_handlers(&self, handlers: Vec<Handler>) {
@@ -879,6 +890,52 @@ impl Member {
         }
         anyhow::ensure!(!addrs.is_empty(), "no seed resolves");
         Ok(self.inner.handle.join(&addrs, ignore_old).await?)
+    }
+}
+
+/// The Serf side of advertising: health-gated tags (`set_tags`, keeping the tags others set),
+/// the leave on stop, `serf leave` over RPC as a stop request.
+impl Advertiser for Member {
+    fn name(&self) -> &str {
+        Self::name(self)
+    }
+
+    fn follow_health(
+        &self,
+        advertisement: Advertisement,
+        applied: Option<BTreeMap<String, String>>,
+        health: watch::Receiver<Health>,
+        stop: CancellationToken,
+    ) -> BoxFuture<'static, ()> {
+        let member = self.clone();
+        Box::pin(registrar::advertise::apply_tags(
+            advertisement,
+            applied,
+            health,
+            move |tags| {
+                let member = member.clone();
+                let tags = crate::advertisement::with_current_extras(tags, member.tags());
+                async move { member.set_tags(tags).await.map_err(|e| format!("{e:#}")) }
+            },
+            stop,
+        ))
+    }
+
+    fn stop_requested(&self) -> BoxFuture<'_, ()> {
+        Box::pin(Self::stop_requested(self))
+    }
+
+    fn withdraw(&mut self, timeout: Duration) -> BoxFuture<'_, Result<&'static str, BoxError>> {
+        Box::pin(async move {
+            self.leave(timeout)
+                .await
+                .map_err(|error| BoxError::from(format!("{error:#}")))?;
+            Ok("left the cluster, peers show `left`")
+        })
+    }
+
+    fn shutdown(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move { Self::shutdown(&self).await })
     }
 }
 

@@ -25,7 +25,7 @@ use super::UsageError;
 use crate::consumer::{self, ConsumeArgs, Consumer};
 use crate::member::{self, MemberArgs};
 use crate::metrics;
-use crate::registry::{self, Registry, RegistryArgs};
+use crate::registry::RegistryArgs;
 
 /// Flags of `amb-serf connect`.
 #[derive(Debug, clap::Args)]
@@ -101,10 +101,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     tags.entry(registrar::tags::ROLE.to_owned())
         .or_insert_with(|| "connect".to_owned());
     let registry = args.registry.registry(crate::environment::vars())?;
-    let seeds = match registry {
-        Registry::Serf => args.member.gossip.seeds(crate::environment::vars())?,
-        Registry::Etcd(_) => Vec::new(),
-    };
+    let seeds = registry.seeds(&args.member.gossip, crate::environment::vars())?;
     raise_open_file_limit();
     let mut signals = Signals::new().context("installing signal handlers")?;
 
@@ -118,30 +115,35 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let mut proxy = Proxy::bind(&[], &config).await?;
     // Our own node is never a provider to us in Serf; with etcd we register nothing, so a
     // provider on a host of the same name is still one.
-    let local = match registry {
-        Registry::Serf => args.member.gossip.node_name(),
-        Registry::Etcd(_) => String::new(),
+    let local = match registry.is_serf() {
+        true => args.member.gossip.node_name(),
+        false => String::new(),
     };
     let consumer = Consumer::new(&local, &specs);
     let bound = consumer.bind(&mut proxy, &specs, args.consume.policy())?;
     let stats = proxy.stats();
     let metrics_listener = metrics::bind(args.metrics_addr).await?;
-    if !matches!(registry, Registry::Serf) {
+    if !registry.is_serf() {
         args.dns.refuse_without_serf()?;
     }
     let dns = args.dns.bind().await?;
 
-    // With etcd there is no member: providers come from the watch of the prefix.
-    let member = match &registry {
-        Registry::Serf => {
-            Some(member::start(&args.member, tags, seeds, member::Extras::default()).await?)
-        }
-        Registry::Etcd(_) => None,
-    };
-    let node = member
-        .as_ref()
-        .map_or_else(|| args.member.gossip.node_name(), |m| m.name().to_owned());
+    // With etcd there is no member and nothing registered: providers come from the watch of
+    // the prefix.
     let shutdown = CancellationToken::new();
+    let (_, health) = watch::channel(registrar::tags::Health::Passing);
+    let presence = registry
+        .start(
+            member::start(&args.member, tags, seeds, member::Extras::default()),
+            None,
+            health,
+            &shutdown,
+        )
+        .await?;
+    let mut advertiser = presence.advertiser;
+    let node = advertiser
+        .as_ref()
+        .map_or_else(|| args.member.gossip.node_name(), |a| a.name().to_owned());
     let (lifecycle_tx, lifecycle) = watch::channel(metrics::Lifecycle::Running);
     let metrics_stop = CancellationToken::new();
     if let Some(listener) = metrics_listener {
@@ -149,26 +151,16 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             stats: Arc::clone(&stats),
             health: consumer.health(),
             lifecycle,
-            members: metrics::statuses_of(member.clone()),
+            members: metrics::statuses_of(presence.member),
             kernel: None,
         });
         tokio::spawn(metrics::serve(listener, observed, metrics_stop.clone()));
     }
-    let source = match (registry, &member) {
-        (Registry::Etcd(etcd), _) => {
-            let source = format!("the etcd watch of {}", etcd.prefix.all());
-            tokio::spawn(registry::follow(consumer, etcd, shutdown.clone()));
-            source
-        }
-        (Registry::Serf, Some(member)) => {
-            if let Some(dns) = dns {
-                crate::nameserver::spawn(dns, member.clone(), shutdown.clone());
-            }
-            tokio::spawn(consumer.follow(member.clone(), shutdown.clone()));
-            "serf events".to_owned()
-        }
-        (Registry::Serf, None) => unreachable!("a Serf registry always starts a member"),
-    };
+    let source = presence.discovery.source();
+    if let Some(dns) = dns {
+        crate::nameserver::spawn(dns, presence.discovery.as_ref(), shutdown.clone());
+    }
+    tokio::spawn(consumer.follow(presence.discovery, shutdown.clone()));
     let tasks = TaskTracker::new();
     proxy.spawn(&tasks, &shutdown);
     for (spec, addr) in &bound {
@@ -180,8 +172,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     info!(roles = bound.len(), %node, "ready");
 
     let stop_requested = async {
-        match &member {
-            Some(member) => member.stop_requested().await,
+        match &advertiser {
+            Some(advertiser) => advertiser.stop_requested().await,
             None => std::future::pending().await,
         }
     };
@@ -194,11 +186,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     info!(%reason, "shutting down: leaving the cluster, then draining");
     lifecycle_tx.send_replace(metrics::Lifecycle::Leaving);
     let mut second = None;
-    if let Some(member) = &member {
+    if let Some(advertiser) = &mut advertiser {
         tokio::select! {
-            result = member.leave(args.drain_timeout) => match result {
-                Ok(()) => info!("left the cluster, peers show `left`"),
-                Err(error) => warn!(error = %format!("{error:#}"), "leaving failed, peers will see us fail"),
+            result = advertiser.withdraw(args.drain_timeout) => match result {
+                Ok(done) => info!("{done}"),
+                Err(error) => warn!(%error, "leaving failed, peers will see us fail"),
             },
             signal = signals.recv() => second = Some(signal),
         }
@@ -206,8 +198,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     drain(&shutdown, &tasks, &stats, deadline, &mut signals, second).await;
     metrics_stop.cancel();
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    if let Some(member) = member {
-        let _ = tokio::time::timeout(left.max(Duration::from_millis(100)), member.shutdown()).await;
+    if let Some(advertiser) = advertiser {
+        let _ =
+            tokio::time::timeout(left.max(Duration::from_millis(100)), advertiser.shutdown()).await;
     }
     Ok(())
 }

@@ -35,7 +35,7 @@ use tracing::{info, warn};
 use super::UsageError;
 use crate::consumer::{self, ConsumeArgs, Consumer};
 use crate::member::{self, MemberArgs};
-use crate::registry::{self, Advertiser, Registry, RegistryArgs};
+use crate::registry::{self, RegistryArgs};
 use crate::{advertisement, health, metrics};
 
 /// Flags of `amb-serf run`.
@@ -175,21 +175,18 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     };
     let vars = crate::environment::vars();
     let registry = args.registry.registry(vars.iter().cloned())?;
-    let vars = match &registry {
-        // The etcd link names the registry, not a backend to forward.
-        Registry::Etcd(etcd) if etcd.from_link => vars
+    // The etcd link names the registry, not a backend to forward.
+    let vars = match registry.etcd_from_link() {
+        true => vars
             .into_iter()
             .filter(|(name, _)| !is_etcd_link_var(name))
             .collect(),
-        _ => vars,
+        false => vars,
     };
     let specs = link_env::parse(vars.iter().cloned(), &options)
         .map_err(|error| UsageError(error.to_string()))?;
     let consume_specs = consumer::parse_specs(&args.connect)?;
-    let seeds = match registry {
-        Registry::Serf => args.member.gossip.seeds(vars)?,
-        Registry::Etcd(_) => Vec::new(),
-    };
+    let seeds = registry.seeds(&args.member.gossip, vars)?;
     let advertisement = advertisement::build(
         &specs,
         &args.forwards,
@@ -212,7 +209,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     advertisement
         .validate()
         .map_err(|error| UsageError(error.to_string()))?;
-    if matches!(registry, Registry::Etcd(_)) && advertisement.role.is_none() {
+    if !registry.is_serf() && advertisement.role.is_none() {
         return Err(UsageError(
             "--registry etcd: nothing to register: no link, no --forward and no --role/NAME"
                 .to_owned(),
@@ -255,7 +252,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     };
     let stats = proxy.stats();
     let metrics_listener = metrics::bind(args.metrics_addr).await?;
-    if !matches!(registry, Registry::Serf) {
+    if !registry.is_serf() {
         args.dns.refuse_without_serf()?;
     }
     let dns = args.dns.bind().await?;
@@ -309,46 +306,39 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         None => Vec::new(),
     };
     let initial_tags = registrar::tags::desired(&advertisement, initial);
-    let mut advertiser = match &registry {
-        Registry::Serf => Advertiser::Serf(
+    if !registry.is_serf() && !args.member.event_handlers.is_empty() {
+        warn!("--event-handler needs Serf events; ignored with --registry etcd");
+    }
+    let local_ip = registry::local_ip(
+        args.member.gossip.advertise.map(|addr| addr.ip()),
+        args.listen_addr,
+    );
+    let role = advertisement.role.clone().unwrap_or_default();
+    let presence = registry
+        .start(
             member::start(
                 &args.member,
                 initial_tags.clone(),
                 seeds,
                 member::Extras { handler_env },
-            )
-            .await?,
-        ),
-        Registry::Etcd(etcd) => {
-            if !args.member.event_handlers.is_empty() {
-                warn!("--event-handler needs Serf events; ignored with --registry etcd");
-            }
-            let local_ip = registry::local_ip(
-                args.member.gossip.advertise.map(|addr| addr.ip()),
-                args.listen_addr,
-            );
-            let role = advertisement.role.as_deref().expect("checked above");
-            etcd.register(
-                role,
-                &args.member.gossip.node_name(),
-                &registry::registration(&advertisement, local_ip),
-                health_rx.clone(),
-            )
-        }
-    };
+            ),
+            Some(registry::EtcdRegistration {
+                role: &role,
+                node: &node_name,
+                value: registry::registration(&advertisement, local_ip),
+            }),
+            health_rx.clone(),
+            &shutdown,
+        )
+        .await?;
+    let mut advertiser = presence
+        .advertiser
+        .expect("`run` always gives a registration");
     if let Some((consumer, _)) = consumer {
-        match (&registry, &advertiser) {
-            (Registry::Etcd(etcd), _) => {
-                tokio::spawn(registry::follow(consumer, etcd.clone(), shutdown.clone()));
-            }
-            (Registry::Serf, Advertiser::Serf(member)) => {
-                tokio::spawn(consumer.follow(member.clone(), shutdown.clone()));
-            }
-            (Registry::Serf, _) => unreachable!("a Serf registry always starts a member"),
-        }
+        tokio::spawn(consumer.follow(presence.discovery.clone(), shutdown.clone()));
     }
-    if let (Some(dns), Advertiser::Serf(member)) = (dns, &advertiser) {
-        crate::nameserver::spawn(dns, member.clone(), shutdown.clone());
+    if let Some(dns) = dns {
+        crate::nameserver::spawn(dns, presence.discovery.as_ref(), shutdown.clone());
     }
     lifecycle_tx.send_replace(metrics::Lifecycle::Running);
     info!(
@@ -358,37 +348,25 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         "ready"
     );
 
-    // Health → tags, until we leave.
+    // Health → what is advertised, until we withdraw.
     let advertising = CancellationToken::new();
     let background = TaskTracker::new();
     if let Some(check) = health_check {
         background.spawn(health::run_checks(check, health_tx, advertising.clone()));
     }
-    // The etcd registrar follows `health_rx` itself; Serf tags are applied here.
-    let serf_member = match &advertiser {
-        Advertiser::Serf(member) => Some(member.clone()),
-        Advertiser::Etcd { .. } => None,
-    };
-    if let Some(tag_member) = serf_member.clone() {
-        background.spawn(health::advertise(
-            advertisement,
-            Some(initial_tags),
-            health_rx.clone(),
-            move |tags| {
-                let member = tag_member.clone();
-                let tags = advertisement::with_current_extras(tags, member.tags());
-                async move { member.set_tags(tags).await.map_err(|e| format!("{e:#}")) }
-            },
-            advertising.clone(),
-        ));
-    }
+    background.spawn(advertiser.follow_health(
+        advertisement,
+        Some(initial_tags),
+        health_rx.clone(),
+        advertising.clone(),
+    ));
     let metrics_stop = CancellationToken::new();
     if let Some(listener) = metrics_listener {
         let observed = Arc::new(metrics::Observed {
             stats: Arc::clone(&stats),
             health: health_rx,
             lifecycle: lifecycle_rx,
-            members: metrics::statuses_of(serf_member),
+            members: metrics::statuses_of(presence.member),
             kernel: kernel_path.as_ref().map(|path| path.counters()),
         });
         tokio::spawn(metrics::serve(listener, observed, metrics_stop.clone()));
@@ -412,7 +390,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     tokio::select! {
         result = advertiser.withdraw(args.drain_timeout) => match result {
             Ok(done) => info!("{done}"),
-            Err(error) => warn!(error = %format!("{error:#}"), "leaving failed, peers will see us fail"),
+            Err(error) => warn!(%error, "leaving failed, peers will see us fail"),
         },
         signal = signals.recv() => second = Some(signal),
     }

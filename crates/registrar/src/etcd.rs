@@ -10,6 +10,7 @@
 mod client;
 mod discovery;
 mod endpoints;
+mod members;
 mod registrar;
 mod registration;
 
@@ -18,6 +19,7 @@ pub use client::decode_watch_line;
 pub use client::{Client, Event, KeyValue, LeaseId, Watch};
 pub use discovery::{Discovery, Snapshot};
 pub use endpoints::{Endpoint, EndpointError, Endpoints, DEFAULT_PORT, LINK_VAR};
+pub use members::{as_member, members, EtcdDiscovery, Lease};
 pub use registrar::Registrar;
 pub use registration::{Prefix, Registration, RegistrationError};
 
