@@ -3,7 +3,7 @@
 //!
 //! [`MemberArgs`] are the flags (mirroring `serf agent` where they mean the same); [`start`]
 //! starts the native member (Serf protocol 5, like the agent), the RPC server on it, the event
-//! handlers, and the join loop; the returned [`Member`] is the handle callers keep.
+//! handlers, and the join loop; the returned [`LocalMember`] is the handle callers keep.
 //!
 //! Join loop: with no seed (no `--join`/`--retry-join`, no `<ALIAS>_PORT_7946_TCP`, no
 //! `<ALIAS>_NAME` or `/etc/hosts` line of the Serf link's alias) the member is a cluster of one
@@ -456,7 +456,7 @@ pub(crate) struct Extras {
 
 /// A running member. Cheap to clone.
 #[derive(Debug, Clone)]
-pub(crate) struct Member {
+pub(crate) struct LocalMember {
     inner: Arc<Inner>,
 }
 
@@ -470,7 +470,7 @@ struct Inner {
     joined: watch::Receiver<bool>,
     tags: Mutex<BTreeMap<String, String>>,
     tags_file: Option<PathBuf>,
-    /// The event handlers in force (replaced on SIGHUP, [`Member::set_event_handlers`]).
+    /// The event handlers in force (replaced on SIGHUP, [`LocalMember::set_event_handlers`]).
     handlers: watch::Sender<Arc<Vec<Handler>>>,
     shutdown: CancellationToken,
     stop_requested: CancellationToken,
@@ -484,7 +484,7 @@ pub(crate) async fn start(
     tags: BTreeMap<String, String>,
     seeds: Vec<String>,
     extras: Extras,
-) -> anyhow::Result<Member> {
+) -> anyhow::Result<LocalMember> {
     let handlers = args.handlers()?;
     let rpc_addr = if args.rpc_addr.is_empty() {
         None
@@ -507,13 +507,13 @@ pub(crate) async fn start(
 }
 
 /// Starts a member with no handlers, tags file or fixed RPC address: join mode of `members`
-/// and `resolve`. The RPC server listens on an ephemeral loopback port ([`Member::rpc_addr`]),
+/// and `resolve`. The RPC server listens on an ephemeral loopback port ([`LocalMember::rpc_addr`]),
 /// so those commands render the member's view with their usual RPC code.
 pub(crate) async fn start_joiner(
     gossip: &GossipArgs,
     tags: BTreeMap<String, String>,
     seeds: Vec<String>,
-) -> anyhow::Result<Member> {
+) -> anyhow::Result<LocalMember> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .context("binding an rpc port on 127.0.0.1")?;
@@ -534,7 +534,7 @@ async fn start_member(
     seeds: Vec<String>,
     rpc: Option<tokio::net::TcpListener>,
     settings: Settings,
-) -> anyhow::Result<Member> {
+) -> anyhow::Result<LocalMember> {
     let keyring = gossip.keyring()?;
     let encrypted = keyring.is_some();
     let name = gossip.node_name();
@@ -600,7 +600,7 @@ async fn start_member(
         None => None,
     };
 
-    let member = Member {
+    let member = LocalMember {
         inner: Arc::new(Inner {
             handle,
             name,
@@ -640,7 +640,7 @@ async fn start_member(
     Ok(member)
 }
 
-impl Member {
+impl LocalMember {
     /// Our node name.
     pub(crate) fn name(&self) -> &str {
         &self.inner.name
@@ -895,7 +895,7 @@ impl Member {
 
 /// The Serf side of advertising: health-gated tags (`set_tags`, keeping the tags others set),
 /// the leave on stop, `serf leave` over RPC as a stop request.
-impl Advertiser for Member {
+impl Advertiser for LocalMember {
     fn name(&self) -> &str {
         Self::name(self)
     }

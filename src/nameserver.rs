@@ -13,7 +13,7 @@ use dns::{Config, Transport, Zone};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use registrar::discovery::{Change, Changes, Discovery};
-use serf::serf::Member as Peer;
+use serf::serf::Member;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{watch, Semaphore};
@@ -118,7 +118,7 @@ async fn follow(
     zone: watch::Sender<Arc<Zone>>,
     shutdown: CancellationToken,
 ) {
-    let mut peers: BTreeMap<String, Peer> = BTreeMap::new();
+    let mut peers: BTreeMap<String, Member> = BTreeMap::new();
     let mut serial: u32 = 0;
     loop {
         let change = tokio::select! {

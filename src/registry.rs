@@ -16,14 +16,14 @@ use anyhow::Context as _;
 use registrar::advertise::Advertiser;
 use registrar::discovery::Discovery;
 use registrar::etcd::{
-    Client, Discovery as Watcher, Endpoints, EtcdDiscovery, Lease, Prefix, Registration, Snapshot,
+    Client, Endpoints, EtcdDiscovery, Lease, Prefix, Registration, Snapshot, Watcher,
 };
 use registrar::tags::{Advertisement, Health};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::cmd::UsageError;
-use crate::member::{self, Member as LocalMember};
+use crate::member::{self, LocalMember};
 
 /// How long a one-shot command (`members`, `resolve` without `--wait`) waits for etcd's first
 /// answer before it gives up.
@@ -259,16 +259,16 @@ pub(crate) fn local_ip(advertise: Option<IpAddr>, listen: IpAddr) -> IpAddr {
 }
 
 /// The registrations of `snapshot` as RPC member rows (what `members` and `resolve` render).
-pub(crate) fn rpc_members(prefix: &Prefix, snapshot: &Snapshot) -> Vec<serf_agent::rpc::Member> {
+pub(crate) fn rpc_members(prefix: &Prefix, snapshot: &Snapshot) -> Vec<serf_agent::rpc::MemberRow> {
     registrar::etcd::members(prefix, snapshot)
         .into_iter()
-        .map(|member| serf_agent::rpc::Member {
+        .map(|member| serf_agent::rpc::MemberRow {
             name: member.name,
             addr: member.addr,
             port: member.port,
             tags: member.tags,
             status: "alive".to_owned(),
-            ..serf_agent::rpc::Member::default()
+            ..serf_agent::rpc::MemberRow::default()
         })
         .collect()
 }

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config_file::ConfigArgs;
-use crate::member::{self, Member, MemberArgs};
+use crate::member::{self, LocalMember, MemberArgs};
 use crate::metrics;
 use crate::nameserver;
 
@@ -112,7 +112,7 @@ pub(crate) async fn run(args: Args, log_flag: Option<&str>) -> anyhow::Result<()
 
 /// SIGHUP: applies the config files, the tags file and the flags again. A file that cannot be
 /// read or is not valid keeps the running configuration, as `serf agent` does.
-async fn reload(args: &Args, log_flag: Option<&str>, member: &Member) {
+async fn reload(args: &Args, log_flag: Option<&str>, member: &LocalMember) {
     tracing::info!("SIGHUP: reloading the config files, the tags file and the event handlers");
     let result = async {
         let wanted = wanted(args, log_flag)?;

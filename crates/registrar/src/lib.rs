@@ -11,7 +11,7 @@
 //! - [`etcd::Registrar`]: keeps `/services/<role>/<node>` present, attached to a lease kept
 //!   alive every ttl/3, while the backend is healthy; deletes it while it is not; revokes the
 //!   lease on shutdown.
-//! - [`etcd::Discovery`]: the current set of [`etcd::Registration`]s under a prefix, listed once
+//! - [`etcd::Watcher`]: the current set of [`etcd::Registration`]s under a prefix, listed once
 //!   and then followed with a watch (no polling), surviving etcd restarts.
 //!
 //! Both registries sit behind two traits: [`advertise::Advertiser`] (apply tags, withdraw,

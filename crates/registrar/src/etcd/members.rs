@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{Client, Discovery as Watcher, Prefix, Registrar, Registration, Snapshot};
+use super::{Client, Prefix, Registrar, Registration, Snapshot, Watcher};
 use crate::advertise::{Advertiser, BoxError, BoxFuture};
 use crate::discovery::{Change, Changes, Discovery};
 use crate::tags::{Advertisement, Health, ROLE, SERVICE};
