@@ -11,16 +11,14 @@
 //! 6. stop accepting, drain open connections; 5 and 6 within `--drain-timeout`, then exit 0.
 //!    A second signal exits at once.
 
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use proxy::{CancellationToken, Proxy, TaskTracker};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::info;
 
-use super::run::{drain, raise_open_file_limit, LivenessArgs, Signals};
+use super::serve::{self, raise_open_file_limit, ServeArgs, Signals};
 use super::UsageError;
 use crate::consumer::{self, ConsumeArgs, Consumer};
 use crate::member::{self, MemberArgs};
@@ -59,33 +57,9 @@ pub(crate) struct Args {
     #[command(flatten)]
     registry: RegistryArgs,
 
-    /// Address every listener binds.
-    #[arg(long, env = "AMB_LISTEN_ADDR", default_value = "0.0.0.0")]
-    listen_addr: IpAddr,
-
-    /// Time allowed to resolve and connect to one provider (e.g. 5s, 500ms).
-    #[arg(long, env = "AMB_CONNECT_TIMEOUT", default_value = "5s", value_parser = crate::duration::parse)]
-    connect_timeout: Duration,
-
+    /// Listeners, limits, liveness, draining, /metrics and DNS (shared with `run`).
     #[command(flatten)]
-    liveness: LivenessArgs,
-
-    /// Concurrent connections; past it new clients are closed at once and counted.
-    #[arg(long, env = "AMB_MAX_CONNECTIONS", default_value_t = 100_000)]
-    max_connections: usize,
-
-    /// On SIGTERM/SIGINT, how long leaving and then draining open connections may take.
-    #[arg(long, env = "AMB_DRAIN_TIMEOUT", default_value = "10s", value_parser = crate::duration::parse)]
-    drain_timeout: Duration,
-
-    /// Serve /healthz (200 while every role has a provider) and Prometheus /metrics here (off
-    /// unless given).
-    #[arg(long, env = "AMB_METRICS_ADDR", value_name = "HOST:PORT")]
-    metrics_addr: Option<SocketAddr>,
-
-    /// The DNS interface, answered from the cluster's membership.
-    #[command(flatten)]
-    dns: crate::nameserver::DnsArgs,
+    serve: ServeArgs,
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
@@ -105,14 +79,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     raise_open_file_limit();
     let mut signals = Signals::new().context("installing signal handlers")?;
 
-    let config = proxy::Config {
-        listen_addr: args.listen_addr,
-        connect_timeout: args.connect_timeout,
-        max_connections: args.max_connections,
-        liveness: args.liveness.liveness(),
-        ..proxy::Config::default()
-    };
-    let mut proxy = Proxy::bind(&[], &config).await?;
+    let mut proxy = Proxy::bind(&[], &args.serve.proxy_config()).await?;
     // Our own node is never a provider to us in Serf; with etcd we register nothing, so a
     // provider on a host of the same name is still one.
     let local = match registry.is_serf() {
@@ -122,11 +89,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let consumer = Consumer::new(&local, &specs);
     let bound = consumer.bind(&mut proxy, &specs, args.consume.policy())?;
     let stats = proxy.stats();
-    let metrics_listener = metrics::bind(args.metrics_addr).await?;
+    let metrics_listener = metrics::bind(args.serve.metrics_addr).await?;
     if !registry.is_serf() {
-        args.dns.refuse_without_serf()?;
+        args.serve.dns.refuse_without_serf()?;
     }
-    let dns = args.dns.bind().await?;
+    let dns = args.serve.dns.bind().await?;
 
     // With etcd there is no member and nothing registered: providers come from the watch of
     // the prefix.
@@ -171,36 +138,14 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     }
     info!(roles = bound.len(), %node, "ready");
 
-    let stop_requested = async {
-        match &advertiser {
-            Some(advertiser) => advertiser.stop_requested().await,
-            None => std::future::pending().await,
-        }
-    };
-    let reason = tokio::select! {
-        signal = signals.recv() => signal,
-        () = stop_requested => "serf leave (RPC)",
-    };
+    let reason = serve::stop_reason(&mut signals, advertiser.as_deref()).await;
     // As `run`: leave, then stop accepting and drain, all within the drain timeout.
-    let deadline = tokio::time::Instant::now() + args.drain_timeout;
+    let deadline = tokio::time::Instant::now() + args.serve.drain_timeout;
     info!(%reason, "shutting down: leaving the cluster, then draining");
     lifecycle_tx.send_replace(metrics::Lifecycle::Leaving);
-    let mut second = None;
-    if let Some(advertiser) = &mut advertiser {
-        tokio::select! {
-            result = advertiser.withdraw(args.drain_timeout) => match result {
-                Ok(done) => info!("{done}"),
-                Err(error) => warn!(%error, "leaving failed, peers will see us fail"),
-            },
-            signal = signals.recv() => second = Some(signal),
-        }
-    }
-    drain(&shutdown, &tasks, &stats, deadline, &mut signals, second).await;
+    let second = serve::withdraw(advertiser.as_mut(), args.serve.drain_timeout, &mut signals).await;
+    serve::drain(&shutdown, &tasks, &stats, deadline, &mut signals, second).await;
     metrics_stop.cancel();
-    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    if let Some(advertiser) = advertiser {
-        let _ =
-            tokio::time::timeout(left.max(Duration::from_millis(100)), advertiser.shutdown()).await;
-    }
+    serve::release(advertiser, deadline).await;
     Ok(())
 }

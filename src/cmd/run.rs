@@ -19,8 +19,6 @@
 //! an etcd registrar fed by the same health channel ([`crate::registry`]), and step 5 revokes
 //! its lease instead of leaving; the rest is identical.
 
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,10 +26,10 @@ use anyhow::Context as _;
 use proxy::link_env::{self, ForwardSpec, Host};
 use proxy::{CancellationToken, Proxy, TaskTracker};
 use registrar::tags::Health;
-use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use super::serve::{self, raise_open_file_limit, ServeArgs, Signals};
 use super::UsageError;
 use crate::consumer::{self, ConsumeArgs, Consumer};
 use crate::member::{self, MemberArgs};
@@ -72,29 +70,9 @@ pub(crate) struct Args {
     #[arg(long, env = "AMB_LINKS", value_name = "ALIAS,…", value_delimiter = ',')]
     links: Option<Vec<String>>,
 
-    /// Address every listener binds.
-    #[arg(long, env = "AMB_LISTEN_ADDR", default_value = "0.0.0.0")]
-    listen_addr: IpAddr,
-
-    /// Time allowed to resolve and connect to an upstream (e.g. 5s, 500ms).
-    #[arg(long, env = "AMB_CONNECT_TIMEOUT", default_value = "5s", value_parser = crate::duration::parse)]
-    connect_timeout: Duration,
-
-    /// Concurrent connections (TCP connections plus UDP sessions); past it new clients are
-    /// closed at once and counted.
-    #[arg(long, env = "AMB_MAX_CONNECTIONS", default_value_t = 100_000)]
-    max_connections: usize,
-
-    /// On SIGTERM/SIGINT, how long open connections may take to finish.
-    #[arg(long, env = "AMB_DRAIN_TIMEOUT", default_value = "10s", value_parser = crate::duration::parse)]
-    drain_timeout: Duration,
-
     /// A UDP session idle this long (no datagram either way) is closed.
     #[arg(long, env = "AMB_UDP_IDLE_TIMEOUT", default_value = "60s", value_parser = crate::duration::parse)]
     udp_idle_timeout: Duration,
-
-    #[command(flatten)]
-    liveness: LivenessArgs,
 
     /// The `role` tag's value (default: the first link's first port, e.g. 3306).
     #[arg(long, env = "NAME")]
@@ -131,13 +109,9 @@ pub(crate) struct Args {
     #[arg(long, env = "AMB_HEALTH_TARGET", value_name = "HOST:PORT")]
     health_target: Option<proxy::Target>,
 
-    /// Serve /healthz and Prometheus /metrics on this address (off unless given).
-    #[arg(long, env = "AMB_METRICS_ADDR", value_name = "HOST:PORT")]
-    metrics_addr: Option<SocketAddr>,
-
-    /// The DNS interface, answered from the cluster's membership.
+    /// Listeners, limits, liveness, draining, /metrics and DNS (shared with `connect`).
     #[command(flatten)]
-    dns: crate::nameserver::DnsArgs,
+    serve: ServeArgs,
 
     /// The Serf member: name, gossip address, where to join, tags, RPC, event handlers.
     #[command(flatten)]
@@ -228,17 +202,14 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             target,
             mysql_user: args.health_mysql_user.clone(),
             interval: args.health_interval,
-            timeout: args.health_interval.min(args.connect_timeout),
+            timeout: args.health_interval.min(args.serve.connect_timeout),
         });
     raise_open_file_limit();
     let mut signals = Signals::new().context("installing signal handlers")?;
 
     let config = proxy::Config {
-        listen_addr: args.listen_addr,
-        connect_timeout: args.connect_timeout,
-        max_connections: args.max_connections,
         udp_idle_timeout: args.udp_idle_timeout,
-        liveness: args.liveness.liveness(),
+        ..args.serve.proxy_config()
     };
     let mut proxy = Proxy::bind(&specs, &config).await?;
     // `--connect`: consumer listeners on the same forwarder (limits, counters, drain).
@@ -251,11 +222,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         Some((consumer, bound))
     };
     let stats = proxy.stats();
-    let metrics_listener = metrics::bind(args.metrics_addr).await?;
+    let metrics_listener = metrics::bind(args.serve.metrics_addr).await?;
     if !registry.is_serf() {
-        args.dns.refuse_without_serf()?;
+        args.serve.dns.refuse_without_serf()?;
     }
-    let dns = args.dns.bind().await?;
+    let dns = args.serve.dns.bind().await?;
     print_summary(&proxy, &specs);
     if let Some((_, bound)) = &consumer {
         for (spec, addr) in bound {
@@ -311,7 +282,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     }
     let local_ip = registry::local_ip(
         args.member.gossip.advertise.map(|addr| addr.ip()),
-        args.listen_addr,
+        args.serve.listen_addr,
     );
     let role = advertisement.role.clone().unwrap_or_default();
     let presence = registry
@@ -372,12 +343,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         tokio::spawn(metrics::serve(listener, observed, metrics_stop.clone()));
     }
 
-    let reason = tokio::select! {
-        signal = signals.recv() => signal,
-        () = advertiser.stop_requested() => "serf leave (RPC)",
-    };
+    let reason = serve::stop_reason(&mut signals, Some(advertiser.as_ref())).await;
     // Everything from here must finish within the drain timeout.
-    let deadline = tokio::time::Instant::now() + args.drain_timeout;
+    let deadline = tokio::time::Instant::now() + args.serve.drain_timeout;
     info!(%reason, "shutting down: leaving the cluster (or deregistering), then draining");
     lifecycle_tx.send_replace(metrics::Lifecycle::Leaving);
     advertising.cancel();
@@ -386,29 +354,21 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
 
     // Leave first: peers show `left` and consumers stop sending new clients while the
     // forwarders still serve; only then stop accepting and drain.
-    let mut second = None;
-    tokio::select! {
-        result = advertiser.withdraw(args.drain_timeout) => match result {
-            Ok(done) => info!("{done}"),
-            Err(error) => warn!(%error, "leaving failed, peers will see us fail"),
-        },
-        signal = signals.recv() => second = Some(signal),
-    }
+    let second = serve::withdraw(
+        Some(&mut advertiser),
+        args.serve.drain_timeout,
+        &mut signals,
+    )
+    .await;
     if let Some(kernel_path) = &mut kernel_path {
         kernel_path.stop_new().await;
     }
-    drain(&shutdown, &tasks, &stats, deadline, &mut signals, second).await;
+    serve::drain(&shutdown, &tasks, &stats, deadline, &mut signals, second).await;
     if let Some(kernel_path) = kernel_path {
         kernel_path.remove().await;
     }
     metrics_stop.cancel();
-    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    if tokio::time::timeout(left.max(Duration::from_millis(100)), advertiser.shutdown())
-        .await
-        .is_err()
-    {
-        warn!("the member did not stop in time, exiting anyway");
-    }
+    serve::release(Some(advertiser), deadline).await;
     Ok(())
 }
 
@@ -435,149 +395,5 @@ fn print_summary(proxy: &Proxy, specs: &[ForwardSpec]) {
             "forward {} {addr} -> {} ({}{resolved})",
             spec.protocol, spec.target, spec.origin
         );
-    }
-}
-
-/// Stops accepting (every listener closes) and waits for open connections until `deadline`, or
-/// until a second signal — one that already arrived while leaving (`second`) ends it at once.
-pub(crate) async fn drain(
-    shutdown: &CancellationToken,
-    tasks: &TaskTracker,
-    stats: &proxy::Stats,
-    deadline: tokio::time::Instant,
-    signals: &mut Signals,
-    second: Option<&'static str>,
-) {
-    shutdown.cancel();
-    tasks.close();
-    if let Some(signal) = second {
-        warn!(%signal, "second signal, exiting now");
-        return;
-    }
-    let open = stats.active.load(Ordering::Relaxed);
-    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    info!(open, timeout = ?left, "stopped accepting, draining");
-    tokio::select! {
-        () = tasks.wait() => info!("drained"),
-        () = tokio::time::sleep_until(deadline) => {
-            let open = stats.active.load(Ordering::Relaxed);
-            warn!(open, "drain timed out, closing open connections");
-        }
-        second = signals.recv() => warn!(signal = second, "second signal, exiting now"),
-    }
-}
-
-/// SIGTERM and SIGINT as one stream.
-pub(crate) struct Signals {
-    terminate: Signal,
-    interrupt: Signal,
-}
-
-impl Signals {
-    pub(crate) fn new() -> std::io::Result<Self> {
-        Ok(Self {
-            terminate: signal(SignalKind::terminate())?,
-            interrupt: signal(SignalKind::interrupt())?,
-        })
-    }
-
-    pub(crate) async fn recv(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.terminate.recv() => "SIGTERM",
-            _ = self.interrupt.recv() => "SIGINT",
-        }
-    }
-}
-
-/// How forwarded TCP connections notice a peer that went silent (`run` and `connect`).
-#[derive(Debug, Clone, clap::Args)]
-pub(crate) struct LivenessArgs {
-    /// TCP keepalive on both sides of every connection: idle time before the first probe
-    /// (probes then every third of it, three unanswered close the connection); 0 turns it off.
-    #[arg(long, env = "AMB_TCP_KEEPALIVE", default_value = "30s", value_parser = crate::duration::parse)]
-    tcp_keepalive: Duration,
-
-    /// TCP_USER_TIMEOUT on both sides: data unacknowledged this long closes the connection
-    /// (the client sees a reset); 0 keeps the kernel default (~15 min of retransmissions).
-    /// Off by default: the kernel also applies it to a peer that keeps its receive window
-    /// closed (a client that stops reading), so set it above the longest such stall.
-    #[arg(long, env = "AMB_TCP_USER_TIMEOUT", default_value = "0", value_parser = crate::duration::parse)]
-    tcp_user_timeout: Duration,
-}
-
-impl LivenessArgs {
-    /// The forwarders' setting (a zero duration is off).
-    pub(crate) fn liveness(&self) -> proxy::Liveness {
-        proxy::Liveness {
-            keepalive: Some(self.tcp_keepalive).filter(|idle| !idle.is_zero()),
-            user_timeout: Some(self.tcp_user_timeout).filter(|timeout| !timeout.is_zero()),
-        }
-    }
-}
-
-/// Raises the soft open-file limit to the hard limit: each forwarded connection takes two
-/// descriptors, and the usual soft limit (1024) would cap the proxy at ~500 connections.
-#[allow(unsafe_code)]
-pub(crate) fn raise_open_file_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit into the valid, exclusively borrowed `limit`.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return;
-    }
-    if limit.rlim_cur < limit.rlim_max {
-        let before = limit.rlim_cur;
-        limit.rlim_cur = limit.rlim_max;
-        // SAFETY: setrlimit reads one valid rlimit; raising the soft limit up to the hard
-        // limit needs no privilege.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
-            tracing::debug!(
-                from = before,
-                to = limit.rlim_max,
-                "raised the open-file limit"
-            );
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::LivenessArgs;
-    use clap::Parser;
-    use std::time::Duration;
-
-    #[test]
-    fn liveness_defaults_to_keepalive_only_and_zero_turns_either_off() {
-        #[derive(Debug, Parser)]
-        struct Cli {
-            #[command(flatten)]
-            liveness: LivenessArgs,
-        }
-        let check = |flags: &[&str], keepalive: Option<u64>, user_timeout: Option<u64>| {
-            let argv = std::iter::once("test").chain(flags.iter().copied());
-            let liveness = Cli::try_parse_from(argv)
-                .expect("valid flags")
-                .liveness
-                .liveness();
-            assert_eq!(
-                liveness.keepalive,
-                keepalive.map(Duration::from_secs),
-                "{flags:?}"
-            );
-            assert_eq!(
-                liveness.user_timeout,
-                user_timeout.map(Duration::from_secs),
-                "{flags:?}"
-            );
-        };
-        check(&[], Some(30), None);
-        check(
-            &["--tcp-user-timeout", "3s", "--tcp-keepalive", "2s"],
-            Some(2),
-            Some(3),
-        );
-        check(&["--tcp-keepalive", "0"], None, None);
     }
 }
