@@ -33,7 +33,7 @@ use super::serve::{self, raise_open_file_limit, ServeArgs, Signals};
 use super::UsageError;
 use crate::consumer::{self, ConsumeArgs, Consumer};
 use crate::member::{self, MemberArgs};
-use crate::registry::{self, RegistryArgs};
+use crate::registry::{self, Registry, RegistryArgs};
 use crate::{advertisement, health, metrics};
 
 /// Flags of `amb-serf run`.
@@ -141,69 +141,15 @@ pub(crate) struct Args {
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
-    let serf_link = args.member.gossip.serf_link.clone();
-    let options = link_env::Options {
-        serf_link: serf_link.clone(),
-        forwards: args.forwards.clone(),
-        links: args.links.clone(),
-    };
-    let vars = crate::environment::vars();
-    let registry = args.registry.registry(vars.iter().cloned())?;
-    // The etcd link names the registry, not a backend to forward.
-    let vars = match registry.etcd_from_link() {
-        true => vars
-            .into_iter()
-            .filter(|(name, _)| !is_etcd_link_var(name))
-            .collect(),
-        false => vars,
-    };
-    let specs = link_env::parse(vars.iter().cloned(), &options)
-        .map_err(|error| UsageError(error.to_string()))?;
-    let consume_specs = consumer::parse_specs(&args.connect)?;
-    let seeds = registry.seeds(&args.member.gossip, vars)?;
-    let advertisement = advertisement::build(
-        &specs,
-        &args.forwards,
-        args.role.clone(),
-        args.service_addr.clone(),
-        advertisement::user_tags(
-            args.member.tags()?,
-            &args
-                .member
-                .tags
-                .iter()
-                .flatten()
-                .map(|(key, _)| key.as_str())
-                .collect::<Vec<_>>(),
-        ),
-    );
-    if let Some(addr) = &advertisement.service_addr {
-        advertisement::check_service_addr(addr).map_err(UsageError)?;
-    }
-    advertisement
-        .validate()
-        .map_err(|error| UsageError(error.to_string()))?;
-    if !registry.is_serf() && advertisement.role.is_none() {
-        return Err(UsageError(
-            "--registry etcd: nothing to register: no link, no --forward and no --role/NAME"
-                .to_owned(),
-        )
-        .into());
-    }
-    // The backend handlers are told about, and (unless --health-target) the one health-checked.
-    let backend = advertisement::health_target(&specs, &args.forwards, None);
-    let health_check = args
-        .health_target
-        .clone()
-        .or_else(|| backend.clone())
-        .filter(|_| !args.health_interval.is_zero())
-        .map(|target| health::Check {
-            kind: args.health_check.resolve(target.port),
-            target,
-            mysql_user: args.health_mysql_user.clone(),
-            interval: args.health_interval,
-            timeout: args.health_interval.min(args.serve.connect_timeout),
-        });
+    let Plan {
+        registry,
+        specs,
+        consume_specs,
+        seeds,
+        advertisement,
+        backend,
+        health_check,
+    } = plan(&args)?;
     raise_open_file_limit();
     let mut signals = Signals::new().context("installing signal handlers")?;
 
@@ -237,23 +183,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
-    // The backend's health before the first advertisement, so the first tags are right.
-    let initial = match &health_check {
-        Some(check) => {
-            health::log_choice(args.health_check, check);
-            let (initial, error) = check.probe().await;
-            health::log_transition(&check.target, initial, error.as_deref());
-            initial
-        }
-        None if args.health_interval.is_zero() => {
-            info!("health checks off (--health-interval 0): health=passing");
-            Health::Passing
-        }
-        None => {
-            info!("no TCP forward to health-check (--health-target sets one): health=passing");
-            Health::Passing
-        }
-    };
+    let initial = initial_health(&args, health_check.as_ref()).await;
     let (health_tx, health_rx) = watch::channel(initial);
     let (lifecycle_tx, lifecycle_rx) = watch::channel(metrics::Lifecycle::Starting);
     let node_name = args.member.gossip.node_name();
@@ -370,6 +300,114 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     metrics_stop.cancel();
     serve::release(Some(advertiser), deadline).await;
     Ok(())
+}
+
+/// What `run` serves, read from the flags and the environment; every mistake is a
+/// [`UsageError`] found before anything binds.
+struct Plan {
+    registry: Registry,
+    specs: Vec<ForwardSpec>,
+    consume_specs: Vec<consumer::ConnectSpec>,
+    seeds: Vec<String>,
+    advertisement: registrar::tags::Advertisement,
+    /// The backend handlers are told about.
+    backend: Option<proxy::Target>,
+    health_check: Option<health::Check>,
+}
+
+fn plan(args: &Args) -> anyhow::Result<Plan> {
+    let serf_link = args.member.gossip.serf_link.clone();
+    let options = link_env::Options {
+        serf_link: serf_link.clone(),
+        forwards: args.forwards.clone(),
+        links: args.links.clone(),
+    };
+    let vars = crate::environment::vars();
+    let registry = args.registry.registry(vars.iter().cloned())?;
+    // The etcd link names the registry, not a backend to forward.
+    let vars = match registry.etcd_from_link() {
+        true => vars
+            .into_iter()
+            .filter(|(name, _)| !is_etcd_link_var(name))
+            .collect(),
+        false => vars,
+    };
+    let specs = link_env::parse(vars.iter().cloned(), &options)
+        .map_err(|error| UsageError(error.to_string()))?;
+    let consume_specs = consumer::parse_specs(&args.connect)?;
+    let seeds = registry.seeds(&args.member.gossip, vars)?;
+    let advertisement = advertisement::build(
+        &specs,
+        &args.forwards,
+        args.role.clone(),
+        args.service_addr.clone(),
+        advertisement::user_tags(
+            args.member.tags()?,
+            &args
+                .member
+                .tags
+                .iter()
+                .flatten()
+                .map(|(key, _)| key.as_str())
+                .collect::<Vec<_>>(),
+        ),
+    );
+    if let Some(addr) = &advertisement.service_addr {
+        advertisement::check_service_addr(addr).map_err(UsageError)?;
+    }
+    advertisement
+        .validate()
+        .map_err(|error| UsageError(error.to_string()))?;
+    if !registry.is_serf() && advertisement.role.is_none() {
+        return Err(UsageError(
+            "--registry etcd: nothing to register: no link, no --forward and no --role/NAME"
+                .to_owned(),
+        )
+        .into());
+    }
+    // The backend handlers are told about, and (unless --health-target) the one health-checked.
+    let backend = advertisement::health_target(&specs, &args.forwards, None);
+    let health_check = args
+        .health_target
+        .clone()
+        .or_else(|| backend.clone())
+        .filter(|_| !args.health_interval.is_zero())
+        .map(|target| health::Check {
+            kind: args.health_check.resolve(target.port),
+            target,
+            mysql_user: args.health_mysql_user.clone(),
+            interval: args.health_interval,
+            timeout: args.health_interval.min(args.serve.connect_timeout),
+        });
+    Ok(Plan {
+        registry,
+        specs,
+        consume_specs,
+        seeds,
+        advertisement,
+        backend,
+        health_check,
+    })
+}
+
+/// The backend's health before the first advertisement, so the first tags are right.
+async fn initial_health(args: &Args, health_check: Option<&health::Check>) -> Health {
+    match health_check {
+        Some(check) => {
+            health::log_choice(args.health_check, check);
+            let (initial, error) = check.probe().await;
+            health::log_transition(&check.target, initial, error.as_deref());
+            initial
+        }
+        None if args.health_interval.is_zero() => {
+            info!("health checks off (--health-interval 0): health=passing");
+            Health::Passing
+        }
+        None => {
+            info!("no TCP forward to health-check (--health-target sets one): health=passing");
+            Health::Passing
+        }
+    }
 }
 
 /// A Docker link variable of the `etcd` alias (`ETCD_PORT…`, `ETCD_NAME`, `ETCD_ENV_…`).

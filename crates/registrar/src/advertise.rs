@@ -150,18 +150,33 @@ mod tests {
         .unwrap_or_else(|_| panic!("{n} tag updates, got {:?}", sent.lock().unwrap()));
     }
 
-    #[tokio::test]
-    async fn tags_follow_health_and_repeat_nothing() {
-        let (health_tx, health_rx) = watch::channel(Health::Passing);
-        let (sent, sink) = sink(0);
+    /// Starts [`apply_tags`] at `initial` health into a sink failing `failures` times.
+    fn start(
+        initial: Health,
+        applied: Option<Tags>,
+        failures: usize,
+    ) -> (
+        watch::Sender<Health>,
+        Sent,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (health_tx, health_rx) = watch::channel(initial);
+        let (sent, sink) = sink(failures);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(apply_tags(
             advertisement(),
-            None,
+            applied,
             health_rx,
             sink,
             shutdown.clone(),
         ));
+        (health_tx, sent, shutdown, task)
+    }
+
+    #[tokio::test]
+    async fn tags_follow_health_and_repeat_nothing() {
+        let (health_tx, sent, shutdown, task) = start(Health::Passing, None, 0);
         sent_reaches(&sent, 1).await;
         health_tx.send_replace(Health::Critical);
         sent_reaches(&sent, 2).await;
@@ -189,17 +204,8 @@ mod tests {
 
     #[tokio::test]
     async fn what_the_member_already_advertises_is_not_sent_again() {
-        let (health_tx, health_rx) = watch::channel(Health::Passing);
-        let (sent, sink) = sink(0);
-        let shutdown = CancellationToken::new();
         let started_with = desired(&advertisement(), Health::Passing);
-        let task = tokio::spawn(apply_tags(
-            advertisement(),
-            Some(started_with),
-            health_rx,
-            sink,
-            shutdown.clone(),
-        ));
+        let (health_tx, sent, shutdown, task) = start(Health::Passing, Some(started_with), 0);
         health_tx.send_replace(Health::Critical);
         sent_reaches(&sent, 1).await;
         shutdown.cancel();
@@ -210,16 +216,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_update_is_retried() {
-        let (_health_tx, health_rx) = watch::channel(Health::Critical);
-        let (sent, sink) = sink(2);
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(apply_tags(
-            advertisement(),
-            None,
-            health_rx,
-            sink,
-            shutdown.clone(),
-        ));
+        let (_health_tx, sent, shutdown, task) = start(Health::Critical, None, 2);
         sent_reaches(&sent, 1).await;
         assert_eq!(sent.lock().unwrap()[0]["health"], "critical");
         shutdown.cancel();
