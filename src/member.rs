@@ -464,7 +464,6 @@ pub(crate) struct LocalMember {
 struct Inner {
     handle: driver::Handle,
     name: String,
-    advertise: SocketAddr,
     rpc_addr: Option<SocketAddr>,
     events: broadcast::Sender<Event>,
     joined: watch::Receiver<bool>,
@@ -604,7 +603,6 @@ async fn start_member(
         inner: Arc::new(Inner {
             handle,
             name,
-            advertise,
             rpc_addr,
             events,
             joined,
@@ -646,25 +644,12 @@ impl LocalMember {
         &self.inner.name
     }
 
-    /// The address other members reach us at.
-    #[allow(dead_code)] // for `run` and `connect`
-    pub(crate) fn advertise_addr(&self) -> SocketAddr {
-        self.inner.advertise
-    }
-
     /// Where the RPC server listens, if it runs.
     pub(crate) fn rpc_addr(&self) -> Option<SocketAddr> {
         self.inner.rpc_addr
     }
 
-    /// The Serf driver handle, for commands this type does not wrap (queries, user events).
-    #[allow(dead_code)] // for `run` and `connect`
-    pub(crate) fn handle(&self) -> &driver::Handle {
-        &self.inner.handle
-    }
-
     /// Replaces our tags with `tags` (the complete set).
-    #[allow(dead_code)] // for `run` and `connect`
     pub(crate) async fn set_tags(&self, tags: BTreeMap<String, String>) -> anyhow::Result<()> {
         self.inner
             .handle
@@ -691,7 +676,6 @@ impl LocalMember {
     }
 
     /// Every member we know, ourselves included.
-    #[allow(dead_code)] // for `run` and `connect`
     pub(crate) async fn members(&self) -> anyhow::Result<Vec<serf::serf::Member>> {
         Ok(self.inner.handle.members().await?)
     }
