@@ -4,18 +4,19 @@
 //! - [`RolePool`]: the providers of one role as a [`proxy::Pool`]: least outstanding
 //!   connections, ties at random, refused providers backed off ([`registrar::targets::Targets`]).
 //! - [`Consumer`]: the pools of a process and the member table they are computed from; it binds
-//!   one listener per spec into a [`Proxy`] and is fed the member's events ([`Consumer::handle_event`]),
-//!   so a provider is used or dropped as soon as its event arrives, with no polling.
+//!   one listener per spec into a [`Proxy`] and is fed a registry's changes
+//!   ([`Consumer::handle_change`]), so a provider is used or dropped as soon as its change
+//!   arrives, with no polling.
 //!
-//! A command that runs a Serf member (`connect`, and `run --connect`) flattens [`ConsumeArgs`],
-//! builds a [`Consumer`], binds it into its [`Proxy`] before spawning, and hands it the member
-//! with [`Consumer::follow`]:
+//! A command that consumes (`connect`, and `run --connect`) flattens [`ConsumeArgs`], builds a
+//! [`Consumer`], binds it into its [`Proxy`] before spawning, and hands it the registry's
+//! [`Discovery`] (Serf or etcd) with [`Consumer::follow`]:
 //!
 //! ```ignore
 //! let specs = consumer::parse_specs(&args.connect)?;            // ROLE[=LISTEN_PORT]
 //! let consumer = Consumer::new(member.name(), &specs);
 //! consumer.bind(&mut proxy, &specs, args.consume.policy())?;     // before proxy.spawn
-//! tokio::spawn(consumer.follow(member.clone(), shutdown.clone()));
+//! tokio::spawn(consumer.follow(presence.discovery.clone(), shutdown.clone()));
 //! ```
 
 use std::collections::BTreeMap;
@@ -27,15 +28,15 @@ use std::time::{Duration, Instant};
 use proxy::link_env::{Host, Target};
 use proxy::{Candidate, Outcome, Policy, Proxy, Upstream};
 use rand::{rngs::StdRng, SeedableRng};
+use registrar::discovery::{Change, Discovery};
 use registrar::tags::Health;
 use registrar::targets::{self, Dial, Targets};
-use serf::serf::{Event, Member, MemberStatus};
-use tokio::sync::{broadcast, watch};
+use serf::serf::{Member, MemberStatus};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::cmd::UsageError;
-use crate::member::Member as LocalMember;
 
 /// Flags of every command that consumes roles (`connect`; `run --connect`).
 #[derive(Debug, Clone, clap::Args)]
@@ -355,22 +356,23 @@ impl Consumer {
         self.refresh();
     }
 
-    /// Applies one Serf event: joins and updates add or change a member, leaves, failures and
-    /// reaps drop it. Other events are ignored.
-    pub(crate) fn handle_event(&mut self, event: &Event) {
-        match event {
-            Event::MemberJoin(member) | Event::MemberUpdate(member) => {
+    /// Applies one change: a snapshot replaces the table, joins and updates add or change a
+    /// member, leaves, failures and reaps drop it.
+    pub(crate) fn handle_change(&mut self, change: Change) {
+        match change {
+            Change::Snapshot(members) => return self.handle_members(members),
+            Change::Update(member) => {
                 if member.name == self.local {
                     return;
                 }
-                self.members.insert(member.name.clone(), member.clone());
+                self.members.insert(member.name.clone(), member);
             }
-            Event::MemberLeave(member)
-            | Event::MemberFailed(member)
-            | Event::MemberReap(member) => {
+            Change::Departed(member) => {
                 self.members.remove(&member.name);
             }
-            _ => return,
+            Change::Reaped(name) => {
+                self.members.remove(&name);
+            }
         }
         self.refresh();
     }
@@ -380,39 +382,29 @@ impl Consumer {
         self.health.subscribe()
     }
 
-    /// Follows `member`'s events until `shutdown` or the member stops: a snapshot first, then
-    /// every membership event as it arrives (a snapshot again if the events overflowed).
-    pub(crate) async fn follow(mut self, member: LocalMember, shutdown: CancellationToken) {
-        let mut events = member.subscribe();
-        self.resync(&member).await;
-        for (role, pool) in &self.pools {
-            if pool.is_empty() {
-                info!(%role, "no provider yet; new clients wait for one");
-            }
-        }
+    /// Follows `discovery` until `shutdown` or the registry stops: a snapshot first, then
+    /// every change as it arrives.
+    pub(crate) async fn follow(
+        mut self,
+        discovery: Arc<dyn Discovery>,
+        shutdown: CancellationToken,
+    ) {
+        let mut changes = discovery.changes();
+        let mut first = true;
         loop {
-            let event = tokio::select! {
+            let change = tokio::select! {
                 () = shutdown.cancelled() => break,
-                event = events.recv() => event,
+                change = changes.next() => change,
             };
-            match event {
-                Ok(event) => self.handle_event(&event),
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    warn!(
-                        missed,
-                        "fell behind the member's events, reading the member list"
-                    );
-                    self.resync(&member).await;
+            let Some(change) = change else { break };
+            self.handle_change(change);
+            if std::mem::take(&mut first) {
+                for (role, pool) in &self.pools {
+                    if pool.is_empty() {
+                        info!(%role, "no provider yet; new clients wait for one");
+                    }
                 }
-                Err(broadcast::error::RecvError::Closed) => break,
             }
-        }
-    }
-
-    async fn resync(&mut self, member: &LocalMember) {
-        match member.members().await {
-            Ok(members) => self.handle_members(members),
-            Err(error) => warn!(error = %format!("{error:#}"), "reading the member list"),
         }
     }
 
@@ -532,7 +524,7 @@ mod tests {
         assert_eq!(*health.borrow(), Health::Passing);
 
         let mut changes = consumer.pool("6379").unwrap().subscribe();
-        consumer.handle_event(&Event::MemberJoin(b.clone()));
+        consumer.handle_change(Change::Update(b.clone()));
         assert!(changes.has_changed().unwrap());
         changes.mark_unchanged();
         assert_eq!(ids(&consumer, "6379"), ["a", "b"]);
@@ -546,21 +538,21 @@ mod tests {
             alive,
             &[("role", "6379"), ("health", "critical")],
         );
-        consumer.handle_event(&Event::MemberUpdate(critical));
+        consumer.handle_change(Change::Update(critical));
         assert_eq!(ids(&consumer, "6379"), ["a"]);
-        consumer.handle_event(&Event::MemberUpdate(b.clone()));
+        consumer.handle_change(Change::Update(b.clone()));
         assert_eq!(ids(&consumer, "6379"), ["a", "b"]);
         let leaving = member("b", "127.0.0.3", MemberStatus::Leaving, &[("role", "6379")]);
-        consumer.handle_event(&Event::MemberUpdate(leaving));
+        consumer.handle_change(Change::Update(leaving));
         assert_eq!(ids(&consumer, "6379"), ["a"]);
-        consumer.handle_event(&Event::MemberFailed(a.clone()));
+        consumer.handle_change(Change::Departed(a.clone()));
         assert!(ids(&consumer, "6379").is_empty());
         assert_eq!(*health.borrow(), Health::Critical);
         assert_eq!(consumer.pool("6379").unwrap().pick(&[]), None);
 
         // An event that changes nothing does not wake waiting clients.
         changes.mark_unchanged();
-        consumer.handle_event(&Event::MemberLeave(a));
+        consumer.handle_change(Change::Departed(a));
         assert!(!changes.has_changed().unwrap());
     }
 

@@ -1,35 +1,27 @@
-//! Backend health for `amb-serf run`: a probe loop and the advertiser that turns health into
-//! tags.
+//! Backend health for `amb-serf run`: the probe loop.
 //!
 //! - [`run_checks`] probes the backend every interval with the check `--health-check` chose
 //!   ([`Kind`]: `tcp` connects and closes, `proxy::health::mysql` logs in politely and quits,
 //!   `proxy::health::redis` sends `PING`; `auto` picks by the backend's port) and publishes [`Health`] on a `watch`
 //!   channel; transitions are logged (warn when it goes down, info when it comes back). A
 //!   probe never outlives its timeout.
-//! - [`advertise`] watches that channel and applies `registrar::tags::desired(&ad, health)`
-//!   through a tag sink (the Serf member's `set_tags`) whenever the desired set changes, so a
-//!   critical backend withdraws `role` and sets `health=critical`. A failed `set_tags` is
-//!   retried until it goes through or the desired set changes again.
+//! - `registrar::advertise::apply_tags` (driven by the Serf `Advertiser`) turns that channel
+//!   into tags.
 //!
-//! Both loops stop on their cancellation token; `run` stops them before leaving the cluster,
+//! The loop stops on its cancellation token; `run` stops them before leaving the cluster,
 //! so no tag update races the leave.
 
-use std::collections::BTreeMap;
 use std::fmt;
-use std::future::Future;
 use std::time::Duration;
 
 use proxy::health::{mysql, redis};
 use proxy::Target;
-use registrar::tags::{desired, Advertisement, Health};
+use registrar::tags::Health;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-
-/// How long to wait before retrying a tag update that failed.
-const RETRY_TAGS: Duration = Duration::from_secs(1);
 
 /// The `--health-check` flag: how to check the backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -197,178 +189,12 @@ pub(crate) fn log_transition(target: &Target, now: Health, error: Option<&str>) 
     }
 }
 
-/// Applies the tags for the current health through `set_tags`, and again on every change,
-/// until `shutdown`. Only a changed tag set is sent: `applied` is what the member already
-/// advertises (the tags it started with), so startup causes no redundant update.
-pub(crate) async fn advertise<F, Fut, E>(
-    advertisement: Advertisement,
-    applied: Option<BTreeMap<String, String>>,
-    mut health: watch::Receiver<Health>,
-    mut set_tags: F,
-    shutdown: CancellationToken,
-) where
-    F: FnMut(BTreeMap<String, String>) -> Fut,
-    Fut: Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
-{
-    let mut applied = applied;
-    loop {
-        let wanted = desired(&advertisement, *health.borrow_and_update());
-        if applied.as_ref() != Some(&wanted) {
-            match set_tags(wanted.clone()).await {
-                Ok(()) => {
-                    tracing::debug!(tags = ?wanted, "tags advertised");
-                    applied = Some(wanted);
-                }
-                Err(error) => {
-                    warn!(%error, tags = ?wanted, "updating tags failed, retrying");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        _ = health.changed() => {}
-                        () = tokio::time::sleep(RETRY_TAGS) => {}
-                    }
-                    continue;
-                }
-            }
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            changed = health.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::net::{IpAddr, Ipv4Addr};
-    use std::sync::{Arc, Mutex};
 
     use proxy::Host;
-
-    fn advertisement() -> Advertisement {
-        Advertisement {
-            role: Some("6379".into()),
-            ports: vec!["6379/tcp".into()],
-            service_addr: None,
-            extra: BTreeMap::new(),
-        }
-    }
-
-    type Tags = BTreeMap<String, String>;
-    type Sent = Arc<Mutex<Vec<Tags>>>;
-
-    /// A tag sink that records what it is sent and fails the first `failures` calls.
-    fn sink(
-        failures: usize,
-    ) -> (
-        Sent,
-        impl FnMut(Tags) -> std::future::Ready<Result<(), String>>,
-    ) {
-        let sent: Sent = Arc::default();
-        let record = Arc::clone(&sent);
-        let mut calls = 0;
-        let sink = move |tags| {
-            calls += 1;
-            if calls <= failures {
-                return std::future::ready(Err("member busy".to_owned()));
-            }
-            record.lock().unwrap().push(tags);
-            std::future::ready(Ok(()))
-        };
-        (sent, sink)
-    }
-
-    /// Waits (generously, polling) until `sent` holds `n` tag sets.
-    async fn sent_reaches(sent: &Sent, n: usize) {
-        tokio::time::timeout(Duration::from_secs(20), async {
-            while sent.lock().unwrap().len() < n {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("{n} tag updates, got {:?}", sent.lock().unwrap()));
-    }
-
-    #[tokio::test]
-    async fn tags_follow_health_and_repeat_nothing() {
-        let (health_tx, health_rx) = watch::channel(Health::Passing);
-        let (sent, sink) = sink(0);
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(advertise(
-            advertisement(),
-            None,
-            health_rx,
-            sink,
-            shutdown.clone(),
-        ));
-        sent_reaches(&sent, 1).await;
-        health_tx.send_replace(Health::Critical);
-        sent_reaches(&sent, 2).await;
-        // The same value again changes nothing on the wire.
-        health_tx.send_replace(Health::Critical);
-        health_tx.send_replace(Health::Passing);
-        sent_reaches(&sent, 3).await;
-        shutdown.cancel();
-        task.await.unwrap();
-        let roles: Vec<(Option<String>, String)> = sent
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|tags| (tags.get("role").cloned(), tags["health"].clone()))
-            .collect();
-        assert_eq!(
-            roles,
-            vec![
-                (Some("6379".into()), "passing".into()),
-                (None, "critical".into()),
-                (Some("6379".into()), "passing".into()),
-            ]
-        );
-    }
-
-    #[tokio::test]
-    async fn what_the_member_already_advertises_is_not_sent_again() {
-        let (health_tx, health_rx) = watch::channel(Health::Passing);
-        let (sent, sink) = sink(0);
-        let shutdown = CancellationToken::new();
-        let started_with = desired(&advertisement(), Health::Passing);
-        let task = tokio::spawn(advertise(
-            advertisement(),
-            Some(started_with),
-            health_rx,
-            sink,
-            shutdown.clone(),
-        ));
-        health_tx.send_replace(Health::Critical);
-        sent_reaches(&sent, 1).await;
-        shutdown.cancel();
-        task.await.unwrap();
-        assert_eq!(sent.lock().unwrap()[0]["health"], "critical");
-        assert_eq!(sent.lock().unwrap().len(), 1);
-    }
-
-    #[tokio::test]
-    async fn a_failed_update_is_retried() {
-        let (_health_tx, health_rx) = watch::channel(Health::Critical);
-        let (sent, sink) = sink(2);
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(advertise(
-            advertisement(),
-            None,
-            health_rx,
-            sink,
-            shutdown.clone(),
-        ));
-        sent_reaches(&sent, 1).await;
-        assert_eq!(sent.lock().unwrap()[0]["health"], "critical");
-        shutdown.cancel();
-        task.await.unwrap();
-    }
 
     #[tokio::test]
     async fn checks_see_the_backend_go_and_come_back() {

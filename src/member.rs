@@ -3,7 +3,7 @@
 //!
 //! [`MemberArgs`] are the flags (mirroring `serf agent` where they mean the same); [`start`]
 //! starts the native member (Serf protocol 5, like the agent), the RPC server on it, the event
-//! handlers, and the join loop; the returned [`Member`] is the handle callers keep.
+//! handlers, and the join loop; the returned [`LocalMember`] is the handle callers keep.
 //!
 //! Join loop: with no seed (no `--join`/`--retry-join`, no `<ALIAS>_PORT_7946_TCP`, no
 //! `<ALIAS>_NAME` or `/etc/hosts` line of the Serf link's alias) the member is a cluster of one
@@ -36,6 +36,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use registrar::advertise::{Advertiser, BoxError, BoxFuture};
+use registrar::tags::{Advertisement, Health};
 use serf::serf::{Event, MemberStatus};
 use serf_agent::member as driver;
 use serf_agent::rpc::agent::{AgentInfo, MemberBackend};
@@ -479,7 +481,7 @@ pub(crate) struct Extras {
 
 /// A running member. Cheap to clone.
 #[derive(Debug, Clone)]
-pub(crate) struct Member {
+pub(crate) struct LocalMember {
     inner: Arc<Inner>,
 }
 
@@ -487,13 +489,12 @@ pub(crate) struct Member {
 struct Inner {
     handle: driver::Handle,
     name: String,
-    advertise: SocketAddr,
     rpc_addr: Option<SocketAddr>,
     events: broadcast::Sender<Event>,
     joined: watch::Receiver<bool>,
     tags: Mutex<BTreeMap<String, String>>,
     tags_file: Option<PathBuf>,
-    /// The event handlers in force (replaced on SIGHUP, [`Member::set_event_handlers`]).
+    /// The event handlers in force (replaced on SIGHUP, [`LocalMember::set_event_handlers`]).
     handlers: watch::Sender<Arc<Vec<Handler>>>,
     shutdown: CancellationToken,
     stop_requested: CancellationToken,
@@ -507,7 +508,7 @@ pub(crate) async fn start(
     tags: BTreeMap<String, String>,
     seeds: Vec<String>,
     extras: Extras,
-) -> anyhow::Result<Member> {
+) -> anyhow::Result<LocalMember> {
     let handlers = args.handlers()?;
     let rpc_addr = if args.rpc_addr.is_empty() {
         None
@@ -530,13 +531,13 @@ pub(crate) async fn start(
 }
 
 /// Starts a member with no handlers, tags file or fixed RPC address: join mode of `members`
-/// and `resolve`. The RPC server listens on an ephemeral loopback port ([`Member::rpc_addr`]),
+/// and `resolve`. The RPC server listens on an ephemeral loopback port ([`LocalMember::rpc_addr`]),
 /// so those commands render the member's view with their usual RPC code.
 pub(crate) async fn start_joiner(
     gossip: &GossipArgs,
     tags: BTreeMap<String, String>,
     seeds: Vec<String>,
-) -> anyhow::Result<Member> {
+) -> anyhow::Result<LocalMember> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .context("binding an rpc port on 127.0.0.1")?;
@@ -557,7 +558,7 @@ async fn start_member(
     seeds: Vec<String>,
     rpc: Option<tokio::net::TcpListener>,
     settings: Settings,
-) -> anyhow::Result<Member> {
+) -> anyhow::Result<LocalMember> {
     let keyring = gossip.keyring()?;
     let encrypted = keyring.is_some();
     let name = gossip.node_name();
@@ -624,11 +625,10 @@ async fn start_member(
         None => None,
     };
 
-    let member = Member {
+    let member = LocalMember {
         inner: Arc::new(Inner {
             handle,
             name,
-            advertise,
             rpc_addr,
             events,
             joined,
@@ -664,16 +664,10 @@ async fn start_member(
     Ok(member)
 }
 
-impl Member {
+impl LocalMember {
     /// Our node name.
     pub(crate) fn name(&self) -> &str {
         &self.inner.name
-    }
-
-    /// The address other members reach us at.
-    #[allow(dead_code)] // for `run` and `connect`
-    pub(crate) fn advertise_addr(&self) -> SocketAddr {
-        self.inner.advertise
     }
 
     /// Where the RPC server listens, if it runs.
@@ -681,14 +675,7 @@ impl Member {
         self.inner.rpc_addr
     }
 
-    /// The Serf driver handle, for commands this type does not wrap (queries, user events).
-    #[allow(dead_code)] // for `run` and `connect`
-    pub(crate) fn handle(&self) -> &driver::Handle {
-        &self.inner.handle
-    }
-
     /// Replaces our tags with `tags` (the complete set).
-    #[allow(dead_code)] // for `run` and `connect`
     pub(crate) async fn set_tags(&self, tags: BTreeMap<String, String>) -> anyhow::Result<()> {
         self.inner
             .handle
@@ -715,7 +702,6 @@ impl Member {
     }
 
     /// Every member we know, ourselves included.
-    #[allow(dead_code)] // for `run` and `connect`
     pub(crate) async fn members(&self) -> anyhow::Result<Vec<serf::serf::Member>> {
         Ok(self.inner.handle.members().await?)
     }
@@ -764,6 +750,15 @@ impl Member {
         let text = serde_json::to_string_pretty(&self.tags()).expect("string maps encode");
         std::fs::write(path, text)
             .with_context(|| format!("writing --tags-file {}", path.display()))
+    }
+
+    /// This member's view as a [`Discovery`](registrar::discovery::Discovery): its member list,
+    /// then its membership events.
+    pub(crate) fn discovery(&self) -> registrar::discovery::SerfDiscovery {
+        registrar::discovery::SerfDiscovery::new(
+            self.inner.events.clone(),
+            self.inner.handle.clone(),
+        )
     }
 
     /// Replaces the event handlers (`serf agent` reloads them on SIGHUP); the next event
@@ -905,6 +900,52 @@ impl Member {
         }
         anyhow::ensure!(!addrs.is_empty(), "no seed resolves");
         Ok(self.inner.handle.join(&addrs, ignore_old).await?)
+    }
+}
+
+/// The Serf side of advertising: health-gated tags (`set_tags`, keeping the tags others set),
+/// the leave on stop, `serf leave` over RPC as a stop request.
+impl Advertiser for LocalMember {
+    fn name(&self) -> &str {
+        Self::name(self)
+    }
+
+    fn follow_health(
+        &self,
+        advertisement: Advertisement,
+        applied: Option<BTreeMap<String, String>>,
+        health: watch::Receiver<Health>,
+        stop: CancellationToken,
+    ) -> BoxFuture<'static, ()> {
+        let member = self.clone();
+        Box::pin(registrar::advertise::apply_tags(
+            advertisement,
+            applied,
+            health,
+            move |tags| {
+                let member = member.clone();
+                let tags = crate::advertisement::with_current_extras(tags, member.tags());
+                async move { member.set_tags(tags).await.map_err(|e| format!("{e:#}")) }
+            },
+            stop,
+        ))
+    }
+
+    fn stop_requested(&self) -> BoxFuture<'_, ()> {
+        Box::pin(Self::stop_requested(self))
+    }
+
+    fn withdraw(&mut self, timeout: Duration) -> BoxFuture<'_, Result<&'static str, BoxError>> {
+        Box::pin(async move {
+            self.leave(timeout)
+                .await
+                .map_err(|error| BoxError::from(format!("{error:#}")))?;
+            Ok("left the cluster, peers show `left`")
+        })
+    }
+
+    fn shutdown(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move { Self::shutdown(&self).await })
     }
 }
 

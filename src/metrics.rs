@@ -55,7 +55,7 @@ pub(crate) type MembersFn =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Option<Vec<String>>> + Send>> + Send + Sync>;
 
 /// The [`MembersFn`] of a Serf member's view (none without a member: etcd).
-pub(crate) fn statuses_of(member: Option<crate::member::Member>) -> MembersFn {
+pub(crate) fn statuses_of(member: Option<crate::member::LocalMember>) -> MembersFn {
     Arc::new(move || {
         let member = member.clone();
         Box::pin(async move {

@@ -1,6 +1,6 @@
 //! `--dns-addr`: the member's DNS interface, answered from live membership. The answers are
 //! `dns::Zone::answer` (pure, in `crates/dns`); this is its thin tokio shell: one task follows
-//! the member's events and publishes a new zone on each membership change (no polling), one
+//! the registry's changes (`registrar::discovery`) and publishes a new zone on each membership change (no polling), one
 //! UDP loop and one TCP accept loop answer from the latest zone.
 
 use std::collections::BTreeMap;
@@ -12,15 +12,15 @@ use anyhow::Context as _;
 use dns::{Config, Transport, Zone};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use serf::serf::{Event, Member as Peer};
+use registrar::discovery::{Change, Changes, Discovery};
+use serf::serf::Member;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{broadcast, watch, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::cmd::UsageError;
-use crate::member::Member;
 
 /// How long a TCP client may stay silent before we close its connection (RFC 7766 suggests
 /// seconds).
@@ -93,72 +93,55 @@ impl DnsArgs {
     }
 }
 
-/// Starts answering on `bound` from `member`'s membership until `shutdown`.
-pub(crate) fn spawn(bound: Bound, member: Member, shutdown: CancellationToken) {
+/// Starts answering on `bound` from `discovery`'s membership until `shutdown`.
+pub(crate) fn spawn(bound: Bound, discovery: &dyn Discovery, shutdown: CancellationToken) {
     let Bound { config, udp, tcp } = bound;
     if let Ok(addr) = udp.local_addr() {
         info!(%addr, domain = %config.domain, ttl = config.ttl, "dns: answering on udp and tcp");
     }
     let (zone_tx, zone) = watch::channel(Arc::new(Zone::new(config.clone(), 0, [])));
-    tokio::spawn(follow(member, config, zone_tx, shutdown.clone()));
+    tokio::spawn(follow(
+        discovery.changes(),
+        config,
+        zone_tx,
+        shutdown.clone(),
+    ));
     tokio::spawn(serve_udp(udp, zone.clone(), shutdown.clone()));
     tokio::spawn(serve_tcp(tcp, zone, shutdown));
 }
 
-/// Keeps the zone equal to the member's view: a snapshot first, then each membership event as
-/// it arrives (a snapshot again if the events overflowed).
+/// Keeps the zone equal to the registry's view: a snapshot first, then each change as it
+/// arrives. A member that left or failed stays, with its status, until it is reaped.
 async fn follow(
-    member: Member,
+    mut changes: Box<dyn Changes>,
     config: Config,
     zone: watch::Sender<Arc<Zone>>,
     shutdown: CancellationToken,
 ) {
-    let mut events = member.subscribe();
-    let mut peers: BTreeMap<String, Peer> = BTreeMap::new();
-    let mut serial: u32 = 1;
-    resync(&member, &mut peers).await;
-    zone.send_replace(Arc::new(Zone::new(config.clone(), serial, peers.values())));
+    let mut peers: BTreeMap<String, Member> = BTreeMap::new();
+    let mut serial: u32 = 0;
     loop {
-        let event = tokio::select! {
+        let change = tokio::select! {
             () = shutdown.cancelled() => break,
-            event = events.recv() => event,
+            change = changes.next() => change,
         };
-        match event {
-            Ok(
-                Event::MemberJoin(peer)
-                | Event::MemberUpdate(peer)
-                | Event::MemberLeave(peer)
-                | Event::MemberFailed(peer),
-            ) => {
+        match change {
+            Some(Change::Snapshot(members)) => {
+                peers = members
+                    .into_iter()
+                    .map(|peer| (peer.name.clone(), peer))
+                    .collect();
+            }
+            Some(Change::Update(peer) | Change::Departed(peer)) => {
                 peers.insert(peer.name.clone(), peer);
             }
-            Ok(Event::MemberReap(peer)) => {
-                peers.remove(&peer.name);
+            Some(Change::Reaped(name)) => {
+                peers.remove(&name);
             }
-            Ok(_) => continue,
-            Err(broadcast::error::RecvError::Lagged(missed)) => {
-                warn!(
-                    missed,
-                    "dns: fell behind the member's events, reading the member list"
-                );
-                resync(&member, &mut peers).await;
-            }
-            Err(broadcast::error::RecvError::Closed) => break,
+            None => break,
         }
         serial = serial.wrapping_add(1);
         zone.send_replace(Arc::new(Zone::new(config.clone(), serial, peers.values())));
-    }
-}
-
-async fn resync(member: &Member, peers: &mut BTreeMap<String, Peer>) {
-    match member.members().await {
-        Ok(members) => {
-            *peers = members
-                .into_iter()
-                .map(|peer| (peer.name.clone(), peer))
-                .collect();
-        }
-        Err(error) => warn!(error = %format!("{error:#}"), "dns: reading the member list"),
     }
 }
 

@@ -1,33 +1,29 @@
 //! The registry seam: where `run` advertises and where `members`, `resolve` and `connect` look.
 //!
 //! Every command that advertises or discovers flattens [`RegistryArgs`] and turns it into a
-//! [`Registry`]: `Serf` (the default; the commands use their Serf member or RPC as before) or
-//! `Etcd` (registrations under a key prefix, [`registrar::etcd`]). The rest of this module keeps
-//! the etcd side in the commands' own terms, so each command has one `match` on the registry:
-//!
-//! - [`Advertiser`]: what `run` holds while advertising (a Serf member, or an etcd
-//!   [`registrar::etcd::Registrar`] task fed by the same health channel); `withdraw` is the Serf
-//!   leave or the etcd lease revoke;
-//! - [`rpc_members`] / [`serf_members`]: a [`Snapshot`] of registrations as the member rows the
-//!   Serf code paths already render (`members`, `resolve`) or route to (`connect`): name = node,
-//!   address = `local_ip` and `port`, status `alive`, tags = the registration's tags (its role
-//!   taken from the key when missing, a `service` tag when its dial address needs one).
+//! [`Registry`]: `Serf` (the default) or `Etcd` (registrations under a key prefix,
+//! [`registrar::etcd`]). The commands do not match on it: [`Registry::start`] gives a
+//! [`Presence`], a `Box<dyn Advertiser>` (the Serf member or an etcd `Lease`) and an
+//! `Arc<dyn Discovery>` (the member's events or the etcd watch) the consumer and the DNS zone
+//! follow. [`rpc_members`] renders an etcd [`Snapshot`] as the rows `members` and `resolve`
+//! print.
 
-use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use registrar::etcd::{Client, Discovery, Endpoints, Prefix, Registrar, Registration, Snapshot};
+use registrar::advertise::Advertiser;
+use registrar::discovery::Discovery;
+use registrar::etcd::{
+    Client, Endpoints, EtcdDiscovery, Lease, Prefix, Registration, Snapshot, Watcher,
+};
 use registrar::tags::{Advertisement, Health};
-use registrar::targets::dial_address;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
 
 use crate::cmd::UsageError;
-use crate::member;
+use crate::member::{self, LocalMember};
 
 /// How long a one-shot command (`members`, `resolve` without `--wait`) waits for etcd's first
 /// answer before it gives up.
@@ -110,17 +106,17 @@ impl RegistryArgs {
 
 impl Etcd {
     /// Follows every registration under the prefix.
-    pub(crate) fn discovery(&self, shutdown: CancellationToken) -> Discovery {
-        Discovery::spawn(self.client.clone(), self.prefix.all(), shutdown)
+    pub(crate) fn discovery(&self, shutdown: CancellationToken) -> Watcher {
+        Watcher::spawn(self.client.clone(), self.prefix.all(), shutdown)
     }
 
     /// The first complete listing of the prefix, waiting up to `timeout` for etcd to answer.
     pub(crate) async fn list(
         &self,
-        discovery: &mut Discovery,
+        watcher: &mut Watcher,
         timeout: Duration,
     ) -> anyhow::Result<Snapshot> {
-        tokio::time::timeout(timeout, discovery.wait_for(Snapshot::is_synced))
+        tokio::time::timeout(timeout, watcher.wait_for(Snapshot::is_synced))
             .await
             .ok()
             .flatten()
@@ -131,95 +127,89 @@ impl Etcd {
                 )
             })
     }
+}
 
-    /// Starts registering `registration` under `<prefix>/<role>/<node>` while `health` is not
-    /// critical; the returned advertiser revokes the lease when withdrawn.
-    pub(crate) fn register(
+/// What a command advertises through and discovers from, whichever the registry.
+pub(crate) struct Presence {
+    /// Where we advertise (`None`: `connect` with etcd registers nothing).
+    pub(crate) advertiser: Option<Box<dyn Advertiser>>,
+    /// Where the members come from (the consumer's pools, the DNS zone).
+    pub(crate) discovery: Arc<dyn Discovery>,
+    /// The Serf member (RPC, DNS, `/metrics` member statuses), when the registry is Serf.
+    pub(crate) member: Option<LocalMember>,
+}
+
+/// An etcd registration to keep while advertising: `(role, node, value)`.
+pub(crate) struct EtcdRegistration<'a> {
+    pub(crate) role: &'a str,
+    pub(crate) node: &'a str,
+    pub(crate) value: Registration,
+}
+
+impl Registry {
+    /// Whether this is Serf (members, events, RPC) rather than etcd.
+    pub(crate) fn is_serf(&self) -> bool {
+        matches!(self, Self::Serf)
+    }
+
+    /// Whether the etcd endpoint came from the `ETCD_PORT_2379_TCP` link (so that link is not
+    /// a forward).
+    pub(crate) fn etcd_from_link(&self) -> bool {
+        matches!(self, Self::Etcd(etcd) if etcd.from_link)
+    }
+
+    /// The seeds to join: Serf's (the link or `--join`); etcd has none.
+    pub(crate) fn seeds(
         &self,
-        role: &str,
-        node: &str,
-        registration: &Registration,
-        mut health: watch::Receiver<Health>,
-    ) -> Advertiser {
-        let key = self.prefix.key(role, node);
-        let healthy = |health: Health| health != Health::Critical;
-        let (healthy_tx, healthy_rx) = watch::channel(healthy(*health.borrow_and_update()));
-        // The one health loop feeds both appliers; this one only translates its values.
-        tokio::spawn(async move {
-            while health.changed().await.is_ok() {
-                healthy_tx.send_replace(healthy(*health.borrow_and_update()));
+        gossip: &member::GossipArgs,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Vec<String>> {
+        match self {
+            Self::Serf => gossip.seeds(vars),
+            Self::Etcd(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// Starts advertising and discovering: with Serf, the member `start_member` starts; with
+    /// etcd, a lease for `registration` (if any) and the watch of the prefix.
+    pub(crate) async fn start<F>(
+        &self,
+        start_member: F,
+        registration: Option<EtcdRegistration<'_>>,
+        health: watch::Receiver<Health>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Presence>
+    where
+        F: std::future::Future<Output = anyhow::Result<LocalMember>>,
+    {
+        match self {
+            Self::Serf => {
+                let member = start_member.await?;
+                Ok(Presence {
+                    advertiser: Some(Box::new(member.clone())),
+                    discovery: Arc::new(member.discovery()),
+                    member: Some(member),
+                })
             }
-        });
-        let stop = CancellationToken::new();
-        let registrar = Registrar::new(self.client.clone(), key.clone(), registration, self.ttl);
-        info!(%key, endpoints = %self.client.endpoints(), ttl = ?self.ttl, "registering in etcd");
-        let task = tokio::spawn(registrar.run(healthy_rx, stop.clone()));
-        Advertiser::Etcd {
-            node: node.to_owned(),
-            stop,
-            task,
-        }
-    }
-}
-
-/// What `run` advertises through.
-pub(crate) enum Advertiser {
-    /// A Serf member (tags applied by [`crate::health::advertise`]).
-    Serf(member::Member),
-    /// The etcd registrar task.
-    Etcd {
-        /// Our node name (the key's last part).
-        node: String,
-        /// Cancelling it makes the registrar revoke its lease and return.
-        stop: CancellationToken,
-        /// The registrar task.
-        task: JoinHandle<()>,
-    },
-}
-
-impl Advertiser {
-    /// Our node name.
-    pub(crate) fn name(&self) -> &str {
-        match self {
-            Self::Serf(member) => member.name(),
-            Self::Etcd { node, .. } => node,
-        }
-    }
-
-    /// Resolves when something other than a signal asks us to stop (`serf leave` over RPC).
-    pub(crate) async fn stop_requested(&self) {
-        match self {
-            Self::Serf(member) => member.stop_requested().await,
-            Self::Etcd { .. } => std::future::pending().await,
-        }
-    }
-
-    /// Stops advertising, within `timeout`: the Serf leave (peers show `left`), or the etcd
-    /// lease revoke (the key disappears at once).
-    pub(crate) async fn withdraw(&mut self, timeout: Duration) -> anyhow::Result<&'static str> {
-        match self {
-            Self::Serf(member) => {
-                member.leave(timeout).await?;
-                Ok("left the cluster, peers show `left`")
-            }
-            Self::Etcd { stop, task, .. } => {
-                stop.cancel();
-                tokio::time::timeout(timeout, task)
-                    .await
-                    .context("revoking the etcd lease took too long")?
-                    .context("the etcd registrar failed")?;
-                Ok("deregistered from etcd")
-            }
-        }
-    }
-
-    /// Releases what is left (the Serf member's sockets and tasks).
-    pub(crate) async fn shutdown(self) {
-        match self {
-            Self::Serf(member) => member.shutdown().await,
-            Self::Etcd { stop, task, .. } => {
-                stop.cancel();
-                task.abort();
+            Self::Etcd(etcd) => {
+                let advertiser = registration.map(|registration| {
+                    let key = etcd.prefix.key(registration.role, registration.node);
+                    Box::new(Lease::start(
+                        etcd.client.clone(),
+                        key,
+                        registration.node,
+                        &registration.value,
+                        etcd.ttl,
+                        health,
+                    )) as Box<dyn Advertiser>
+                });
+                let discovery =
+                    EtcdDiscovery::new(etcd.client.clone(), etcd.prefix.clone(), shutdown.clone());
+                Ok(Presence {
+                    advertiser,
+                    discovery: Arc::new(discovery),
+                    member: None,
+                })
             }
         }
     }
@@ -268,105 +258,25 @@ pub(crate) fn local_ip(advertise: Option<IpAddr>, listen: IpAddr) -> IpAddr {
     crate::member::advertised_ip()
 }
 
-/// One registration in the terms of a member: `(node, ip, port, tags)`.
-fn as_member(
-    prefix: &Prefix,
-    key: &str,
-    registration: &Registration,
-) -> (String, IpAddr, u16, BTreeMap<String, String>) {
-    let (role, node) = prefix.split(key).unwrap_or(("", key));
-    let mut tags = registration.tags.clone();
-    if !role.is_empty() {
-        tags.entry(registrar::tags::ROLE.to_owned())
-            .or_insert_with(|| role.to_owned());
-    }
-    let ip = registration.local_ip.parse::<IpAddr>().ok();
-    // Make the shared dial rule (`service` tag, else IP and role port) give this registration's
-    // own dial address.
-    let dial = registration.dial_addr();
-    let shared = ip
-        .and_then(|ip| dial_address(ip, &tags))
-        .map(|d| d.to_string());
-    if shared.as_deref() != Some(dial.as_str()) {
-        tags.insert(registrar::tags::SERVICE.to_owned(), dial);
-    }
-    (
-        node.to_owned(),
-        ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
-        registration.port,
-        tags,
-    )
-}
-
 /// The registrations of `snapshot` as RPC member rows (what `members` and `resolve` render).
-pub(crate) fn rpc_members(prefix: &Prefix, snapshot: &Snapshot) -> Vec<serf_agent::rpc::Member> {
-    snapshot
-        .registrations
-        .iter()
-        .map(|(key, registration)| {
-            let (name, addr, port, tags) = as_member(prefix, key, registration);
-            serf_agent::rpc::Member {
-                name,
-                addr,
-                port,
-                tags,
-                status: "alive".to_owned(),
-                ..serf_agent::rpc::Member::default()
-            }
+pub(crate) fn rpc_members(prefix: &Prefix, snapshot: &Snapshot) -> Vec<serf_agent::rpc::MemberRow> {
+    registrar::etcd::members(prefix, snapshot)
+        .into_iter()
+        .map(|member| serf_agent::rpc::MemberRow {
+            name: member.name,
+            addr: member.addr,
+            port: member.port,
+            tags: member.tags,
+            status: "alive".to_owned(),
+            ..serf_agent::rpc::MemberRow::default()
         })
         .collect()
-}
-
-/// The registrations of `snapshot` as Serf members (what `connect` routes to).
-pub(crate) fn serf_members(prefix: &Prefix, snapshot: &Snapshot) -> Vec<serf::serf::Member> {
-    snapshot
-        .registrations
-        .iter()
-        .map(|(key, registration)| {
-            let (name, addr, port, tags) = as_member(prefix, key, registration);
-            serf::serf::Member {
-                name,
-                addr,
-                port,
-                tags,
-                status: serf::serf::MemberStatus::Alive,
-                versions: [0; 6],
-            }
-        })
-        .collect()
-}
-
-/// Feeds `consumer` every change of the registrations until `shutdown` (etcd's watch, no
-/// polling).
-pub(crate) async fn follow(
-    mut consumer: crate::consumer::Consumer,
-    etcd: Etcd,
-    shutdown: CancellationToken,
-) {
-    let mut discovery = etcd.discovery(shutdown.clone());
-    let mut synced = false;
-    loop {
-        let snapshot = discovery.current();
-        if snapshot.is_synced() {
-            if !synced {
-                info!(registrations = snapshot.registrations.len(), "listed etcd");
-                synced = true;
-            }
-            consumer.handle_members(serf_members(&etcd.prefix, &snapshot));
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            changed = discovery.changed() => if changed.is_none() {
-                warn!("etcd discovery stopped");
-                return;
-            },
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn args(registry: Option<&str>) -> RegistryArgs {
         RegistryArgs {
@@ -445,7 +355,7 @@ mod tests {
         assert_eq!(by_name["b"].tags["role"], "web");
         assert_eq!(by_name["b"].tags["service"], "db.example:8080");
         assert_eq!(by_name["c"].tags["service"], "not-an-ip:3306");
-        let serf = serf_members(&prefix, &snapshot);
+        let serf = registrar::etcd::members(&prefix, &snapshot);
         assert_eq!(serf.len(), 3);
         assert!(serf
             .iter()

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tracing_subscriber::{reload, EnvFilter, Registry};
 
 use crate::config_file::ConfigArgs;
-use crate::member::{Member, MemberArgs};
+use crate::member::{LocalMember, MemberArgs};
 
 fn requests() -> &'static watch::Sender<u64> {
     static REQUESTS: OnceLock<watch::Sender<u64>> = OnceLock::new();
@@ -107,7 +107,7 @@ impl Reloadable {
 
     /// Applies every SIGHUP to `member` from now on, until the process ends. A file that
     /// cannot be read or is not valid keeps the running configuration, as `serf agent` does.
-    pub(crate) fn follow(self, member: Member) {
+    pub(crate) fn follow(self, member: LocalMember) {
         let mut requests = subscribe();
         tokio::spawn(async move {
             while requests.changed().await.is_ok() {
@@ -121,7 +121,7 @@ impl Reloadable {
         });
     }
 
-    async fn apply(&self, member: &Member) -> anyhow::Result<()> {
+    async fn apply(&self, member: &LocalMember) -> anyhow::Result<()> {
         let wanted = self.wanted()?;
         let handlers = wanted.member.handlers()?;
         if let Some(level) = &wanted.log_level {

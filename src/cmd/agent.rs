@@ -62,7 +62,7 @@ pub(crate) async fn run(args: Args, log_flag: Option<&str>) -> anyhow::Result<()
         tokio::spawn(metrics::serve(listener, observed, metrics_stop.clone()));
     }
     if let Some(dns) = dns {
-        nameserver::spawn(dns, member.clone(), metrics_stop.clone());
+        nameserver::spawn(dns, &member.discovery(), metrics_stop.clone());
     }
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let stop_from_rpc = tokio::select! {

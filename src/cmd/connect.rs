@@ -11,21 +11,19 @@
 //! 6. stop accepting, drain open connections; 5 and 6 within `--drain-timeout`, then exit 0.
 //!    A second signal exits at once.
 
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use proxy::{CancellationToken, Proxy, TaskTracker};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::info;
 
-use super::run::{drain, raise_open_file_limit, LivenessArgs, Signals};
+use super::serve::{self, raise_open_file_limit, ServeArgs, Signals};
 use super::UsageError;
 use crate::consumer::{self, ConsumeArgs, Consumer};
 use crate::member::{self, MemberArgs};
 use crate::metrics;
-use crate::registry::{self, Registry, RegistryArgs};
+use crate::registry::RegistryArgs;
 
 /// Flags of `amb-serf connect`.
 #[derive(Debug, clap::Args)]
@@ -59,33 +57,9 @@ pub(crate) struct Args {
     #[command(flatten)]
     registry: RegistryArgs,
 
-    /// Address every listener binds.
-    #[arg(long, env = "AMB_LISTEN_ADDR", default_value = "0.0.0.0")]
-    listen_addr: IpAddr,
-
-    /// Time allowed to resolve and connect to one provider (e.g. 5s, 500ms).
-    #[arg(long, env = "AMB_CONNECT_TIMEOUT", default_value = "5s", value_parser = crate::duration::parse)]
-    connect_timeout: Duration,
-
+    /// Listeners, limits, liveness, draining, /metrics and DNS (shared with `run`).
     #[command(flatten)]
-    liveness: LivenessArgs,
-
-    /// Concurrent connections; past it new clients are closed at once and counted.
-    #[arg(long, env = "AMB_MAX_CONNECTIONS", default_value_t = 100_000)]
-    max_connections: usize,
-
-    /// On SIGTERM/SIGINT, how long leaving and then draining open connections may take.
-    #[arg(long, env = "AMB_DRAIN_TIMEOUT", default_value = "10s", value_parser = crate::duration::parse)]
-    drain_timeout: Duration,
-
-    /// Serve /healthz (200 while every role has a provider) and Prometheus /metrics here (off
-    /// unless given).
-    #[arg(long, env = "AMB_METRICS_ADDR", value_name = "HOST:PORT")]
-    metrics_addr: Option<SocketAddr>,
-
-    /// The DNS interface, answered from the cluster's membership.
-    #[command(flatten)]
-    dns: crate::nameserver::DnsArgs,
+    serve: ServeArgs,
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
@@ -101,47 +75,42 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     tags.entry(registrar::tags::ROLE.to_owned())
         .or_insert_with(|| "connect".to_owned());
     let registry = args.registry.registry(crate::environment::vars())?;
-    let seeds = match registry {
-        Registry::Serf => args.member.gossip.seeds(crate::environment::vars())?,
-        Registry::Etcd(_) => Vec::new(),
-    };
+    let seeds = registry.seeds(&args.member.gossip, crate::environment::vars())?;
     raise_open_file_limit();
     let mut signals = Signals::new().context("installing signal handlers")?;
 
-    let config = proxy::Config {
-        listen_addr: args.listen_addr,
-        connect_timeout: args.connect_timeout,
-        max_connections: args.max_connections,
-        liveness: args.liveness.liveness(),
-        ..proxy::Config::default()
-    };
-    let mut proxy = Proxy::bind(&[], &config).await?;
+    let mut proxy = Proxy::bind(&[], &args.serve.proxy_config()).await?;
     // Our own node is never a provider to us in Serf; with etcd we register nothing, so a
     // provider on a host of the same name is still one.
-    let local = match registry {
-        Registry::Serf => args.member.gossip.node_name(),
-        Registry::Etcd(_) => String::new(),
+    let local = match registry.is_serf() {
+        true => args.member.gossip.node_name(),
+        false => String::new(),
     };
     let consumer = Consumer::new(&local, &specs);
     let bound = consumer.bind(&mut proxy, &specs, args.consume.policy())?;
     let stats = proxy.stats();
-    let metrics_listener = metrics::bind(args.metrics_addr).await?;
-    if !matches!(registry, Registry::Serf) {
-        args.dns.refuse_without_serf()?;
+    let metrics_listener = metrics::bind(args.serve.metrics_addr).await?;
+    if !registry.is_serf() {
+        args.serve.dns.refuse_without_serf()?;
     }
-    let dns = args.dns.bind().await?;
+    let dns = args.serve.dns.bind().await?;
 
-    // With etcd there is no member: providers come from the watch of the prefix.
-    let member = match &registry {
-        Registry::Serf => {
-            Some(member::start(&args.member, tags, seeds, member::Extras::default()).await?)
-        }
-        Registry::Etcd(_) => None,
-    };
-    let node = member
-        .as_ref()
-        .map_or_else(|| args.member.gossip.node_name(), |m| m.name().to_owned());
+    // With etcd there is no member and nothing registered: providers come from the watch of
+    // the prefix.
     let shutdown = CancellationToken::new();
+    let (_, health) = watch::channel(registrar::tags::Health::Passing);
+    let presence = registry
+        .start(
+            member::start(&args.member, tags, seeds, member::Extras::default()),
+            None,
+            health,
+            &shutdown,
+        )
+        .await?;
+    let mut advertiser = presence.advertiser;
+    let node = advertiser
+        .as_ref()
+        .map_or_else(|| args.member.gossip.node_name(), |a| a.name().to_owned());
     let (lifecycle_tx, lifecycle) = watch::channel(metrics::Lifecycle::Running);
     let metrics_stop = CancellationToken::new();
     if let Some(listener) = metrics_listener {
@@ -149,26 +118,16 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
             stats: Arc::clone(&stats),
             health: consumer.health(),
             lifecycle,
-            members: metrics::statuses_of(member.clone()),
+            members: metrics::statuses_of(presence.member),
             kernel: None,
         });
         tokio::spawn(metrics::serve(listener, observed, metrics_stop.clone()));
     }
-    let source = match (registry, &member) {
-        (Registry::Etcd(etcd), _) => {
-            let source = format!("the etcd watch of {}", etcd.prefix.all());
-            tokio::spawn(registry::follow(consumer, etcd, shutdown.clone()));
-            source
-        }
-        (Registry::Serf, Some(member)) => {
-            if let Some(dns) = dns {
-                crate::nameserver::spawn(dns, member.clone(), shutdown.clone());
-            }
-            tokio::spawn(consumer.follow(member.clone(), shutdown.clone()));
-            "serf events".to_owned()
-        }
-        (Registry::Serf, None) => unreachable!("a Serf registry always starts a member"),
-    };
+    let source = presence.discovery.source();
+    if let Some(dns) = dns {
+        crate::nameserver::spawn(dns, presence.discovery.as_ref(), shutdown.clone());
+    }
+    tokio::spawn(consumer.follow(presence.discovery, shutdown.clone()));
     let tasks = TaskTracker::new();
     proxy.spawn(&tasks, &shutdown);
     for (spec, addr) in &bound {
@@ -179,35 +138,14 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     }
     info!(roles = bound.len(), %node, "ready");
 
-    let stop_requested = async {
-        match &member {
-            Some(member) => member.stop_requested().await,
-            None => std::future::pending().await,
-        }
-    };
-    let reason = tokio::select! {
-        signal = signals.recv() => signal,
-        () = stop_requested => "serf leave (RPC)",
-    };
+    let reason = serve::stop_reason(&mut signals, advertiser.as_deref()).await;
     // As `run`: leave, then stop accepting and drain, all within the drain timeout.
-    let deadline = tokio::time::Instant::now() + args.drain_timeout;
+    let deadline = tokio::time::Instant::now() + args.serve.drain_timeout;
     info!(%reason, "shutting down: leaving the cluster, then draining");
     lifecycle_tx.send_replace(metrics::Lifecycle::Leaving);
-    let mut second = None;
-    if let Some(member) = &member {
-        tokio::select! {
-            result = member.leave(args.drain_timeout) => match result {
-                Ok(()) => info!("left the cluster, peers show `left`"),
-                Err(error) => warn!(error = %format!("{error:#}"), "leaving failed, peers will see us fail"),
-            },
-            signal = signals.recv() => second = Some(signal),
-        }
-    }
-    drain(&shutdown, &tasks, &stats, deadline, &mut signals, second).await;
+    let second = serve::withdraw(advertiser.as_mut(), args.serve.drain_timeout, &mut signals).await;
+    serve::drain(&shutdown, &tasks, &stats, deadline, &mut signals, second).await;
     metrics_stop.cancel();
-    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    if let Some(member) = member {
-        let _ = tokio::time::timeout(left.max(Duration::from_millis(100)), member.shutdown()).await;
-    }
+    serve::release(advertiser, deadline).await;
     Ok(())
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Serialize;
 use serf_agent::rpc::filter::MemberFilter;
-use serf_agent::rpc::{Client, Member, MembersFilter, StreamEvent};
+use serf_agent::rpc::{Client, MemberRow, MembersFilter, StreamEvent};
 
 use super::client::columnize;
 use super::UsageError;
@@ -51,7 +51,7 @@ const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// An RPC client, and in join mode the member it talks to.
 pub(crate) struct Session {
     pub(crate) client: Client,
-    member: Option<member::Member>,
+    member: Option<member::LocalMember>,
 }
 
 impl Session {
@@ -211,7 +211,7 @@ struct JsonMembers<'a> {
 }
 
 /// `serf members -format json` for `members` (sorted by name).
-pub(crate) fn render_json(members: &[Member]) -> String {
+pub(crate) fn render_json(members: &[MemberRow]) -> String {
     let rows: Vec<JsonMember<'_>> = members
         .iter()
         .map(|member| JsonMember {
@@ -242,7 +242,7 @@ pub(crate) fn tag_list(tags: &BTreeMap<String, String>) -> String {
 }
 
 /// The `serf members` table for `members` (sorted by name).
-pub(crate) fn render_table(members: &[Member], detailed: bool) -> String {
+pub(crate) fn render_table(members: &[MemberRow], detailed: bool) -> String {
     let rows: Vec<Vec<String>> = members
         .iter()
         .map(|member| {
@@ -265,7 +265,7 @@ pub(crate) fn render_table(members: &[Member], detailed: bool) -> String {
     columnize(&rows).trim().to_owned()
 }
 
-fn sorted(mut members: Vec<Member>) -> Vec<Member> {
+fn sorted(mut members: Vec<MemberRow>) -> Vec<MemberRow> {
     members.sort_by(|a, b| a.name.cmp(&b.name));
     members
 }
@@ -312,7 +312,7 @@ async fn watch(
         .stream("member-join,member-leave,member-failed,member-update,member-reap")
         .await?;
     let terminal = std::io::stdout().is_terminal();
-    let draw = |members: &[Member]| {
+    let draw = |members: &[MemberRow]| {
         let text = match args.format {
             Format::Text => render_table(members, args.detailed),
             Format::Json => render_json(members),
@@ -386,12 +386,12 @@ async fn etcd_members(
     let shutdown = tokio_util::sync::CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
     let mut discovery = etcd.discovery(shutdown);
-    let rows = |snapshot: &registrar::etcd::Snapshot| -> Vec<Member> {
+    let rows = |snapshot: &registrar::etcd::Snapshot| -> Vec<MemberRow> {
         let mut members = registry::rpc_members(&etcd.prefix, snapshot);
         members.retain(|member| filter.matches(member));
         sorted(members)
     };
-    let render = |members: &[Member]| match args.format {
+    let render = |members: &[MemberRow]| match args.format {
         Format::Text => render_table(members, args.detailed),
         Format::Json => render_json(members),
     };
@@ -449,11 +449,11 @@ async fn etcd_members(
 /// What changed from `before` to `after`, as Serf event names: `member-join` for a new row,
 /// `member-update` for a changed one, `member-leave` for one that is gone (with its last state).
 fn membership_changes<'a>(
-    before: &'a [Member],
-    after: &'a [Member],
-) -> Vec<(&'static str, &'a Member)> {
-    let old: BTreeMap<&str, &Member> = before.iter().map(|m| (m.name.as_str(), m)).collect();
-    let new: BTreeMap<&str, &Member> = after.iter().map(|m| (m.name.as_str(), m)).collect();
+    before: &'a [MemberRow],
+    after: &'a [MemberRow],
+) -> Vec<(&'static str, &'a MemberRow)> {
+    let old: BTreeMap<&str, &MemberRow> = before.iter().map(|m| (m.name.as_str(), m)).collect();
+    let new: BTreeMap<&str, &MemberRow> = after.iter().map(|m| (m.name.as_str(), m)).collect();
     let mut changes = Vec::new();
     for (name, member) in &new {
         match old.get(name) {
@@ -474,9 +474,9 @@ fn membership_changes<'a>(
 mod tests {
     use super::*;
 
-    fn member(name: &str, addr: &str, status: &str, tags: &[(&str, &str)]) -> Member {
+    fn member(name: &str, addr: &str, status: &str, tags: &[(&str, &str)]) -> MemberRow {
         let addr: std::net::SocketAddr = addr.parse().unwrap();
-        Member {
+        MemberRow {
             name: name.into(),
             addr: addr.ip(),
             port: addr.port(),
@@ -488,7 +488,7 @@ mod tests {
             delegate_min: 2,
             delegate_max: 5,
             delegate_cur: 5,
-            ..Member::default()
+            ..MemberRow::default()
         }
     }
 
@@ -561,7 +561,7 @@ mod tests {
         let b = member("b", "10.0.0.2:6379", "alive", &[("role", "6379")]);
         let b2 = member("b", "10.0.0.3:6379", "alive", &[("role", "6379")]);
         let c = member("c", "10.0.0.4:80", "alive", &[("role", "web")]);
-        type Case<'a> = (Vec<Member>, Vec<Member>, &'a [(&'a str, &'a str)]);
+        type Case<'a> = (Vec<MemberRow>, Vec<MemberRow>, &'a [(&'a str, &'a str)]);
         let cases: Vec<Case<'_>> = vec![
             (vec![], vec![], &[]),
             (vec![], vec![a.clone()], &[("member-join", "a")]),

@@ -14,6 +14,7 @@ pub(crate) mod query;
 pub(crate) mod reachability;
 pub(crate) mod resolve;
 pub(crate) mod run;
+pub(crate) mod serve;
 pub(crate) mod tags;
 pub(crate) mod version;
 

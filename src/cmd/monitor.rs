@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use anyhow::Context as _;
 use std::net::IpAddr;
 
-use serf_agent::rpc::{Member, StreamEvent};
+use serf_agent::rpc::{MemberRow, StreamEvent};
 
 use super::client::ClientArgs;
 use super::{Reported, UsageError};
@@ -114,7 +114,7 @@ fn hex_list(bytes: &[u8]) -> String {
 }
 
 /// Go's `%#v` of the members of a decoded event record (maps with sorted keys).
-fn go_members(members: &[Member]) -> String {
+fn go_members(members: &[MemberRow]) -> String {
     const MAP: &str = "map[interface {}]interface {}";
     let rendered: Vec<String> = members
         .iter()

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Serialize;
-use serf_agent::rpc::{Member, MembersFilter};
+use serf_agent::rpc::{MemberRow, MembersFilter};
 
 use super::members::{parse_tag_filter, RpcArgs};
 use super::UsageError;
@@ -77,7 +77,7 @@ pub(crate) struct Target {
 
 /// The service address of `member` (see the module docs): the rule consumers share,
 /// [`registrar::targets::dial_address`].
-pub(crate) fn target(member: &Member) -> Target {
+pub(crate) fn target(member: &MemberRow) -> Target {
     use registrar::targets::{dial_address, Dial};
     let (host, port) = match dial_address(member.addr, &member.tags) {
         Some(Dial::Addr(addr)) => (addr.ip().to_string(), Some(addr.port())),
@@ -101,7 +101,7 @@ pub(crate) fn target(member: &Member) -> Target {
 }
 
 /// Live, healthy members among `members`, by name.
-pub(crate) fn candidates(mut members: Vec<Member>) -> Vec<Member> {
+pub(crate) fn candidates(mut members: Vec<MemberRow>) -> Vec<MemberRow> {
     members.retain(|member| {
         member.status == "alive"
             && member.tags.get("health").map(String::as_str) != Some("critical")
@@ -325,8 +325,8 @@ async fn resolve_etcd(
 mod tests {
     use super::*;
 
-    fn member(name: &str, ip: &str, status: &str, tags: &[(&str, &str)]) -> Member {
-        Member {
+    fn member(name: &str, ip: &str, status: &str, tags: &[(&str, &str)]) -> MemberRow {
+        MemberRow {
             name: name.into(),
             addr: ip.parse().unwrap(),
             port: 7946,
@@ -335,13 +335,13 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            ..Member::default()
+            ..MemberRow::default()
         }
     }
 
     #[test]
     fn targets() {
-        let check = |member: Member, host: &str, port: Option<u16>| {
+        let check = |member: MemberRow, host: &str, port: Option<u16>| {
             let target = target(&member);
             assert_eq!(
                 (target.host.as_str(), target.port),

@@ -19,8 +19,6 @@
 //! an etcd registrar fed by the same health channel ([`crate::registry`]), and step 5 revokes
 //! its lease instead of leaving; the rest is identical.
 
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,14 +26,14 @@ use anyhow::Context as _;
 use proxy::link_env::{self, ForwardSpec, Host};
 use proxy::{CancellationToken, Proxy, TaskTracker};
 use registrar::tags::Health;
-use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use super::serve::{self, raise_open_file_limit, ServeArgs, Signals};
 use super::UsageError;
 use crate::consumer::{self, ConsumeArgs, Consumer};
 use crate::member::{self, MemberArgs};
-use crate::registry::{self, Advertiser, Registry, RegistryArgs};
+use crate::registry::{self, Registry, RegistryArgs};
 use crate::{advertisement, health, metrics};
 
 /// Flags of `amb-serf run`.
@@ -72,29 +70,9 @@ pub(crate) struct Args {
     #[arg(long, env = "AMB_LINKS", value_name = "ALIAS,…", value_delimiter = ',')]
     links: Option<Vec<String>>,
 
-    /// Address every listener binds.
-    #[arg(long, env = "AMB_LISTEN_ADDR", default_value = "0.0.0.0")]
-    listen_addr: IpAddr,
-
-    /// Time allowed to resolve and connect to an upstream (e.g. 5s, 500ms).
-    #[arg(long, env = "AMB_CONNECT_TIMEOUT", default_value = "5s", value_parser = crate::duration::parse)]
-    connect_timeout: Duration,
-
-    /// Concurrent connections (TCP connections plus UDP sessions); past it new clients are
-    /// closed at once and counted.
-    #[arg(long, env = "AMB_MAX_CONNECTIONS", default_value_t = 100_000)]
-    max_connections: usize,
-
-    /// On SIGTERM/SIGINT, how long open connections may take to finish.
-    #[arg(long, env = "AMB_DRAIN_TIMEOUT", default_value = "10s", value_parser = crate::duration::parse)]
-    drain_timeout: Duration,
-
     /// A UDP session idle this long (no datagram either way) is closed.
     #[arg(long, env = "AMB_UDP_IDLE_TIMEOUT", default_value = "60s", value_parser = crate::duration::parse)]
     udp_idle_timeout: Duration,
-
-    #[command(flatten)]
-    liveness: LivenessArgs,
 
     /// The `role` tag's value (default: the first link's first port, e.g. 3306).
     #[arg(long, env = "NAME")]
@@ -131,13 +109,9 @@ pub(crate) struct Args {
     #[arg(long, env = "AMB_HEALTH_TARGET", value_name = "HOST:PORT")]
     health_target: Option<proxy::Target>,
 
-    /// Serve /healthz and Prometheus /metrics on this address (off unless given).
-    #[arg(long, env = "AMB_METRICS_ADDR", value_name = "HOST:PORT")]
-    metrics_addr: Option<SocketAddr>,
-
-    /// The DNS interface, answered from the cluster's membership.
+    /// Listeners, limits, liveness, draining, /metrics and DNS (shared with `connect`).
     #[command(flatten)]
-    dns: crate::nameserver::DnsArgs,
+    serve: ServeArgs,
 
     /// The Serf member: name, gossip address, where to join, tags, RPC, event handlers.
     #[command(flatten)]
@@ -173,81 +147,21 @@ pub(crate) struct Args {
 pub(crate) async fn run(args: Args, log_flag: Option<&str>) -> anyhow::Result<()> {
     let reloadable = crate::reload::Reloadable::new(&args.member, &args.config, log_flag, false);
     let with_config = reloadable.start()?.member;
-    let serf_link = args.member.gossip.serf_link.clone();
-    let options = link_env::Options {
-        serf_link: serf_link.clone(),
-        forwards: args.forwards.clone(),
-        links: args.links.clone(),
-    };
-    let vars = crate::environment::vars();
-    let registry = args.registry.registry(vars.iter().cloned())?;
-    let vars = match &registry {
-        // The etcd link names the registry, not a backend to forward.
-        Registry::Etcd(etcd) if etcd.from_link => vars
-            .into_iter()
-            .filter(|(name, _)| !is_etcd_link_var(name))
-            .collect(),
-        _ => vars,
-    };
-    let specs = link_env::parse(vars.iter().cloned(), &options)
-        .map_err(|error| UsageError(error.to_string()))?;
-    let consume_specs = consumer::parse_specs(&args.connect)?;
-    let seeds = match registry {
-        Registry::Serf => args.member.gossip.seeds(vars)?,
-        Registry::Etcd(_) => Vec::new(),
-    };
-    let advertisement = advertisement::build(
-        &specs,
-        &args.forwards,
-        args.role.clone(),
-        args.service_addr.clone(),
-        advertisement::user_tags(
-            args.member.tags()?,
-            &args
-                .member
-                .tags
-                .iter()
-                .flatten()
-                .map(|(key, _)| key.as_str())
-                .collect::<Vec<_>>(),
-        ),
-    );
-    if let Some(addr) = &advertisement.service_addr {
-        advertisement::check_service_addr(addr).map_err(UsageError)?;
-    }
-    advertisement
-        .validate()
-        .map_err(|error| UsageError(error.to_string()))?;
-    if matches!(registry, Registry::Etcd(_)) && advertisement.role.is_none() {
-        return Err(UsageError(
-            "--registry etcd: nothing to register: no link, no --forward and no --role/NAME"
-                .to_owned(),
-        )
-        .into());
-    }
-    // The backend handlers are told about, and (unless --health-target) the one health-checked.
-    let backend = advertisement::health_target(&specs, &args.forwards, None);
-    let health_check = args
-        .health_target
-        .clone()
-        .or_else(|| backend.clone())
-        .filter(|_| !args.health_interval.is_zero())
-        .map(|target| health::Check {
-            kind: args.health_check.resolve(target.port),
-            target,
-            mysql_user: args.health_mysql_user.clone(),
-            interval: args.health_interval,
-            timeout: args.health_interval.min(args.connect_timeout),
-        });
+    let Plan {
+        registry,
+        specs,
+        consume_specs,
+        seeds,
+        advertisement,
+        backend,
+        health_check,
+    } = plan(&args)?;
     raise_open_file_limit();
     let mut signals = Signals::new().context("installing signal handlers")?;
 
     let config = proxy::Config {
-        listen_addr: args.listen_addr,
-        connect_timeout: args.connect_timeout,
-        max_connections: args.max_connections,
         udp_idle_timeout: args.udp_idle_timeout,
-        liveness: args.liveness.liveness(),
+        ..args.serve.proxy_config()
     };
     let mut proxy = Proxy::bind(&specs, &config).await?;
     // `--connect`: consumer listeners on the same forwarder (limits, counters, drain).
@@ -260,11 +174,11 @@ pub(crate) async fn run(args: Args, log_flag: Option<&str>) -> anyhow::Result<()
         Some((consumer, bound))
     };
     let stats = proxy.stats();
-    let metrics_listener = metrics::bind(args.metrics_addr).await?;
-    if !matches!(registry, Registry::Serf) {
-        args.dns.refuse_without_serf()?;
+    let metrics_listener = metrics::bind(args.serve.metrics_addr).await?;
+    if !registry.is_serf() {
+        args.serve.dns.refuse_without_serf()?;
     }
-    let dns = args.dns.bind().await?;
+    let dns = args.serve.dns.bind().await?;
     print_summary(&proxy, &specs);
     if let Some((_, bound)) = &consumer {
         for (spec, addr) in bound {
@@ -275,23 +189,7 @@ pub(crate) async fn run(args: Args, log_flag: Option<&str>) -> anyhow::Result<()
         }
     }
 
-    // The backend's health before the first advertisement, so the first tags are right.
-    let initial = match &health_check {
-        Some(check) => {
-            health::log_choice(args.health_check, check);
-            let (initial, error) = check.probe().await;
-            health::log_transition(&check.target, initial, error.as_deref());
-            initial
-        }
-        None if args.health_interval.is_zero() => {
-            info!("health checks off (--health-interval 0): health=passing");
-            Health::Passing
-        }
-        None => {
-            info!("no TCP forward to health-check (--health-target sets one): health=passing");
-            Health::Passing
-        }
-    };
+    let initial = initial_health(&args, health_check.as_ref()).await;
     let (health_tx, health_rx) = watch::channel(initial);
     let (lifecycle_tx, lifecycle_rx) = watch::channel(metrics::Lifecycle::Starting);
     let node_name = args.member.gossip.node_name();
@@ -315,46 +213,39 @@ pub(crate) async fn run(args: Args, log_flag: Option<&str>) -> anyhow::Result<()
         None => Vec::new(),
     };
     let initial_tags = registrar::tags::desired(&advertisement, initial);
-    let mut advertiser = match &registry {
-        Registry::Serf => Advertiser::Serf(
+    if !registry.is_serf() && !args.member.event_handlers.is_empty() {
+        warn!("--event-handler needs Serf events; ignored with --registry etcd");
+    }
+    let local_ip = registry::local_ip(
+        args.member.gossip.advertise.map(|addr| addr.ip()),
+        args.serve.listen_addr,
+    );
+    let role = advertisement.role.clone().unwrap_or_default();
+    let presence = registry
+        .start(
             member::start(
                 &with_config,
                 initial_tags.clone(),
                 seeds,
                 member::Extras { handler_env },
-            )
-            .await?,
-        ),
-        Registry::Etcd(etcd) => {
-            if !args.member.event_handlers.is_empty() {
-                warn!("--event-handler needs Serf events; ignored with --registry etcd");
-            }
-            let local_ip = registry::local_ip(
-                args.member.gossip.advertise.map(|addr| addr.ip()),
-                args.listen_addr,
-            );
-            let role = advertisement.role.as_deref().expect("checked above");
-            etcd.register(
-                role,
-                &args.member.gossip.node_name(),
-                &registry::registration(&advertisement, local_ip),
-                health_rx.clone(),
-            )
-        }
-    };
+            ),
+            Some(registry::EtcdRegistration {
+                role: &role,
+                node: &node_name,
+                value: registry::registration(&advertisement, local_ip),
+            }),
+            health_rx.clone(),
+            &shutdown,
+        )
+        .await?;
+    let mut advertiser = presence
+        .advertiser
+        .expect("`run` always gives a registration");
     if let Some((consumer, _)) = consumer {
-        match (&registry, &advertiser) {
-            (Registry::Etcd(etcd), _) => {
-                tokio::spawn(registry::follow(consumer, etcd.clone(), shutdown.clone()));
-            }
-            (Registry::Serf, Advertiser::Serf(member)) => {
-                tokio::spawn(consumer.follow(member.clone(), shutdown.clone()));
-            }
-            (Registry::Serf, _) => unreachable!("a Serf registry always starts a member"),
-        }
+        tokio::spawn(consumer.follow(presence.discovery.clone(), shutdown.clone()));
     }
-    if let (Some(dns), Advertiser::Serf(member)) = (dns, &advertiser) {
-        crate::nameserver::spawn(dns, member.clone(), shutdown.clone());
+    if let Some(dns) = dns {
+        crate::nameserver::spawn(dns, presence.discovery.as_ref(), shutdown.clone());
     }
     lifecycle_tx.send_replace(metrics::Lifecycle::Running);
     info!(
@@ -364,51 +255,36 @@ pub(crate) async fn run(args: Args, log_flag: Option<&str>) -> anyhow::Result<()
         "ready"
     );
 
-    // Health → tags, until we leave.
+    // Health → what is advertised, until we withdraw.
     let advertising = CancellationToken::new();
     let background = TaskTracker::new();
     if let Some(check) = health_check {
         background.spawn(health::run_checks(check, health_tx, advertising.clone()));
     }
-    // The etcd registrar follows `health_rx` itself; Serf tags are applied here.
-    let serf_member = match &advertiser {
-        Advertiser::Serf(member) => Some(member.clone()),
-        Advertiser::Etcd { .. } => None,
-    };
-    if let Some(member) = serf_member.clone() {
+    if let Some(member) = presence.member.clone() {
         reloadable.follow(member);
     }
-    if let Some(tag_member) = serf_member.clone() {
-        background.spawn(health::advertise(
-            advertisement,
-            Some(initial_tags),
-            health_rx.clone(),
-            move |tags| {
-                let member = tag_member.clone();
-                let tags = advertisement::with_current_extras(tags, member.tags());
-                async move { member.set_tags(tags).await.map_err(|e| format!("{e:#}")) }
-            },
-            advertising.clone(),
-        ));
-    }
+    background.spawn(advertiser.follow_health(
+        advertisement,
+        Some(initial_tags),
+        health_rx.clone(),
+        advertising.clone(),
+    ));
     let metrics_stop = CancellationToken::new();
     if let Some(listener) = metrics_listener {
         let observed = Arc::new(metrics::Observed {
             stats: Arc::clone(&stats),
             health: health_rx,
             lifecycle: lifecycle_rx,
-            members: metrics::statuses_of(serf_member),
+            members: metrics::statuses_of(presence.member),
             kernel: kernel_path.as_ref().map(|path| path.counters()),
         });
         tokio::spawn(metrics::serve(listener, observed, metrics_stop.clone()));
     }
 
-    let reason = tokio::select! {
-        signal = signals.recv() => signal,
-        () = advertiser.stop_requested() => "serf leave (RPC)",
-    };
+    let reason = serve::stop_reason(&mut signals, Some(advertiser.as_ref())).await;
     // Everything from here must finish within the drain timeout.
-    let deadline = tokio::time::Instant::now() + args.drain_timeout;
+    let deadline = tokio::time::Instant::now() + args.serve.drain_timeout;
     info!(%reason, "shutting down: leaving the cluster (or deregistering), then draining");
     lifecycle_tx.send_replace(metrics::Lifecycle::Leaving);
     advertising.cancel();
@@ -417,30 +293,130 @@ pub(crate) async fn run(args: Args, log_flag: Option<&str>) -> anyhow::Result<()
 
     // Leave first: peers show `left` and consumers stop sending new clients while the
     // forwarders still serve; only then stop accepting and drain.
-    let mut second = None;
-    tokio::select! {
-        result = advertiser.withdraw(args.drain_timeout) => match result {
-            Ok(done) => info!("{done}"),
-            Err(error) => warn!(error = %format!("{error:#}"), "leaving failed, peers will see us fail"),
-        },
-        signal = signals.recv() => second = Some(signal),
-    }
+    let second = serve::withdraw(
+        Some(&mut advertiser),
+        args.serve.drain_timeout,
+        &mut signals,
+    )
+    .await;
     if let Some(kernel_path) = &mut kernel_path {
         kernel_path.stop_new().await;
     }
-    drain(&shutdown, &tasks, &stats, deadline, &mut signals, second).await;
+    serve::drain(&shutdown, &tasks, &stats, deadline, &mut signals, second).await;
     if let Some(kernel_path) = kernel_path {
         kernel_path.remove().await;
     }
     metrics_stop.cancel();
-    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    if tokio::time::timeout(left.max(Duration::from_millis(100)), advertiser.shutdown())
-        .await
-        .is_err()
-    {
-        warn!("the member did not stop in time, exiting anyway");
-    }
+    serve::release(Some(advertiser), deadline).await;
     Ok(())
+}
+
+/// What `run` serves, read from the flags and the environment; every mistake is a
+/// [`UsageError`] found before anything binds.
+struct Plan {
+    registry: Registry,
+    specs: Vec<ForwardSpec>,
+    consume_specs: Vec<consumer::ConnectSpec>,
+    seeds: Vec<String>,
+    advertisement: registrar::tags::Advertisement,
+    /// The backend handlers are told about.
+    backend: Option<proxy::Target>,
+    health_check: Option<health::Check>,
+}
+
+fn plan(args: &Args) -> anyhow::Result<Plan> {
+    let serf_link = args.member.gossip.serf_link.clone();
+    let options = link_env::Options {
+        serf_link: serf_link.clone(),
+        forwards: args.forwards.clone(),
+        links: args.links.clone(),
+    };
+    let vars = crate::environment::vars();
+    let registry = args.registry.registry(vars.iter().cloned())?;
+    // The etcd link names the registry, not a backend to forward.
+    let vars = match registry.etcd_from_link() {
+        true => vars
+            .into_iter()
+            .filter(|(name, _)| !is_etcd_link_var(name))
+            .collect(),
+        false => vars,
+    };
+    let specs = link_env::parse(vars.iter().cloned(), &options)
+        .map_err(|error| UsageError(error.to_string()))?;
+    let consume_specs = consumer::parse_specs(&args.connect)?;
+    let seeds = registry.seeds(&args.member.gossip, vars)?;
+    let advertisement = advertisement::build(
+        &specs,
+        &args.forwards,
+        args.role.clone(),
+        args.service_addr.clone(),
+        advertisement::user_tags(
+            args.member.tags()?,
+            &args
+                .member
+                .tags
+                .iter()
+                .flatten()
+                .map(|(key, _)| key.as_str())
+                .collect::<Vec<_>>(),
+        ),
+    );
+    if let Some(addr) = &advertisement.service_addr {
+        advertisement::check_service_addr(addr).map_err(UsageError)?;
+    }
+    advertisement
+        .validate()
+        .map_err(|error| UsageError(error.to_string()))?;
+    if !registry.is_serf() && advertisement.role.is_none() {
+        return Err(UsageError(
+            "--registry etcd: nothing to register: no link, no --forward and no --role/NAME"
+                .to_owned(),
+        )
+        .into());
+    }
+    // The backend handlers are told about, and (unless --health-target) the one health-checked.
+    let backend = advertisement::health_target(&specs, &args.forwards, None);
+    let health_check = args
+        .health_target
+        .clone()
+        .or_else(|| backend.clone())
+        .filter(|_| !args.health_interval.is_zero())
+        .map(|target| health::Check {
+            kind: args.health_check.resolve(target.port),
+            target,
+            mysql_user: args.health_mysql_user.clone(),
+            interval: args.health_interval,
+            timeout: args.health_interval.min(args.serve.connect_timeout),
+        });
+    Ok(Plan {
+        registry,
+        specs,
+        consume_specs,
+        seeds,
+        advertisement,
+        backend,
+        health_check,
+    })
+}
+
+/// The backend's health before the first advertisement, so the first tags are right.
+async fn initial_health(args: &Args, health_check: Option<&health::Check>) -> Health {
+    match health_check {
+        Some(check) => {
+            health::log_choice(args.health_check, check);
+            let (initial, error) = check.probe().await;
+            health::log_transition(&check.target, initial, error.as_deref());
+            initial
+        }
+        None if args.health_interval.is_zero() => {
+            info!("health checks off (--health-interval 0): health=passing");
+            Health::Passing
+        }
+        None => {
+            info!("no TCP forward to health-check (--health-target sets one): health=passing");
+            Health::Passing
+        }
+    }
 }
 
 /// A Docker link variable of the `etcd` alias (`ETCD_PORT…`, `ETCD_NAME`, `ETCD_ENV_…`).
@@ -466,149 +442,5 @@ fn print_summary(proxy: &Proxy, specs: &[ForwardSpec]) {
             "forward {} {addr} -> {} ({}{resolved})",
             spec.protocol, spec.target, spec.origin
         );
-    }
-}
-
-/// Stops accepting (every listener closes) and waits for open connections until `deadline`, or
-/// until a second signal — one that already arrived while leaving (`second`) ends it at once.
-pub(crate) async fn drain(
-    shutdown: &CancellationToken,
-    tasks: &TaskTracker,
-    stats: &proxy::Stats,
-    deadline: tokio::time::Instant,
-    signals: &mut Signals,
-    second: Option<&'static str>,
-) {
-    shutdown.cancel();
-    tasks.close();
-    if let Some(signal) = second {
-        warn!(%signal, "second signal, exiting now");
-        return;
-    }
-    let open = stats.active.load(Ordering::Relaxed);
-    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    info!(open, timeout = ?left, "stopped accepting, draining");
-    tokio::select! {
-        () = tasks.wait() => info!("drained"),
-        () = tokio::time::sleep_until(deadline) => {
-            let open = stats.active.load(Ordering::Relaxed);
-            warn!(open, "drain timed out, closing open connections");
-        }
-        second = signals.recv() => warn!(signal = second, "second signal, exiting now"),
-    }
-}
-
-/// SIGTERM and SIGINT as one stream.
-pub(crate) struct Signals {
-    terminate: Signal,
-    interrupt: Signal,
-}
-
-impl Signals {
-    pub(crate) fn new() -> std::io::Result<Self> {
-        Ok(Self {
-            terminate: signal(SignalKind::terminate())?,
-            interrupt: signal(SignalKind::interrupt())?,
-        })
-    }
-
-    pub(crate) async fn recv(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.terminate.recv() => "SIGTERM",
-            _ = self.interrupt.recv() => "SIGINT",
-        }
-    }
-}
-
-/// How forwarded TCP connections notice a peer that went silent (`run` and `connect`).
-#[derive(Debug, Clone, clap::Args)]
-pub(crate) struct LivenessArgs {
-    /// TCP keepalive on both sides of every connection: idle time before the first probe
-    /// (probes then every third of it, three unanswered close the connection); 0 turns it off.
-    #[arg(long, env = "AMB_TCP_KEEPALIVE", default_value = "30s", value_parser = crate::duration::parse)]
-    tcp_keepalive: Duration,
-
-    /// TCP_USER_TIMEOUT on both sides: data unacknowledged this long closes the connection
-    /// (the client sees a reset); 0 keeps the kernel default (~15 min of retransmissions).
-    /// Off by default: the kernel also applies it to a peer that keeps its receive window
-    /// closed (a client that stops reading), so set it above the longest such stall.
-    #[arg(long, env = "AMB_TCP_USER_TIMEOUT", default_value = "0", value_parser = crate::duration::parse)]
-    tcp_user_timeout: Duration,
-}
-
-impl LivenessArgs {
-    /// The forwarders' setting (a zero duration is off).
-    pub(crate) fn liveness(&self) -> proxy::Liveness {
-        proxy::Liveness {
-            keepalive: Some(self.tcp_keepalive).filter(|idle| !idle.is_zero()),
-            user_timeout: Some(self.tcp_user_timeout).filter(|timeout| !timeout.is_zero()),
-        }
-    }
-}
-
-/// Raises the soft open-file limit to the hard limit: each forwarded connection takes two
-/// descriptors, and the usual soft limit (1024) would cap the proxy at ~500 connections.
-#[allow(unsafe_code)]
-pub(crate) fn raise_open_file_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit into the valid, exclusively borrowed `limit`.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return;
-    }
-    if limit.rlim_cur < limit.rlim_max {
-        let before = limit.rlim_cur;
-        limit.rlim_cur = limit.rlim_max;
-        // SAFETY: setrlimit reads one valid rlimit; raising the soft limit up to the hard
-        // limit needs no privilege.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
-            tracing::debug!(
-                from = before,
-                to = limit.rlim_max,
-                "raised the open-file limit"
-            );
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::LivenessArgs;
-    use clap::Parser;
-    use std::time::Duration;
-
-    #[test]
-    fn liveness_defaults_to_keepalive_only_and_zero_turns_either_off() {
-        #[derive(Debug, Parser)]
-        struct Cli {
-            #[command(flatten)]
-            liveness: LivenessArgs,
-        }
-        let check = |flags: &[&str], keepalive: Option<u64>, user_timeout: Option<u64>| {
-            let argv = std::iter::once("test").chain(flags.iter().copied());
-            let liveness = Cli::try_parse_from(argv)
-                .expect("valid flags")
-                .liveness
-                .liveness();
-            assert_eq!(
-                liveness.keepalive,
-                keepalive.map(Duration::from_secs),
-                "{flags:?}"
-            );
-            assert_eq!(
-                liveness.user_timeout,
-                user_timeout.map(Duration::from_secs),
-                "{flags:?}"
-            );
-        };
-        check(&[], Some(30), None);
-        check(
-            &["--tcp-user-timeout", "3s", "--tcp-keepalive", "2s"],
-            Some(2),
-            Some(3),
-        );
-        check(&["--tcp-keepalive", "0"], None, None);
     }
 }

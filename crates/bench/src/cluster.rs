@@ -264,7 +264,7 @@ async fn wait_members(
     client: &Client,
     since: Instant,
     what: &str,
-    mut done: impl FnMut(&[serf_agent::rpc::Member]) -> bool,
+    mut done: impl FnMut(&[serf_agent::rpc::MemberRow]) -> bool,
 ) -> anyhow::Result<Duration> {
     loop {
         let members = client
@@ -282,7 +282,7 @@ async fn wait_members(
 }
 
 fn has(
-    members: &[serf_agent::rpc::Member],
+    members: &[serf_agent::rpc::MemberRow],
     name: &str,
     status: &str,
     tags: &[(&str, String)],

@@ -10,19 +10,21 @@
 mod client;
 mod discovery;
 mod endpoints;
+mod members;
 mod registrar;
 mod registration;
 
 #[doc(hidden)]
 pub use client::decode_watch_line;
 pub use client::{Client, Event, KeyValue, LeaseId, Watch};
-pub use discovery::{Discovery, Snapshot};
+pub use discovery::{Snapshot, Watcher};
 pub use endpoints::{Endpoint, EndpointError, Endpoints, DEFAULT_PORT, LINK_VAR};
+pub use members::{as_member, members, EtcdDiscovery, Lease};
 pub use registrar::Registrar;
 pub use registration::{Prefix, Registration, RegistrationError};
 
 /// An etcd operation that failed. No variant changes local state; the caller decides whether to
-/// retry (the [`Registrar`] and [`Discovery`] tasks do, with backoff).
+/// retry (the [`Registrar`] and [`Watcher`] tasks do, with backoff).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The endpoint list could not be parsed.

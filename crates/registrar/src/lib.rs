@@ -11,8 +11,13 @@
 //! - [`etcd::Registrar`]: keeps `/services/<role>/<node>` present, attached to a lease kept
 //!   alive every ttl/3, while the backend is healthy; deletes it while it is not; revokes the
 //!   lease on shutdown.
-//! - [`etcd::Discovery`]: the current set of [`etcd::Registration`]s under a prefix, listed once
+//! - [`etcd::Watcher`]: the current set of [`etcd::Registration`]s under a prefix, listed once
 //!   and then followed with a watch (no polling), surviving etcd restarts.
+//!
+//! Both registries sit behind two traits: [`advertise::Advertiser`] (apply tags, withdraw,
+//! shut down; the etcd [`etcd::Lease`], and the binary's Serf member) and
+//! [`discovery::Discovery`] (a member snapshot, then changes; [`discovery::SerfDiscovery`] over a
+//! member's events, [`etcd::EtcdDiscovery`] over a watch).
 //!
 //! Left out on purpose: TLS and authentication to etcd (the `etcd://` scheme is plain HTTP), and
 //! the command-line flags, which belong to the binary.
@@ -37,7 +42,9 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod advertise;
 mod backoff;
+pub mod discovery;
 pub mod etcd;
 pub mod tags;
 pub mod targets;

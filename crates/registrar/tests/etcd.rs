@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use registrar::etcd::{Client, Discovery, Endpoints, Prefix, Registrar, Registration, Snapshot};
+use registrar::etcd::{Client, Endpoints, Prefix, Registrar, Registration, Snapshot, Watcher};
 use testkit::{eventually, free_port, loopback, time_until, Etcd, DEADLINE};
 use tokio::runtime::Runtime;
 use tokio::sync::watch;
@@ -112,7 +112,7 @@ impl Running {
 
 fn wait_for(
     runtime: &Runtime,
-    discovery: &mut Discovery,
+    discovery: &mut Watcher,
     what: &str,
     condition: impl FnMut(&Snapshot) -> bool,
 ) -> Duration {
@@ -235,7 +235,7 @@ fn registration_comes_back_after_etcd_restarts() {
     let running = start_registrar(&runtime, client.clone(), &key, &registration("amb-r", 3306));
     let shutdown = CancellationToken::new();
     let mut discovery = runtime.block_on(async {
-        Discovery::spawn(client, Prefix::default().role("3306"), shutdown.clone())
+        Watcher::spawn(client, Prefix::default().role("3306"), shutdown.clone())
     });
     eventually(DEADLINE, "registered", || etcdctl_value(&etcd, &key));
     wait_for(&runtime, &mut discovery, "discovered", |snapshot| {
@@ -292,9 +292,8 @@ fn discovery_follows_new_deleted_expired_and_foreign_values() {
     let prefix = Prefix::default();
     let client = client_for(&[etcd.client_addr]);
     let shutdown = CancellationToken::new();
-    let mut discovery = runtime.block_on(async {
-        Discovery::spawn(client.clone(), prefix.role("5432"), shutdown.clone())
-    });
+    let mut discovery = runtime
+        .block_on(async { Watcher::spawn(client.clone(), prefix.role("5432"), shutdown.clone()) });
     wait_for(
         &runtime,
         &mut discovery,
@@ -380,7 +379,7 @@ fn a_dead_first_endpoint_fails_over_to_the_second() {
 
     let shutdown = CancellationToken::new();
     let mut discovery = runtime.block_on(async {
-        Discovery::spawn(
+        Watcher::spawn(
             client_for(&[dead, etcd.client_addr]),
             Prefix::default().all(),
             shutdown.clone(),

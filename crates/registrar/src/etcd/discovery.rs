@@ -35,11 +35,11 @@ impl Snapshot {
 /// compacted) it lists again and watches from the new revision, retrying with backoff while
 /// etcd is unreachable. Values that are not [`Registration`]s are skipped with a warning.
 #[derive(Debug, Clone)]
-pub struct Discovery {
+pub struct Watcher {
     snapshots: watch::Receiver<Snapshot>,
 }
 
-impl Discovery {
+impl Watcher {
     /// Starts following `prefix` (e.g. [`super::Prefix::role`]) on the current tokio runtime,
     /// until `shutdown` is cancelled.
     pub fn spawn(client: Client, prefix: String, shutdown: CancellationToken) -> Self {

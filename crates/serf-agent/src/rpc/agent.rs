@@ -20,7 +20,7 @@ use super::backend::{
     Backend, BackendError, Event, KeyOp, LogLine, MemberEventKind, QueryHandle, QueryParams,
     QueryReply, QueryResponder,
 };
-use super::messages::{Coordinate, KeyResponse, Member, Stats};
+use super::messages::{Coordinate, KeyResponse, MemberRow, Stats};
 use crate::member::Handle;
 use serf::serf::{self as layer, default_query_timeout, KeyOperation, ResponderId};
 
@@ -215,10 +215,10 @@ fn handler_stats(specs: &[String]) -> BTreeMap<String, String> {
 }
 
 /// The RPC form of a member.
-pub fn to_rpc(member: &layer::Member) -> Member {
+pub fn to_rpc(member: &layer::Member) -> MemberRow {
     let [protocol_min, protocol_max, protocol_cur, delegate_min, delegate_max, delegate_cur] =
         member.versions;
-    Member {
+    MemberRow {
         name: member.name.clone(),
         addr: member.addr,
         port: member.port,
@@ -269,8 +269,8 @@ impl QueryResponder for Responder {
 }
 
 impl Backend for MemberBackend {
-    async fn members(&self) -> Vec<Member> {
-        let mut members: Vec<Member> = self
+    async fn members(&self) -> Vec<MemberRow> {
+        let mut members: Vec<MemberRow> = self
             .handle
             .members()
             .await

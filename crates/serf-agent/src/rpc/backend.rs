@@ -18,7 +18,7 @@ use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 
-use super::messages::{Coordinate, KeyResponse, Member, Stats};
+use super::messages::{Coordinate, KeyResponse, MemberRow, Stats};
 
 /// An error a backend reports; its text goes to the RPC client unchanged.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -95,7 +95,7 @@ pub enum Event {
         /// Which kind.
         kind: MemberEventKind,
         /// The members concerned.
-        members: Vec<Member>,
+        members: Vec<MemberRow>,
     },
     /// A user event.
     User {
@@ -242,7 +242,7 @@ pub enum KeyOp {
 /// them from per-connection tasks; an implementation must be cheap to call concurrently.
 pub trait Backend: Send + Sync + 'static {
     /// All known members, including this one.
-    fn members(&self) -> impl Future<Output = Vec<Member>> + Send;
+    fn members(&self) -> impl Future<Output = Vec<MemberRow>> + Send;
 
     /// Joins the cluster through `addrs`; returns how many were contacted and the error, if any
     /// (a partial join reports both).

@@ -25,7 +25,7 @@ use super::codec::{decode, encode_into, FrameBuffer};
 use super::messages::{
     command, errors, query_record, AnyEventRecord, AuthRequest, Coordinate, CoordinateRequest,
     CoordinateResponse, EventRequest, ForceLeaveRequest, HandshakeRequest, JoinRequest,
-    JoinResponse, KeyRequest, KeyResponse, LogRecord, Member, MembersFilteredRequest,
+    JoinResponse, KeyRequest, KeyResponse, LogRecord, MemberRow, MembersFilteredRequest,
     MembersResponse, MonitorRequest, QueryRecord, QueryRequest, RawStats, RequestHeader,
     RespondRequest, ResponseHeader, Stats, StopRequest, StreamRequest, TagsRequest,
 };
@@ -141,7 +141,7 @@ pub enum StreamEvent {
         /// Which kind.
         kind: MemberEventKind,
         /// The members concerned.
-        members: Vec<Member>,
+        members: Vec<MemberRow>,
     },
     /// A user event.
     User {
@@ -455,14 +455,14 @@ impl Client {
     }
 
     /// All members the agent knows.
-    pub async fn members(&self) -> Result<Vec<Member>, Error> {
+    pub async fn members(&self) -> Result<Vec<MemberRow>, Error> {
         let response: Option<MembersResponse> =
             self.call::<(), _>(command::MEMBERS, None, true).await?;
         Ok(response.unwrap_or_default().members)
     }
 
     /// Members matching `filter` (evaluated by the agent).
-    pub async fn members_filtered(&self, filter: &MembersFilter) -> Result<Vec<Member>, Error> {
+    pub async fn members_filtered(&self, filter: &MembersFilter) -> Result<Vec<MemberRow>, Error> {
         let request = MembersFilteredRequest {
             tags: filter.tags.clone(),
             status: filter.status.clone(),

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use regex::Regex;
 
 use super::backend::Event;
-use super::messages::Member;
+use super::messages::MemberRow;
 
 /// A filter value that is not a valid regular expression.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -73,7 +73,7 @@ impl MemberFilter {
     }
 
     /// Whether `member` passes every filter.
-    pub fn matches(&self, member: &Member) -> bool {
+    pub fn matches(&self, member: &MemberRow) -> bool {
         self.tags.iter().all(|(key, regex)| {
             regex.is_match(member.tags.get(key).map(String::as_str).unwrap_or(""))
         }) && self
@@ -142,15 +142,15 @@ mod tests {
     use super::*;
     use crate::rpc::backend::MemberEventKind;
 
-    fn member(name: &str, status: &str, tags: &[(&str, &str)]) -> Member {
-        Member {
+    fn member(name: &str, status: &str, tags: &[(&str, &str)]) -> MemberRow {
+        MemberRow {
             name: name.into(),
             status: status.into(),
             tags: tags
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            ..Member::default()
+            ..MemberRow::default()
         }
     }
 

@@ -22,7 +22,7 @@ use super::backend::{
     QueryParams, QueryReply, QueryResponder,
 };
 use super::filter::MemberFilter;
-use super::messages::{Coordinate, KeyResponse, Member, Stats};
+use super::messages::{Coordinate, KeyResponse, MemberRow, Stats};
 
 /// Serf's default limit on a user event's name plus payload.
 pub const USER_EVENT_SIZE_LIMIT: usize = 512;
@@ -44,8 +44,8 @@ pub const LOG_BACKLOG: usize = 512;
 #[derive(Debug)]
 struct State {
     local: String,
-    members: BTreeMap<String, Member>,
-    joinable: HashMap<String, Member>,
+    members: BTreeMap<String, MemberRow>,
+    joinable: HashMap<String, MemberRow>,
     answers: HashMap<(String, String), Vec<u8>>,
     coordinates: HashMap<String, Coordinate>,
     keyring: Option<Vec<String>>,
@@ -54,8 +54,8 @@ struct State {
 }
 
 /// The member record Serf would report for a node of this version.
-pub fn member(name: &str, addr: SocketAddr, tags: &[(&str, &str)]) -> Member {
-    Member {
+pub fn member(name: &str, addr: SocketAddr, tags: &[(&str, &str)]) -> MemberRow {
+    MemberRow {
         name: name.to_owned(),
         addr: addr.ip(),
         port: addr.port(),
@@ -126,7 +126,7 @@ impl MemoryBackend {
     }
 
     /// Adds (or replaces) a member and announces it as `member-join`.
-    pub fn add_member(&self, member: Member) {
+    pub fn add_member(&self, member: MemberRow) {
         let name = member.name.clone();
         self.state()
             .coordinates
@@ -168,7 +168,7 @@ impl MemoryBackend {
     }
 
     /// Lets a `join` to `addr` (as given, e.g. `127.0.0.2:7946`) succeed, adding `member`.
-    pub fn add_joinable(&self, addr: &str, member: Member) {
+    pub fn add_joinable(&self, addr: &str, member: MemberRow) {
         self.state().joinable.insert(addr.to_owned(), member);
     }
 
@@ -207,7 +207,7 @@ impl MemoryBackend {
         let _ = self.events.send(event);
     }
 
-    fn local(&self) -> Member {
+    fn local(&self) -> MemberRow {
         let state = self.state();
         state.members[&state.local].clone()
     }
@@ -286,7 +286,7 @@ fn default_query_timeout(n_members: usize) -> Duration {
 }
 
 impl Backend for MemoryBackend {
-    async fn members(&self) -> Vec<Member> {
+    async fn members(&self) -> Vec<MemberRow> {
         self.state().members.values().cloned().collect()
     }
 

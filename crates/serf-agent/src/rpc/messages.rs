@@ -247,7 +247,7 @@ pub struct MembersFilteredRequest {
 pub struct MembersResponse {
     /// The members.
     #[serde(deserialize_with = "nil_default")]
-    pub members: Vec<Member>,
+    pub members: Vec<MemberRow>,
 }
 
 /// `keyRequest`.
@@ -407,7 +407,7 @@ pub(crate) struct QueryEventRecord {
 #[serde(rename_all = "PascalCase")]
 pub(crate) struct MemberEventRecord {
     pub(crate) event: String,
-    pub(crate) members: Vec<Member>,
+    pub(crate) members: Vec<MemberRow>,
 }
 
 /// Any record of an event stream, decoded loosely, then sorted by `Event`.
@@ -417,7 +417,7 @@ pub(crate) struct AnyEventRecord {
     #[serde(deserialize_with = "nil_default")]
     pub(crate) event: String,
     #[serde(deserialize_with = "nil_default")]
-    pub(crate) members: Vec<Member>,
+    pub(crate) members: Vec<MemberRow>,
     #[serde(rename = "ID")]
     pub(crate) id: u64,
     #[serde(rename = "LTime")]
@@ -432,7 +432,7 @@ pub(crate) struct AnyEventRecord {
 /// A member as the RPC reports it (agent/ipc.go `Member`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]
-pub struct Member {
+pub struct MemberRow {
     /// Node name.
     #[serde(deserialize_with = "nil_default")]
     pub name: String,
@@ -461,7 +461,7 @@ pub struct Member {
     pub delegate_cur: u8,
 }
 
-impl Default for Member {
+impl Default for MemberRow {
     fn default() -> Self {
         Self {
             name: String::new(),
@@ -479,7 +479,7 @@ impl Default for Member {
     }
 }
 
-impl Member {
+impl MemberRow {
     /// `ip:port` as Go's `net.TCPAddr` prints it (`[v6]:port` for IPv6).
     pub fn socket_addr(&self) -> std::net::SocketAddr {
         std::net::SocketAddr::new(self.addr, self.port)
@@ -621,7 +621,7 @@ mod tests {
             ));
         }
         go.push_str("a6537461747573a5616c697665a45461677381a4726f6c65a3776562");
-        let member: Member = decode("Member", &hex(&go)).unwrap();
+        let member: MemberRow = decode("Member", &hex(&go)).unwrap();
         assert_eq!(member.name, "a");
         assert_eq!(member.addr, IpAddr::from([127, 0, 0, 1]));
         assert_eq!(member.port, 7946);
@@ -645,7 +645,7 @@ mod tests {
         );
         let mut out = Vec::new();
         encode_into(&mut out, &member);
-        let again: Member = decode("Member", &out).unwrap();
+        let again: MemberRow = decode("Member", &out).unwrap();
         assert_eq!(again, member);
     }
 

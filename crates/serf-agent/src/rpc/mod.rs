@@ -39,5 +39,5 @@ pub use client::{
     StreamEvent, StreamHandle,
 };
 pub use memory::MemoryBackend;
-pub use messages::{Coordinate, KeyResponse, Member, Stats};
+pub use messages::{Coordinate, KeyResponse, MemberRow, Stats};
 pub use server::{Config, Server};
