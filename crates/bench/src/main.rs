@@ -236,7 +236,11 @@ fn run(args: Args) -> anyhow::Result<bool> {
     }
     let mut kernel_results = Results::new(&kernel::TOOLS, &args.skip);
     if run_kernel {
-        kernel::measure(&env, &mut kernel_results);
+        kernel::measure(
+            plan.reps,
+            |tool, results| measure(tool, &env, results),
+            &mut kernel_results,
+        );
     }
 
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();

@@ -25,7 +25,7 @@ pub(crate) enum Tool {
     /// `amb-serf run` with a Docker link variable.
     AmbSerf,
     /// `amb-serf run --dataplane kernel`: nftables DNAT in the namespace; only the kernel
-    /// section runs it (see [`crate::kernel`]), never in the machine's own namespace.
+    /// section runs it (`kernel.rs`), never in the machine's own namespace.
     AmbSerfKernel,
     /// `amb-serf connect`: the consumer side, forwarding to the member of a real `serf agent`
     /// that advertises the backend's port as its `role`.
@@ -333,9 +333,32 @@ pub(crate) fn start(
         bail!("{} did not forward a connection within 20 s", tool.name());
     }
     if tool == Tool::AmbSerfKernel {
-        crate::kernel::wait_for_dnat(tool.name(), &log)?;
+        wait_for_dnat(tool.name(), &log)?;
     }
     Ok(running)
+}
+
+/// Waits until the kernel column's nftables table DNATs (the table is installed after the
+/// user-space listeners are bound, and its rules only while the backend passes its health
+/// check); until then a probe is served in user space and proves nothing.
+fn wait_for_dnat(node: &str, log: &Path) -> anyhow::Result<()> {
+    let table = format!("amb-serf-{node}");
+    let mut listing = String::new();
+    let ready = procs::wait_for(Duration::from_secs(20), || {
+        listing = Command::new("nft")
+            .args(["list", "table", "ip", &table])
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+            .unwrap_or_default();
+        listing.contains("dnat")
+    });
+    if !ready {
+        bail!(
+            "{node}: no DNAT rule in table ip {table} within 20 s (listing: {listing:?}); its log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+    Ok(())
 }
 
 /// The amb-serf binary: `path` if given, else the one next to this program, built first when run
