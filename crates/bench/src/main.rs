@@ -26,6 +26,7 @@ use clap::Parser;
 
 mod backend;
 mod cluster;
+mod kernel;
 mod load;
 mod pattern;
 mod plan;
@@ -44,7 +45,9 @@ struct Args {
     #[arg(long)]
     smoke: bool,
     /// Only these tools (comma-separated): direct, socat, haproxy, haproxy-splice, nginx,
-    /// amb-serf, amb-serf-connect; and `cluster` for the cluster metrics 6–9 (not run when --only omits it).
+    /// amb-serf, amb-serf-connect; `cluster` for the cluster metrics 6–9 and `kernel` for the
+    /// kernel section (direct, haproxy, amb-serf, amb-serf-kernel in a namespace of their own);
+    /// neither runs when --only omits it.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Repetitions of every measurement (the table shows medians).
@@ -57,7 +60,8 @@ struct Args {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Skip parts of the suite (comma-separated): bulk, ping, concurrent, rate, pinned, idle;
-    /// cluster (all of 6–9), or register, detect, idle-member, gossip, sim.
+    /// cluster (all of 6–9), or register, detect, idle-member, gossip, sim; kernel (the kernel
+    /// section).
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
     /// Start every proxy under this command (e.g. `strace -c -f -o /tmp/trace`), for profiling.
@@ -158,27 +162,36 @@ fn run(args: Args) -> anyhow::Result<bool> {
     } else {
         args.only
             .iter()
-            .filter(|name| *name != "cluster")
+            .filter(|name| *name != "cluster" && *name != "kernel")
             .map(|name| Tool::parse(name))
             .collect::<anyhow::Result<_>>()?
     };
     const GROUPS: [&str; 6] = ["bulk", "ping", "concurrent", "rate", "pinned", "idle"];
-    if let Some(unknown) = args
-        .skip
-        .iter()
-        .find(|g| !GROUPS.contains(&g.as_str()) && !cluster::GROUPS.contains(&g.as_str()))
-    {
+    if let Some(unknown) = args.skip.iter().find(|g| {
+        !GROUPS.contains(&g.as_str())
+            && !cluster::GROUPS.contains(&g.as_str())
+            && g.as_str() != "kernel"
+    }) {
         anyhow::bail!(
-            "--skip {unknown:?}: not one of {}, {}",
+            "--skip {unknown:?}: not one of {}, {}, kernel",
             GROUPS.join(", "),
             cluster::GROUPS.join(", ")
         );
     }
     let run_cluster = (args.only.is_empty() || args.only.iter().any(|name| name == "cluster"))
         && !args.skip.iter().any(|group| group == "cluster");
+    let run_kernel = (args.only.is_empty() || args.only.iter().any(|name| name == "kernel"))
+        && !args.skip.iter().any(|group| group == "kernel");
     if !args.no_install {
-        let extra: &[&str] = if run_cluster { &["serf", "socat"] } else { &[] };
-        tools::install(&tools, extra)?;
+        let mut extra: Vec<&str> = if run_cluster {
+            vec!["serf", "socat"]
+        } else {
+            Vec::new()
+        };
+        if run_kernel {
+            extra.extend(["haproxy", "nftables"]);
+        }
+        tools::install(&tools, &extra)?;
     }
     let amb_serf = tools::amb_serf_binary(args.amb_serf.clone())?;
     let (_, hard) = procs::raise_open_files();
@@ -221,6 +234,14 @@ fn run(args: Args) -> anyhow::Result<bool> {
     if run_cluster {
         cluster::measure(&cluster_env, &mut cluster_results);
     }
+    let mut kernel_results = Results::new(&kernel::TOOLS, &args.skip);
+    if run_kernel {
+        kernel::measure(
+            plan.reps,
+            |tool, results| measure(tool, &env, results),
+            &mut kernel_results,
+        );
+    }
 
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let command = std::iter::once("cargo run --release -p bench --".to_owned())
@@ -239,6 +260,10 @@ fn run(args: Args) -> anyhow::Result<bool> {
         versions.insert("amb-serf", Tool::AmbSerf.version(&env.amb_serf));
         versions.insert("socat", Tool::Socat.version(&env.amb_serf));
     }
+    if run_kernel {
+        versions.insert("amb-serf", Tool::AmbSerf.version(&env.amb_serf));
+        versions.insert("haproxy", Tool::Haproxy.version(&env.amb_serf));
+    }
     let text = report::render(&report::Context {
         results: &results,
         plan: &format!("{plan:?}"),
@@ -247,6 +272,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         load: (load_before.trim(), load_after.trim()),
         elapsed: started.elapsed(),
         cluster: &cluster_results,
+        kernel: run_kernel.then_some(&kernel_results),
     });
     println!("{text}");
     let out = match (&args.out, args.smoke) {
@@ -260,11 +286,14 @@ fn run(args: Args) -> anyhow::Result<bool> {
         report::write(&out, &text).with_context(|| format!("writing {}", out.display()))?;
         eprintln!("wrote {}", out.display());
     }
-    let complete = results.complete() && cluster_results.complete();
+    let complete = results.complete()
+        && cluster_results.complete()
+        && (!run_kernel || kernel_results.complete());
     let failures: Vec<&String> = results
         .failures()
         .iter()
         .chain(cluster_results.failures())
+        .chain(kernel_results.failures())
         .collect();
     let ok = failures.is_empty() && complete;
     if !ok {

@@ -314,7 +314,9 @@ pub(crate) fn isolate_network() -> anyhow::Result<()> {
     // SAFETY: unshare(2) changes only the calling thread's namespaces.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
         let error = std::io::Error::last_os_error();
-        bail!("unshare(CLONE_NEWNET): {error} (the cluster metrics need root)");
+        bail!(
+            "unshare(CLONE_NEWNET): {error} (the cluster metrics and the kernel section need root)"
+        );
     }
     let status = Command::new("ip")
         .args(["link", "set", "lo", "up"])

@@ -349,6 +349,8 @@ pub(crate) struct Context<'a> {
     pub(crate) elapsed: Duration,
     /// The cluster metrics, when they ran.
     pub(crate) cluster: &'a ClusterResults,
+    /// The kernel section (`kernel.rs`), when it ran.
+    pub(crate) kernel: Option<&'a Results>,
 }
 
 fn machine() -> String {
@@ -383,9 +385,23 @@ pub(crate) fn render(context: &Context<'_>) -> String {
     if !context.cluster.is_empty() {
         render_cluster(&mut out, context.cluster);
     }
-    if results.tools.is_empty() {
-        return out;
+    if !results.tools.is_empty() {
+        table(&mut out, results);
     }
+    if let Some(kernel) = context.kernel {
+        let _ = writeln!(
+            out,
+            "\nKernel data path (issue 25), in a network namespace of its own: client, backend \
+             and proxies on its loopback; amb-serf on 127.0.0.2 (`amb-serf-kernel`: \
+             `--dataplane kernel`, an nftables output-hook DNAT to the backend on 127.0.0.1)."
+        );
+        table(&mut out, kernel);
+    }
+    out
+}
+
+/// The table of `results`, with its notes and failures.
+fn table(out: &mut String, results: &Results) {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
@@ -425,7 +441,6 @@ pub(crate) fn render(context: &Context<'_>) -> String {
             let _ = writeln!(out, "- {failure}");
         }
     }
-    out
 }
 
 const BEGIN: &str = "<!-- bench:begin (written by `cargo run --release -p bench`) -->";

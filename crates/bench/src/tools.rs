@@ -24,6 +24,9 @@ pub(crate) enum Tool {
     Nginx,
     /// `amb-serf run` with a Docker link variable.
     AmbSerf,
+    /// `amb-serf run --dataplane kernel`: nftables DNAT in the namespace; only the kernel
+    /// section runs it (`kernel.rs`), never in the machine's own namespace.
+    AmbSerfKernel,
     /// `amb-serf connect`: the consumer side, forwarding to the member of a real `serf agent`
     /// that advertises the backend's port as its `role`.
     AmbSerfConnect,
@@ -48,6 +51,7 @@ impl Tool {
             Self::HaproxySplice => "haproxy-splice",
             Self::Nginx => "nginx",
             Self::AmbSerf => "amb-serf",
+            Self::AmbSerfKernel => "amb-serf-kernel",
             Self::AmbSerfConnect => "amb-serf-connect",
         }
     }
@@ -65,7 +69,7 @@ impl Tool {
     /// Debian packages the tool needs.
     fn packages(self) -> &'static [&'static str] {
         match self {
-            Self::Direct | Self::AmbSerf => &[],
+            Self::Direct | Self::AmbSerf | Self::AmbSerfKernel => &[],
             Self::Socat => &["socat"],
             Self::Haproxy | Self::HaproxySplice => &["haproxy"],
             Self::Nginx => &["nginx", "libnginx-mod-stream"],
@@ -80,7 +84,9 @@ impl Tool {
             Self::Socat => (Path::new("socat"), &["-V"]),
             Self::Haproxy | Self::HaproxySplice => (Path::new("haproxy"), &["-v"]),
             Self::Nginx => (Path::new("nginx"), &["-v"]),
-            Self::AmbSerf | Self::AmbSerfConnect => (amb_serf, &["--version"]),
+            Self::AmbSerf | Self::AmbSerfKernel | Self::AmbSerfConnect => {
+                (amb_serf, &["--version"])
+            }
         };
         let Ok(output) = Command::new(program).args(args).output() else {
             return format!("{}: not runnable", program.display());
@@ -256,20 +262,28 @@ pub(crate) fn start(
                 .arg("-c")
                 .arg(&config);
         }
-        Tool::AmbSerf => {
+        Tool::AmbSerf | Tool::AmbSerfKernel => {
             // A Docker link variable, as `--link backend:backend` would set it. The local port is
             // the linked port, so the ambassador listens on another loopback address.
             addr = SocketAddr::from((Ipv4Addr::new(127, 0, 0, 2), backend.port()));
             command
                 .arg(amb_serf)
                 .arg("run")
+                .arg(format!("--node={}", tool.name()))
                 .env(
                     format!("BACKEND_PORT_{}_TCP", backend.port()),
                     format!("tcp://{backend}"),
                 )
                 .env("AMB_LISTEN_ADDR", "127.0.0.2")
-                // The user-space column; run as root, `auto` would take the kernel path.
-                .env("AMB_DATAPLANE", "userspace");
+                // Run as root, `auto` would take the kernel path: each column says which.
+                .env(
+                    "AMB_DATAPLANE",
+                    if tool == Tool::AmbSerfKernel {
+                        "kernel"
+                    } else {
+                        "userspace"
+                    },
+                );
         }
         Tool::AmbSerfConnect => {
             // The provider: a real agent on the backend's address whose `role` is the backend's
@@ -318,7 +332,33 @@ pub(crate) fn start(
     if !ready {
         bail!("{} did not forward a connection within 20 s", tool.name());
     }
+    if tool == Tool::AmbSerfKernel {
+        wait_for_dnat(tool.name(), &log)?;
+    }
     Ok(running)
+}
+
+/// Waits until the kernel column's nftables table DNATs (the table is installed after the
+/// user-space listeners are bound, and its rules only while the backend passes its health
+/// check); until then a probe is served in user space and proves nothing.
+fn wait_for_dnat(node: &str, log: &Path) -> anyhow::Result<()> {
+    let table = format!("amb-serf-{node}");
+    let mut listing = String::new();
+    let ready = procs::wait_for(Duration::from_secs(20), || {
+        listing = Command::new("nft")
+            .args(["list", "table", "ip", &table])
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+            .unwrap_or_default();
+        listing.contains("dnat")
+    });
+    if !ready {
+        bail!(
+            "{node}: no DNAT rule in table ip {table} within 20 s (listing: {listing:?}); its log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+    Ok(())
 }
 
 /// The amb-serf binary: `path` if given, else the one next to this program, built first when run

@@ -1,7 +1,8 @@
 //! The benchmark suite in smoke mode (a second or so per metric, one repetition): every tool
 //! installed here runs every metric, and each produces a verified number; so do the cluster
 //! metrics against Debian's `serf agent` (they need root for their network namespace: without
-//! it they are skipped, with a line saying so, unless `AMB_REQUIRE_PEERS=1`). No performance
+//! it they are skipped, with a line saying so, unless `AMB_REQUIRE_PEERS=1`), and so does the
+//! kernel section (direct, haproxy, amb-serf, amb-serf-kernel in a namespace of their own). No performance
 //! assertion: this keeps the harness from rotting, the numbers come from the full run.
 
 use std::os::unix::process::CommandExt;
@@ -34,14 +35,16 @@ fn every_metric_of_every_tool_produces_a_verified_number() {
     let log = dir.path().join("bench.log");
     let cluster = is_root() || std::env::var("AMB_REQUIRE_PEERS").as_deref() == Ok("1");
     if !cluster {
-        eprintln!("skipping the cluster metrics: they need root (a network namespace)");
+        eprintln!(
+            "skipping the cluster metrics and the kernel section: they need root (a network namespace)"
+        );
     }
     let mut child = Command::new(&bench)
         .arg("--smoke")
         .args(if cluster {
             &[][..]
         } else {
-            &["--skip", "cluster"][..]
+            &["--skip", "cluster,kernel"][..]
         })
         .arg("--amb-serf")
         .arg(&amb_serf)
@@ -93,6 +96,10 @@ fn every_metric_of_every_tool_produces_a_verified_number() {
         );
     }
     if cluster {
+        assert!(
+            report.contains("Kernel data path") && report.contains(" amb-serf-kernel |"),
+            "no kernel section:\n{report}"
+        );
         for row in [
             "6. ",
             "7. ",
