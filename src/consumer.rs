@@ -264,6 +264,10 @@ impl fmt::Display for RolePool {
 }
 
 impl proxy::Pool for RolePool {
+    fn label(&self) -> (&'static str, String) {
+        ("role", self.role.clone())
+    }
+
     fn pick(&self, tried: &[Candidate]) -> Option<Candidate> {
         let tried: Vec<String> = tried.iter().map(|candidate| candidate.id.clone()).collect();
         let mut state = self.lock();

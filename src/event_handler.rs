@@ -1,6 +1,7 @@
 //! Serf event handlers, as `serf agent -event-handler` runs them (serf/cmd/serf/command/agent
 //! event_handler.go, invoke.go): `[type[:name][,type…]=]command`, run with `/bin/sh -c` (or, in
-//! an image without a shell, split on whitespace and run directly), one at a time in event order.
+//! an image without a shell, split into words as a POSIX shell splits them, [`split_words`], and
+//! run directly), one at a time in event order.
 //!
 //! The environment carries `SERF_EVENT`, `SERF_SELF_NAME`, `SERF_SELF_ROLE`, `SERF_TAG_<TAG>`,
 //! `SERF_USER_EVENT`/`SERF_USER_LTIME` or `SERF_QUERY_NAME`/`SERF_QUERY_LTIME`, plus whatever the
@@ -146,6 +147,8 @@ impl Handler {
         if command.trim().is_empty() {
             return Err(error("no command".into()));
         }
+        // Neither a shell nor the split without one runs an unterminated quote.
+        split_words(command).map_err(|reason| error(reason.to_owned()))?;
         let filter = if filter.is_empty() { "*" } else { filter };
         let mut filters = Vec::new();
         for part in filter.split(',') {
@@ -260,7 +263,9 @@ async fn invoke(command: &str, me: &SelfInfo, event: &HandlerEvent) -> std::io::
         process.arg("-c").arg(command);
         process
     } else {
-        let mut words = command.split_whitespace();
+        let words = split_words(command)
+            .map_err(|reason| std::io::Error::new(std::io::ErrorKind::InvalidInput, reason))?;
+        let mut words = words.into_iter();
         let program = words.next().unwrap_or_default();
         let mut process = Command::new(program);
         process.args(words);
@@ -356,6 +361,61 @@ async fn invoke(command: &str, me: &SelfInfo, event: &HandlerEvent) -> std::io::
     Ok(output)
 }
 
+/// Splits a command into words as a POSIX shell does (sh(1), "Quoting"), with no expansion:
+/// unquoted blanks (space, tab, newline) separate words; a backslash outside quotes keeps the next
+/// character literally (a backslash-newline is removed); single quotes keep everything up to the
+/// next single quote; double quotes keep everything up to the next unescaped double quote, where
+/// a backslash escapes only `$`, `` ` ``, `"`, `\` and newline. `''` and `""` make empty words.
+/// `$`, `*`, `~`, `;`, `|` and the like are ordinary characters: there is no shell.
+pub(crate) fn split_words(command: &str) -> Result<Vec<String>, &'static str> {
+    let mut words = Vec::new();
+    // The word being built; `None` between words (so `''` still makes a word).
+    let mut word: Option<String> = None;
+    let mut chars = command.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            ' ' | '\t' | '\n' => words.extend(word.take()),
+            '\\' => match chars.next() {
+                Some('\n') => {}
+                Some(next) => word.get_or_insert_with(String::new).push(next),
+                None => return Err("a backslash ends the command"),
+            },
+            '\'' => {
+                let word = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(c) => word.push(c),
+                        None => return Err("unterminated single quote"),
+                    }
+                }
+            }
+            '"' => {
+                let word = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some('\n') => {}
+                            Some(c @ ('$' | '`' | '"' | '\\')) => word.push(c),
+                            Some(c) => {
+                                word.push('\\');
+                                word.push(c);
+                            }
+                            None => return Err("unterminated double quote"),
+                        },
+                        Some(c) => word.push(c),
+                        None => return Err("unterminated double quote"),
+                    }
+                }
+            }
+            c => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    words.extend(word);
+    Ok(words)
+}
+
 fn sanitize(tag: &str) -> String {
     tag.to_uppercase()
         .chars()
@@ -428,6 +488,32 @@ mod tests {
         let error = Handler::parse("member-joined=x").unwrap_err();
         assert!(error.to_string().contains("\"member-joined\""), "{error}");
         assert!(Handler::parse("user=").is_err());
+    }
+
+    #[test]
+    fn commands_split_into_words_as_a_posix_shell_splits_them() {
+        let split = |command: &str| split_words(command).expect(command);
+        assert_eq!(split("  /bin/echo  a\tb\n"), ["/bin/echo", "a", "b"]);
+        assert_eq!(
+            split("/h/create_db --name 'my db' \"x \\\"y\\\" \\$HOME\""),
+            ["/h/create_db", "--name", "my db", "x \"y\" $HOME"]
+        );
+        // No expansion, no operators: they are ordinary characters.
+        assert_eq!(
+            split("a $HOME ~ * ; b|c"),
+            ["a", "$HOME", "~", "*", ";", "b|c"]
+        );
+        // Quotes join with what touches them; empty quotes make empty words.
+        assert_eq!(split("a'b c'd \"\" ''"), ["ab cd", "", ""]);
+        // A backslash escapes one character outside quotes, none inside single quotes, and
+        // only $ ` " \\ and newline inside double quotes.
+        assert_eq!(split(r#"a\ b 'c\d' "e\f\\g""#), ["a b", r"c\d", r"e\f\g"]);
+        assert_eq!(split("a\\\nb"), ["ab"]);
+        assert_eq!(split(""), Vec::<String>::new());
+        for bad in ["'open", "\"open", "\"a\\\"", "end\\"] {
+            assert!(split_words(bad).is_err(), "{bad:?}");
+        }
+        assert!(Handler::parse("user:x=/bin/echo 'open").is_err());
     }
 
     #[test]

@@ -216,9 +216,12 @@ fn healthz(lifecycle: Lifecycle, health: Health) -> (u16, String) {
     }
 }
 
-/// The forwarders' counters at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// One listener's counters at one moment, with its labels.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Snapshot {
+    /// `protocol="tcp",listen="0.0.0.0:3306",target="10.0.0.5:3306"` (`role="…"` instead of
+    /// `target` for a `connect` listener).
+    labels: String,
     accepted: u64,
     active: u64,
     rejected: u64,
@@ -228,20 +231,51 @@ struct Snapshot {
 }
 
 impl Snapshot {
-    fn of(stats: &proxy::Stats) -> Self {
+    /// Every listener of `stats`, in the order they were bound.
+    fn of(stats: &proxy::Stats) -> Vec<Self> {
+        stats
+            .listeners()
+            .iter()
+            .map(|l| Self::of_listener(l))
+            .collect()
+    }
+
+    fn of_listener(listener: &proxy::ListenerStats) -> Self {
+        let counts = &listener.counts;
+        let (name, value) = &listener.upstream;
         Self {
-            accepted: stats.accepted.load(Ordering::Relaxed),
-            active: stats.active.load(Ordering::Relaxed) as u64,
-            rejected: stats.rejected.load(Ordering::Relaxed),
-            upstream_failures: stats.upstream_failures.load(Ordering::Relaxed),
-            bytes_to_upstream: stats.bytes_to_upstream.load(Ordering::Relaxed),
-            bytes_to_client: stats.bytes_to_client.load(Ordering::Relaxed),
+            labels: format!(
+                "protocol=\"{}\",listen=\"{}\",{name}=\"{}\"",
+                listener.protocol,
+                listener.listen,
+                escape(value)
+            ),
+            accepted: counts.accepted.load(Ordering::Relaxed),
+            active: counts.active.load(Ordering::Relaxed) as u64,
+            rejected: counts.rejected.load(Ordering::Relaxed),
+            upstream_failures: counts.upstream_failures.load(Ordering::Relaxed),
+            bytes_to_upstream: counts.bytes_to_upstream.load(Ordering::Relaxed),
+            bytes_to_client: counts.bytes_to_client.load(Ordering::Relaxed),
         }
     }
 }
 
-/// The Prometheus text exposition of `snapshot`, `health` and member `statuses`.
-fn render(snapshot: &Snapshot, health: Health, statuses: Option<&[String]>) -> String {
+/// A label value in the text format: backslash, double quote and line feed escaped.
+fn escape(value: &str) -> String {
+    let mut escaped = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => escaped.push_str("\\\\"),
+            '"' => escaped.push_str("\\\""),
+            '\n' => escaped.push_str("\\n"),
+            c => escaped.push(c),
+        }
+    }
+    escaped
+}
+
+/// The Prometheus text exposition of each listener's counters, `health` and member `statuses`.
+fn render(listeners: &[Snapshot], health: Health, statuses: Option<&[String]>) -> String {
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
@@ -253,38 +287,58 @@ fn render(snapshot: &Snapshot, health: Health, statuses: Option<&[String]>) -> S
             }
         }
     };
+    let per_listener = |value: fn(&Snapshot) -> u64| -> Vec<(&str, u64)> {
+        listeners
+            .iter()
+            .map(|l| (l.labels.as_str(), value(l)))
+            .collect()
+    };
     metric(
         "amb_serf_connections_total",
         "counter",
-        "TCP connections and UDP sessions accepted.",
-        &[("", snapshot.accepted)],
+        "TCP connections and UDP sessions accepted, per listener.",
+        &per_listener(|l| l.accepted),
     );
     metric(
         "amb_serf_connections_active",
         "gauge",
-        "Open TCP connections and UDP sessions.",
-        &[("", snapshot.active)],
+        "Open TCP connections and UDP sessions, per listener.",
+        &per_listener(|l| l.active),
     );
     metric(
         "amb_serf_connections_rejected_total",
         "counter",
-        "Clients closed at once because --max-connections or the UDP session limit was reached.",
-        &[("", snapshot.rejected)],
+        "Clients closed at once because --max-connections or the UDP session limit was reached, \
+         per listener.",
+        &per_listener(|l| l.rejected),
     );
     metric(
         "amb_serf_upstream_failures_total",
         "counter",
-        "Upstream connections that failed (refused, timed out, unresolvable).",
-        &[("", snapshot.upstream_failures)],
+        "Upstream connections that failed (refused, timed out, unresolvable), per listener.",
+        &per_listener(|l| l.upstream_failures),
     );
+    let directions: Vec<(String, u64)> = listeners
+        .iter()
+        .flat_map(|l| {
+            [
+                (
+                    format!("{},direction=\"to_upstream\"", l.labels),
+                    l.bytes_to_upstream,
+                ),
+                (
+                    format!("{},direction=\"to_client\"", l.labels),
+                    l.bytes_to_client,
+                ),
+            ]
+        })
+        .collect();
+    let directions: Vec<(&str, u64)> = directions.iter().map(|(l, n)| (l.as_str(), *n)).collect();
     metric(
         "amb_serf_bytes_total",
         "counter",
-        "Bytes forwarded, by direction.",
-        &[
-            ("direction=\"to_upstream\"", snapshot.bytes_to_upstream),
-            ("direction=\"to_client\"", snapshot.bytes_to_client),
-        ],
+        "Bytes forwarded, per listener and direction.",
+        &directions,
     );
     metric(
         "amb_serf_upstream_up",
@@ -559,29 +613,37 @@ mod tests {
 
     #[test]
     fn metrics_text() {
-        let snapshot = Snapshot {
-            accepted: 7,
-            active: 2,
-            rejected: 1,
-            upstream_failures: 3,
-            bytes_to_upstream: 100,
-            bytes_to_client: 2000,
-        };
+        let stats = Arc::new(proxy::Stats::new(10));
+        let listen = "0.0.0.0:3306".parse().unwrap();
+        let tcp = stats.listener(listen, proxy::Protocol::Tcp, ("target", "db:3306".into()));
+        let udp = "127.0.0.1:53".parse().unwrap();
+        stats.listener(udp, proxy::Protocol::Udp, ("role", "dns \"x\"".into()));
+        tcp.counts.accepted.store(7, Ordering::Relaxed);
+        tcp.counts.active.store(2, Ordering::Relaxed);
+        tcp.counts.rejected.store(1, Ordering::Relaxed);
+        tcp.counts.upstream_failures.store(3, Ordering::Relaxed);
+        tcp.counts.bytes_to_upstream.store(100, Ordering::Relaxed);
+        tcp.counts.bytes_to_client.store(2000, Ordering::Relaxed);
+        let snapshot = Snapshot::of(&stats);
         let statuses = ["alive", "alive", "left"].map(String::from);
         let text = render(&snapshot, Health::Passing, Some(&statuses));
+        let tcp = "protocol=\"tcp\",listen=\"0.0.0.0:3306\",target=\"db:3306\"";
+        let udp = "protocol=\"udp\",listen=\"127.0.0.1:53\",role=\"dns \\\"x\\\"\"";
         for line in [
             "# TYPE amb_serf_connections_total counter",
-            "amb_serf_connections_total 7",
-            "amb_serf_connections_active 2",
-            "amb_serf_connections_rejected_total 1",
-            "amb_serf_upstream_failures_total 3",
-            "amb_serf_bytes_total{direction=\"to_upstream\"} 100",
-            "amb_serf_bytes_total{direction=\"to_client\"} 2000",
+            &format!("amb_serf_connections_total{{{tcp}}} 7"),
+            &format!("amb_serf_connections_total{{{udp}}} 0"),
+            &format!("amb_serf_connections_active{{{tcp}}} 2"),
+            &format!("amb_serf_connections_rejected_total{{{tcp}}} 1"),
+            &format!("amb_serf_upstream_failures_total{{{tcp}}} 3"),
+            &format!("amb_serf_bytes_total{{{tcp},direction=\"to_upstream\"}} 100"),
+            &format!("amb_serf_bytes_total{{{tcp},direction=\"to_client\"}} 2000"),
             "amb_serf_upstream_up 1",
             "amb_serf_members{status=\"alive\"} 2",
             "amb_serf_members{status=\"left\"} 1",
             "amb_serf_members{status=\"failed\"} 0",
         ] {
+            let line: &str = line;
             assert!(
                 text.lines().any(|l| l == line),
                 "{line:?} missing in:\n{text}"

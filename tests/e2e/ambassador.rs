@@ -457,14 +457,20 @@ fn without_serf_link_or_join_it_is_a_cluster_of_one_with_health_and_metrics() {
     assert_eq!(check.status.code(), Some(0), "amb-serf health: {check:?}");
     let (code, text) = http_get(metrics, "/metrics").expect("/metrics answers");
     assert_eq!(code, 200);
+    let labels = format!(
+        "protocol=\"tcp\",listen=\"{listen}:6379\",target=\"{}\"",
+        redis.addr
+    );
     for line in [
-        "amb_serf_connections_total 1",
-        "amb_serf_upstream_up 1",
-        "amb_serf_members{status=\"alive\"} 1",
-        "amb_serf_bytes_total{direction=\"to_client\"} 7",
+        format!("amb_serf_connections_total{{{labels}}} 1"),
+        format!("amb_serf_connections_active{{{labels}}} 0"),
+        format!("amb_serf_bytes_total{{{labels},direction=\"to_client\"}} 7"),
+        "amb_serf_upstream_up 1".to_owned(),
+        "amb_serf_members{status=\"alive\"} 1".to_owned(),
     ] {
         assert!(text.lines().any(|l| l == line), "{line:?} in:\n{text}");
     }
+    crate::support::promtool_check(&text);
 
     assert_eq!(http_get(metrics, "/readyz").map(|r| r.0), Some(200));
     assert_eq!(http_get(metrics, "/livez").map(|r| r.0), Some(200));

@@ -340,7 +340,11 @@ fn a_client_waits_for_the_first_provider() {
     assert!(logged(&connect, &["role available"]), "{}", connect.log());
     assert_eq!(http_get(metrics, "/healthz").map(|r| r.0), Some(200));
     let (_, body) = http_get(metrics, "/metrics").expect("metrics answer");
-    assert!(body.contains("amb_serf_connections_total 1"), "{body}");
+    let series = format!(
+        "amb_serf_connections_total{{protocol=\"tcp\",listen=\"127.0.0.1:{port}\",role=\"{ROLE}\"}} 1"
+    );
+    assert!(body.lines().any(|l| l == series), "{series} in:\n{body}");
+    crate::support::promtool_check(&body);
 
     // SIGTERM: connect leaves the cluster, drains, exits 0.
     let mut connect = connect;

@@ -350,3 +350,28 @@ pub(crate) fn unordered_lines(text: &str, collapse: bool) -> Vec<String> {
     lines.sort();
     lines
 }
+
+/// Runs Debian's `promtool check metrics` (the Prometheus package's linter) on a `/metrics`
+/// body and fails the test with its findings.
+pub(crate) fn promtool_check(metrics: &str) {
+    use std::io::Write as _;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) runs");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(metrics.as_bytes())
+        .expect("writing to promtool");
+    drop(stdin);
+    let output = child.wait_with_output().expect("promtool ends");
+    assert!(
+        output.status.success(),
+        "promtool check metrics: {}{}\non:\n{metrics}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -15,7 +15,6 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -26,7 +25,7 @@ use tokio::net::TcpStream;
 
 #[cfg(target_os = "linux")]
 use crate::splice::{self, Pipe};
-use crate::Stats;
+use crate::ListenerStats;
 
 /// Size of the stack buffer that small reads go through; a read that fills it starts a splice.
 const STACK_BUFFER: usize = 16 * 1024;
@@ -72,7 +71,7 @@ pub(crate) struct Totals {
 /// Forwards `client` ⇄ `upstream` until both directions have ended, or one fails. Bytes are
 /// added to `stats` as they move (not at the end), so `/metrics` sees long transfers progress.
 /// The sockets stay open until the `Duplex` is dropped.
-fn duplex(client: TcpStream, upstream: TcpStream, stats: Option<Arc<Stats>>) -> Duplex {
+fn duplex(client: TcpStream, upstream: TcpStream, stats: Option<Arc<ListenerStats>>) -> Duplex {
     Duplex {
         client,
         upstream,
@@ -86,7 +85,7 @@ fn duplex(client: TcpStream, upstream: TcpStream, stats: Option<Arc<Stats>>) -> 
 /// Forwards until both directions end, for a caller that drops the sockets (the `Duplex`) as
 /// soon as it completes; on an error, resets both sockets (`SO_LINGER` 0) so the peer of the
 /// healthy side sees the reset too.
-pub(crate) fn forward(client: TcpStream, upstream: TcpStream, stats: Arc<Stats>) -> Duplex {
+pub(crate) fn forward(client: TcpStream, upstream: TcpStream, stats: Arc<ListenerStats>) -> Duplex {
     Duplex {
         closes_after: true,
         ..duplex(client, upstream, Some(stats))
@@ -101,7 +100,7 @@ pub(crate) struct Duplex {
     upstream: TcpStream,
     to_upstream: Pump,
     to_client: Pump,
-    stats: Option<Arc<Stats>>,
+    stats: Option<Arc<ListenerStats>>,
     /// The sockets are closed as soon as this future completes (as [`forward`] does): the last
     /// direction to end skips its `shutdown`, since the close sends the same FIN (its socket was
     /// read to end of stream, so nothing unread turns the close into a reset).
@@ -119,14 +118,10 @@ impl Future for Duplex {
             let moved_up = this.to_upstream.bytes - before.0;
             let moved_down = this.to_client.bytes - before.1;
             if moved_up > 0 {
-                stats
-                    .bytes_to_upstream
-                    .fetch_add(moved_up, Ordering::Relaxed);
+                stats.to_upstream(moved_up);
             }
             if moved_down > 0 {
-                stats
-                    .bytes_to_client
-                    .fetch_add(moved_down, Ordering::Relaxed);
+                stats.to_client(moved_down);
             }
         }
         if let Poll::Ready(Err(_)) = &result {
@@ -394,8 +389,16 @@ fn fd(stream: &TcpStream) -> std::os::fd::BorrowedFd<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
+
+    /// One listener's counters (and so its process's totals).
+    fn listener_stats() -> Arc<ListenerStats> {
+        let listen = "127.0.0.1:1".parse().expect("address");
+        let target = ("target", "127.0.0.1:2".to_owned());
+        Arc::new(crate::Stats::new(1)).listener(listen, crate::Protocol::Tcp, target)
+    }
 
     /// Two connected sockets: (the outside end, the proxy's end).
     async fn pair() -> (TcpStream, TcpStream) {
@@ -429,7 +432,7 @@ mod tests {
     async fn exchange(buffered: bool) -> (u64, u64) {
         let (mut client, client_inside) = pair().await;
         let (upstream_inside, mut upstream) = pair().await;
-        let stats = Arc::new(Stats::new(1));
+        let stats = listener_stats();
         let mut duplex = duplex(client_inside, upstream_inside, Some(Arc::clone(&stats)));
         if buffered {
             duplex.to_upstream = Pump::buffered();
@@ -463,11 +466,11 @@ mod tests {
         let spliced = (duplex.to_upstream.spliced, duplex.to_client.spliced);
         drop(duplex);
         assert_eq!(
-            stats.bytes_to_upstream.load(Ordering::Relaxed),
+            stats.counts.bytes_to_upstream.load(Ordering::Relaxed),
             totals.client_to_upstream
         );
         assert_eq!(
-            stats.bytes_to_client.load(Ordering::Relaxed),
+            stats.counts.bytes_to_client.load(Ordering::Relaxed),
             totals.upstream_to_client
         );
         spliced
@@ -494,7 +497,7 @@ mod tests {
     async fn forward_ends_both_sides_cleanly_when_the_last_direction_skips_shutdown() {
         let (mut client, client_inside) = pair().await;
         let (upstream_inside, mut upstream) = pair().await;
-        let stats = Arc::new(Stats::new(1));
+        let stats = listener_stats();
         let counted = Arc::clone(&stats);
         let forwarding = tokio::spawn(forward(client_inside, upstream_inside, counted));
         client.write_all(b"request").await.expect("write");
@@ -513,7 +516,8 @@ mod tests {
             (totals.client_to_upstream, totals.upstream_to_client),
             (7, 5)
         );
-        assert_eq!(stats.bytes_to_upstream.load(Ordering::Relaxed), 7);
+        assert_eq!(stats.counts.bytes_to_upstream.load(Ordering::Relaxed), 7);
+        assert_eq!(stats.total().bytes_to_upstream.load(Ordering::Relaxed), 7);
     }
 
     #[tokio::test]

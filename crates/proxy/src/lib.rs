@@ -128,7 +128,8 @@ impl Default for Config {
     }
 }
 
-/// Counters shared by every forwarder, and the connection limit.
+/// Counters shared by every forwarder (the process's totals), the connection limit, and each
+/// listener's [`ListenerStats`].
 #[derive(Debug)]
 pub struct Stats {
     max_connections: usize,
@@ -148,6 +149,8 @@ pub struct Stats {
     pub bytes_to_upstream: AtomicU64,
     /// Bytes forwarded from upstreams back to clients, counted as they move.
     pub bytes_to_client: AtomicU64,
+    /// Each listener's own counters.
+    listeners: std::sync::Mutex<Vec<Arc<ListenerStats>>>,
 }
 
 impl Stats {
@@ -162,28 +165,139 @@ impl Stats {
             upstream_failures: AtomicU64::new(0),
             bytes_to_upstream: AtomicU64::new(0),
             bytes_to_client: AtomicU64::new(0),
+            listeners: std::sync::Mutex::new(Vec::new()),
         }
     }
 
-    /// A slot for one more connection, or `None` at the limit.
-    fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+    /// A slot for one more connection, or `None` at the limit (the listener's counters are the
+    /// caller's, see [`ListenerStats::try_acquire`]).
+    fn try_acquire(&self) -> bool {
         let previous = self.active.fetch_add(1, Ordering::AcqRel);
         if previous >= self.max_connections {
             self.active.fetch_sub(1, Ordering::AcqRel);
-            return None;
+            return false;
         }
         self.accepted.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Registers the counters of one listener (`listen`, `protocol`, and where it sends:
+    /// `upstream`, a label name and value); they also count into these totals.
+    pub fn listener(
+        self: &Arc<Self>,
+        listen: SocketAddr,
+        protocol: Protocol,
+        upstream: (&'static str, String),
+    ) -> Arc<ListenerStats> {
+        let listener = Arc::new(ListenerStats {
+            listen,
+            protocol,
+            upstream,
+            counts: Counts::default(),
+            total: Arc::clone(self),
+        });
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::clone(&listener));
+        listener
+    }
+
+    /// Every listener's counters, in the order they were bound.
+    pub fn listeners(&self) -> Vec<Arc<ListenerStats>> {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// One listener's counters (a labelled series each on `/metrics`); what they count is also
+/// counted in the process's [`Stats`].
+#[derive(Debug)]
+pub struct ListenerStats {
+    /// The bound address.
+    pub listen: SocketAddr,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// Where its connections go, as a label: `("target", "10.0.0.5:3306")` for a fixed target,
+    /// the pool's [`Pool::label`] for a dynamic one.
+    pub upstream: (&'static str, String),
+    /// The counts.
+    pub counts: Counts,
+    total: Arc<Stats>,
+}
+
+/// What one listener counts (the same meaning as the [`Stats`] fields of the same names).
+#[derive(Debug, Default)]
+pub struct Counts {
+    /// Open TCP connections plus UDP sessions.
+    pub active: AtomicUsize,
+    /// Connections and sessions opened since start.
+    pub accepted: AtomicU64,
+    /// Clients closed at once at a limit.
+    pub rejected: AtomicU64,
+    /// Upstream connections that failed.
+    pub upstream_failures: AtomicU64,
+    /// Bytes forwarded from clients to upstreams.
+    pub bytes_to_upstream: AtomicU64,
+    /// Bytes forwarded from upstreams back to clients.
+    pub bytes_to_client: AtomicU64,
+}
+
+impl ListenerStats {
+    /// The process's totals.
+    pub(crate) fn total(&self) -> &Arc<Stats> {
+        &self.total
+    }
+
+    /// A slot for one more connection under the process's limit, or `None` at it.
+    fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+        if !self.total.try_acquire() {
+            return None;
+        }
+        self.counts.active.fetch_add(1, Ordering::AcqRel);
+        self.counts.accepted.fetch_add(1, Ordering::Relaxed);
         Some(Permit(Arc::clone(self)))
+    }
+
+    /// A client closed at once at a limit.
+    pub(crate) fn rejected(&self) {
+        self.counts.rejected.fetch_add(1, Ordering::Relaxed);
+        self.total.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An upstream connection that failed.
+    pub(crate) fn upstream_failed(&self) {
+        self.counts
+            .upstream_failures
+            .fetch_add(1, Ordering::Relaxed);
+        self.total.upstream_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `n` bytes forwarded to the upstream.
+    pub(crate) fn to_upstream(&self, n: u64) {
+        self.counts
+            .bytes_to_upstream
+            .fetch_add(n, Ordering::Relaxed);
+        self.total.bytes_to_upstream.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// `n` bytes forwarded back to the client.
+    pub(crate) fn to_client(&self, n: u64) {
+        self.counts.bytes_to_client.fetch_add(n, Ordering::Relaxed);
+        self.total.bytes_to_client.fetch_add(n, Ordering::Relaxed);
     }
 }
 
 /// One connection's slot under the limit, released on drop.
 #[derive(Debug)]
-struct Permit(Arc<Stats>);
+struct Permit(Arc<ListenerStats>);
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        self.0.counts.active.fetch_sub(1, Ordering::AcqRel);
+        self.0.total.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

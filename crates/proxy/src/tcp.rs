@@ -3,7 +3,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -16,7 +15,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::dial::UpstreamError;
 use crate::rate_limit::RateLimit;
 use crate::upstream::{Lease, Removal, Upstream};
-use crate::{copy, Error, Permit, Stats};
+use crate::{copy, Error, ListenerStats, Permit, Stats};
 
 /// Listen backlog: large enough for connection storms (the kernel caps it at `somaxconn`).
 const BACKLOG: u32 = 4096;
@@ -76,7 +75,7 @@ struct Shared {
     upstream: Upstream,
     connect_timeout: Duration,
     liveness: Liveness,
-    stats: Arc<Stats>,
+    stats: Arc<ListenerStats>,
     upstream_failures: RateLimit,
 }
 
@@ -122,6 +121,7 @@ impl TcpForwarder {
         socket.bind(listen).map_err(bind_error)?;
         let listener = socket.listen(BACKLOG).map_err(bind_error)?;
         let local_addr = listener.local_addr().map_err(bind_error)?;
+        let stats = stats.listener(local_addr, crate::Protocol::Tcp, upstream.label());
         Ok(Self {
             listener,
             local_addr,
@@ -171,7 +171,7 @@ impl TcpForwarder {
                     }
                 };
                 let Some(permit) = self.shared.stats.try_acquire() else {
-                    self.shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    self.shared.stats.rejected();
                     if let Some(suppressed) = self.rejections.allow() {
                         warn!(
                             %listen,
@@ -239,12 +239,7 @@ async fn open(client: TcpStream, shared: Arc<Shared>, permit: Permit) -> Option<
     }
     let opened = shared
         .upstream
-        .open(shared.connect_timeout, || {
-            shared
-                .stats
-                .upstream_failures
-                .fetch_add(1, Ordering::Relaxed);
-        })
+        .open(shared.connect_timeout, || shared.stats.upstream_failed())
         .await;
     let (upstream, lease) = match opened {
         Ok(opened) => opened,
@@ -401,5 +396,54 @@ mod tests {
             socket.tcp_keepalive_interval().expect("TCP_KEEPINTVL"),
             Duration::from_secs(1)
         );
+    }
+
+    #[tokio::test]
+    async fn each_listener_counts_its_own_connections_and_the_totals_all() {
+        use std::sync::atomic::Ordering::Relaxed;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let target = Target {
+            host: Host::Ip("127.0.0.1".parse().expect("address")),
+            port: upstream.local_addr().expect("bound").port(),
+        };
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = upstream.accept().await {
+                let _ = stream.write_all(b"hi").await;
+            }
+        });
+        let stats = Arc::new(Stats::new(10));
+        let bind = || {
+            TcpForwarder::bind(
+                "127.0.0.1:0".parse().expect("address"),
+                Upstream::Fixed(target.clone()),
+                Duration::from_secs(1),
+                Liveness::default(),
+                Arc::clone(&stats),
+            )
+            .expect("bind")
+        };
+        let (used, idle) = (bind(), bind());
+        let used_addr = used.local_addr();
+        let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
+        tasks.spawn(used.run(tasks.clone(), shutdown.clone()));
+        tasks.spawn(idle.run(tasks.clone(), shutdown.clone()));
+        let mut client = TcpStream::connect(used_addr).await.expect("connect");
+        let mut reply = [0u8; 2];
+        client.read_exact(&mut reply).await.expect("reply");
+        drop(client);
+        let listeners = stats.listeners();
+        assert_eq!(listeners.len(), 2);
+        assert_eq!(listeners[0].listen, used_addr);
+        assert_eq!(listeners[0].protocol, crate::Protocol::Tcp);
+        assert_eq!(listeners[0].upstream, ("target", target.to_string()));
+        assert_eq!(listeners[0].counts.accepted.load(Relaxed), 1);
+        assert_eq!(listeners[0].counts.bytes_to_client.load(Relaxed), 2);
+        assert_eq!(listeners[1].counts.accepted.load(Relaxed), 0);
+        assert_eq!(stats.accepted.load(Relaxed), 1);
+        assert_eq!(stats.bytes_to_client.load(Relaxed), 2);
+        shutdown.cancel();
     }
 }

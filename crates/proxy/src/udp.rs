@@ -35,7 +35,7 @@ use tracing::{debug, info, trace, warn};
 
 use crate::link_env::{Host, Target};
 use crate::rate_limit::RateLimit;
-use crate::{Error, Permit, Stats};
+use crate::{Error, ListenerStats, Permit, Stats};
 
 /// The largest UDP payload.
 const MAX_DATAGRAM: usize = 65_536;
@@ -130,7 +130,7 @@ pub struct UdpForwarder {
     /// Sessions of the process this listener may bring the count to ([`session_limit`]).
     session_limit: usize,
     resolver: Resolver,
-    stats: Arc<Stats>,
+    stats: Arc<ListenerStats>,
 }
 
 struct Session {
@@ -173,6 +173,11 @@ impl UdpForwarder {
         };
         let socket = UdpSocket::bind(listen).await.map_err(bind_error)?;
         let local_addr = socket.local_addr().map_err(bind_error)?;
+        let stats = stats.listener(
+            local_addr,
+            crate::Protocol::Udp,
+            ("target", target.to_string()),
+        );
         Ok(Self {
             socket: Arc::new(socket),
             local_addr,
@@ -321,7 +326,7 @@ impl UdpForwarder {
     }
 
     fn reject(&self, client: SocketAddr, reason: &'static str, state: &State) {
-        self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+        self.stats.rejected();
         if let Some(suppressed) = state.rejections.allow() {
             warn!(
                 listen = %self.local_addr,
@@ -352,15 +357,11 @@ fn route(client: SocketAddr, state: &State) -> Route {
 }
 
 /// Sends one datagram on the session's socket, or drops it if the socket buffer is full.
-fn send_upstream(session: &Session, datagram: &[u8], client: SocketAddr, stats: &Stats) {
+fn send_upstream(session: &Session, datagram: &[u8], client: SocketAddr, stats: &ListenerStats) {
     // A direct syscall: tokio's `try_send` would refuse until the reactor has seen a new socket
     // writable, dropping the datagrams that follow a session's first.
     match socket2::SockRef::from(&session.upstream).send(datagram) {
-        Ok(sent) => {
-            stats
-                .bytes_to_upstream
-                .fetch_add(sent as u64, Ordering::Relaxed);
-        }
+        Ok(sent) => stats.to_upstream(sent as u64),
         Err(error) => debug!(%client, %error, "dropping datagram to upstream"),
     }
 }
@@ -385,12 +386,13 @@ struct SessionSlot {
 }
 
 impl SessionSlot {
-    fn acquire(stats: &Arc<Stats>, limit: usize) -> Option<Self> {
+    fn acquire(listener: &Arc<ListenerStats>, limit: usize) -> Option<Self> {
+        let stats = listener.total();
         if stats.udp_sessions.fetch_add(1, Ordering::AcqRel) >= limit {
             stats.udp_sessions.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        let Some(permit) = stats.try_acquire() else {
+        let Some(permit) = listener.try_acquire() else {
             stats.udp_sessions.fetch_sub(1, Ordering::AcqRel);
             return None;
         };
@@ -436,7 +438,7 @@ struct Opener {
     epoch: Instant,
     idle_timeout: Duration,
     failures: Arc<RateLimit>,
-    stats: Arc<Stats>,
+    stats: Arc<ListenerStats>,
 }
 
 impl Opener {
@@ -474,7 +476,7 @@ impl Opener {
 
     /// Logs (rate-limited) and counts an upstream that could not be reached.
     fn failed(self, error: &std::io::Error) {
-        self.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
+        self.stats.upstream_failed();
         if let Some(suppressed) = self.failures.allow() {
             warn!(
                 listen = %self.listen,
@@ -516,7 +518,7 @@ struct Replies {
     sessions: Sessions,
     epoch: Instant,
     idle_timeout: Duration,
-    stats: Arc<Stats>,
+    stats: Arc<ListenerStats>,
 }
 
 impl Replies {
@@ -561,9 +563,7 @@ impl Replies {
     }
 
     fn count_reply(&self, sent: usize) {
-        self.stats
-            .bytes_to_client
-            .fetch_add(sent as u64, Ordering::Relaxed);
+        self.stats.to_client(sent as u64);
     }
 
     /// Removes the session if it is still idle (checked under the lock the receive loop

@@ -65,6 +65,12 @@ pub trait Pool: fmt::Debug + fmt::Display + Send + Sync + 'static {
 
     /// A receiver marked changed whenever the set changes.
     fn subscribe(&self) -> watch::Receiver<()>;
+
+    /// The label naming the pool on its listeners' metrics, as (name, value): by default
+    /// `("target", <the pool displayed>)`.
+    fn label(&self) -> (&'static str, String) {
+        ("target", self.to_string())
+    }
 }
 
 /// How a forwarder uses a [`Pool`].
@@ -112,6 +118,14 @@ impl fmt::Display for Upstream {
 }
 
 impl Upstream {
+    /// The label naming where connections go on the listener's metrics.
+    pub(crate) fn label(&self) -> (&'static str, String) {
+        match self {
+            Self::Fixed(target) => ("target", target.to_string()),
+            Self::Dynamic { pool, .. } => pool.label(),
+        }
+    }
+
     /// Connects one client's upstream: the fixed target, or pool candidates in turn (waiting
     /// for one if there is none). Every failed attempt is counted in `failures`.
     pub(crate) async fn open(
