@@ -25,6 +25,7 @@ COPY crates/proxy/Cargo.toml crates/proxy/
 COPY crates/serf/Cargo.toml crates/serf/
 COPY crates/serf-agent/Cargo.toml crates/serf-agent/
 COPY crates/registrar/Cargo.toml crates/registrar/
+COPY crates/dns/Cargo.toml crates/dns/
 COPY crates/testkit/Cargo.toml crates/testkit/
 COPY crates/bench/Cargo.toml crates/bench/
 # Stub sources so cargo can load the workspace: each crate's lib.rs, the binary, and every

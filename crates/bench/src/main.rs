@@ -5,6 +5,7 @@
 //! cargo run --release -p bench -- --smoke       # a few seconds per metric, writes nothing
 //! cargo run --release -p bench -- --only direct,haproxy,amb-serf --reps 5
 //! cargo run --release -p bench -- --only cluster    # only the cluster metrics 6–9
+//! cargo run --release -p bench -- --only dns        # only the DNS metrics (10)
 //! ```
 //!
 //! Each repetition starts every tool afresh against a backend of its own (see [`backend`]) and
@@ -15,7 +16,8 @@
 //! the median over the repetitions; any failed or unverified measurement makes the exit code 1.
 //!
 //! The cluster metrics (registration, failure detection, idle member, gossip at scale, and the
-//! simulator) compare amb-serf's Serf member with Debian's `serf agent`; see [`cluster`].
+//! simulator) compare amb-serf's Serf member with Debian's `serf agent`; see [`cluster`]. The
+//! DNS metrics compare `amb-serf agent --dns-addr` with dnsmasq under `dnsperf`; see [`dns`].
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -26,6 +28,7 @@ use clap::Parser;
 
 mod backend;
 mod cluster;
+mod dns;
 mod load;
 mod pattern;
 mod plan;
@@ -44,7 +47,8 @@ struct Args {
     #[arg(long)]
     smoke: bool,
     /// Only these tools (comma-separated): direct, socat, haproxy, haproxy-splice, nginx,
-    /// amb-serf, amb-serf-connect; and `cluster` for the cluster metrics 6–9 (not run when --only omits it).
+    /// amb-serf, amb-serf-connect; `cluster` for the cluster metrics 6–9 and `dns` for the DNS
+    /// metrics (each not run when --only omits it).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Repetitions of every measurement (the table shows medians).
@@ -57,7 +61,7 @@ struct Args {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Skip parts of the suite (comma-separated): bulk, ping, concurrent, rate, pinned, idle;
-    /// cluster (all of 6–9), or register, detect, idle-member, gossip, sim.
+    /// cluster (all of 6–9), or register, detect, idle-member, gossip, sim; dns.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
     /// Start every proxy under this command (e.g. `strace -c -f -o /tmp/trace`), for profiling.
@@ -80,6 +84,7 @@ struct Plan {
     rate: Duration,
     idle: usize,
     cluster: plan::ClusterPlan,
+    dns: dns::DnsPlan,
 }
 
 impl Plan {
@@ -111,6 +116,11 @@ impl Plan {
                 sim_sizes: &[50, 100, 250, 500, 1_000],
             }
         };
+        let dns = dns::DnsPlan {
+            reps: reps.unwrap_or(if smoke { 1 } else { 3 }),
+            sizes: if smoke { &[10] } else { &[10, 1_000] },
+            window: Duration::from_secs(if smoke { 1 } else { 10 }),
+        };
         if smoke {
             Self {
                 reps: reps.unwrap_or(1),
@@ -122,6 +132,7 @@ impl Plan {
                 rate: Duration::from_secs(1),
                 idle: 200.min(idle_max),
                 cluster,
+                dns,
             }
         } else {
             Self {
@@ -134,6 +145,7 @@ impl Plan {
                 rate: Duration::from_secs(10),
                 idle: 10_000.min(idle_max),
                 cluster,
+                dns,
             }
         }
     }
@@ -158,27 +170,35 @@ fn run(args: Args) -> anyhow::Result<bool> {
     } else {
         args.only
             .iter()
-            .filter(|name| *name != "cluster")
+            .filter(|name| *name != "cluster" && *name != "dns")
             .map(|name| Tool::parse(name))
             .collect::<anyhow::Result<_>>()?
     };
     const GROUPS: [&str; 6] = ["bulk", "ping", "concurrent", "rate", "pinned", "idle"];
-    if let Some(unknown) = args
-        .skip
-        .iter()
-        .find(|g| !GROUPS.contains(&g.as_str()) && !cluster::GROUPS.contains(&g.as_str()))
-    {
+    if let Some(unknown) = args.skip.iter().find(|g| {
+        !GROUPS.contains(&g.as_str())
+            && !cluster::GROUPS.contains(&g.as_str())
+            && g.as_str() != "dns"
+    }) {
         anyhow::bail!(
-            "--skip {unknown:?}: not one of {}, {}",
+            "--skip {unknown:?}: not one of {}, {}, dns",
             GROUPS.join(", "),
             cluster::GROUPS.join(", ")
         );
     }
     let run_cluster = (args.only.is_empty() || args.only.iter().any(|name| name == "cluster"))
         && !args.skip.iter().any(|group| group == "cluster");
+    let run_dns = (args.only.is_empty() || args.only.iter().any(|name| name == "dns"))
+        && !args.skip.iter().any(|group| group == "dns");
     if !args.no_install {
-        let extra: &[&str] = if run_cluster { &["serf", "socat"] } else { &[] };
-        tools::install(&tools, extra)?;
+        let mut extra: Vec<&str> = Vec::new();
+        if run_cluster {
+            extra.extend(["serf", "socat"]);
+        }
+        if run_dns {
+            extra.extend(["dnsperf", "dnsmasq-base", "bind9-dnsutils"]);
+        }
+        tools::install(&tools, &extra)?;
     }
     let amb_serf = tools::amb_serf_binary(args.amb_serf.clone())?;
     let (_, hard) = procs::raise_open_files();
@@ -221,6 +241,15 @@ fn run(args: Args) -> anyhow::Result<bool> {
     if run_cluster {
         cluster::measure(&cluster_env, &mut cluster_results);
     }
+    let mut dns_results = dns::DnsResults::new(&plan.dns, run_dns);
+    if run_dns {
+        let dns_env = dns::DnsEnv {
+            plan: plan.dns,
+            dir: &env.dir,
+            amb_serf: &env.amb_serf,
+        };
+        dns::measure(&dns_env, &mut dns_results);
+    }
 
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let command = std::iter::once("cargo run --release -p bench --".to_owned())
@@ -239,6 +268,10 @@ fn run(args: Args) -> anyhow::Result<bool> {
         versions.insert("amb-serf", Tool::AmbSerf.version(&env.amb_serf));
         versions.insert("socat", Tool::Socat.version(&env.amb_serf));
     }
+    if run_dns {
+        versions.insert("amb-serf", Tool::AmbSerf.version(&env.amb_serf));
+        versions.extend(dns::versions());
+    }
     let text = report::render(&report::Context {
         results: &results,
         plan: &format!("{plan:?}"),
@@ -247,6 +280,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         load: (load_before.trim(), load_after.trim()),
         elapsed: started.elapsed(),
         cluster: &cluster_results,
+        dns: &dns_results,
     });
     println!("{text}");
     let out = match (&args.out, args.smoke) {
@@ -260,11 +294,12 @@ fn run(args: Args) -> anyhow::Result<bool> {
         report::write(&out, &text).with_context(|| format!("writing {}", out.display()))?;
         eprintln!("wrote {}", out.display());
     }
-    let complete = results.complete() && cluster_results.complete();
+    let complete = results.complete() && cluster_results.complete() && dns_results.complete();
     let failures: Vec<&String> = results
         .failures()
         .iter()
         .chain(cluster_results.failures())
+        .chain(dns_results.failures())
         .collect();
     let ok = failures.is_empty() && complete;
     if !ok {

@@ -228,7 +228,7 @@ impl Results {
 }
 
 /// The median of `values`; `None` when empty or any is not finite.
-fn median(values: &[f64]) -> Option<f64> {
+pub(crate) fn median(values: &[f64]) -> Option<f64> {
     if values.is_empty() || values.iter().any(|v| !v.is_finite()) {
         return None;
     }
@@ -242,7 +242,7 @@ fn median(values: &[f64]) -> Option<f64> {
     })
 }
 
-fn number(value: f64) -> String {
+pub(crate) fn number(value: f64) -> String {
     let magnitude = value.abs();
     if magnitude >= 1000.0 {
         // Thousands separators.
@@ -349,6 +349,8 @@ pub(crate) struct Context<'a> {
     pub(crate) elapsed: Duration,
     /// The cluster metrics, when they ran.
     pub(crate) cluster: &'a ClusterResults,
+    /// The DNS metrics, when they ran.
+    pub(crate) dns: &'a crate::dns::DnsResults,
 }
 
 fn machine() -> String {
@@ -382,6 +384,9 @@ pub(crate) fn render(context: &Context<'_>) -> String {
     }
     if !context.cluster.is_empty() {
         render_cluster(&mut out, context.cluster);
+    }
+    if !context.dns.is_empty() {
+        context.dns.render(&mut out);
     }
     if results.tools.is_empty() {
         return out;

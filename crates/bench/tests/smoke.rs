@@ -1,7 +1,8 @@
 //! The benchmark suite in smoke mode (a second or so per metric, one repetition): every tool
 //! installed here runs every metric, and each produces a verified number; so do the cluster
-//! metrics against Debian's `serf agent` (they need root for their network namespace: without
-//! it they are skipped, with a line saying so, unless `AMB_REQUIRE_PEERS=1`). No performance
+//! metrics against Debian's `serf agent` and the DNS metrics against dnsmasq (they need root for
+//! their network namespaces: without it they are skipped, with a line saying so, unless
+//! `AMB_REQUIRE_PEERS=1`). No performance
 //! assertion: this keeps the harness from rotting, the numbers come from the full run.
 
 use std::os::unix::process::CommandExt;
@@ -34,14 +35,14 @@ fn every_metric_of_every_tool_produces_a_verified_number() {
     let log = dir.path().join("bench.log");
     let cluster = is_root() || std::env::var("AMB_REQUIRE_PEERS").as_deref() == Ok("1");
     if !cluster {
-        eprintln!("skipping the cluster metrics: they need root (a network namespace)");
+        eprintln!("skipping the cluster and DNS metrics: they need root (a network namespace)");
     }
     let mut child = Command::new(&bench)
         .arg("--smoke")
         .args(if cluster {
             &[][..]
         } else {
-            &["--skip", "cluster"][..]
+            &["--skip", "cluster,dns"][..]
         })
         .arg("--amb-serf")
         .arg(&amb_serf)
@@ -101,6 +102,8 @@ fn every_metric_of_every_tool_produces_a_verified_number() {
             "9. bytes sent",
             "9. TCP connections",
             "9. simulator",
+            "10. DNS, 10 members: queries/s",
+            "10. DNS, 10 members: latency p99",
         ] {
             assert!(
                 report.contains(&format!("| {row}")),
