@@ -5,7 +5,8 @@
 //! namespace of its own ([`procs::isolate_network`]). For each membership size `n`, the agent
 //! (a release `amb-serf agent`, the DNS server measured) is joined by `n` native Serf members
 //! running in this process (`serf_agent::member`, the member amb-serf runs, on a tokio runtime
-//! of one worker thread, each on its own loopback address): real gossip, so the agent's zone is
+//! of one worker thread, each on its own loopback address, with 20 joins in flight, to the agent and to an earlier member):
+//! real gossip, so the agent's zone is
 //! the one live membership gives it. Member `i` is node `m<i>` with `role=<20000 + i/10>`: ten
 //! providers per role. The queries are each member's node name and each member's role name (A),
 //! so half of them answer ten records. `dnsmasq` gets the same names and addresses in a hosts
@@ -315,15 +316,40 @@ fn measure_size(
                 .with_context(|| format!("starting member {i}"))?;
             members.push(member);
         }
-        for chunk in members.chunks(50) {
-            let mut joins = tokio::task::JoinSet::new();
-            for member in chunk {
-                let member = member.clone();
-                joins.spawn(async move { member.join(&[seed], true).await });
+        // 20 joins in flight, each tried up to 5 times: in the join storm of 1,000 members on
+        // a busy machine, a push-pull may miss its 10 s deadline.
+        let mut joins: tokio::task::JoinSet<Result<(), serf_agent::member::Error>> =
+            tokio::task::JoinSet::new();
+        for (i, member) in members.iter().enumerate() {
+            if joins.len() >= 20 {
+                if let Some(joined) = joins.join_next().await {
+                    joined?.context("a member joining the agent (5 tries)")?;
+                }
             }
-            while let Some(joined) = joins.join_next().await {
-                joined?.context("a member joining the agent")?;
+            if i % 100 == 99 {
+                eprintln!("  {} members joining or joined", i + 1);
             }
+            let member = member.clone();
+            // The agent, and a member that joined before (Serf's join succeeds when one seed
+            // answers; the agent then hears of the newcomer through gossip).
+            let seeds = match i {
+                0 => vec![seed],
+                _ => vec![seed, members[i / 2].local_addr()],
+            };
+            joins.spawn(async move {
+                let mut tries = 0;
+                loop {
+                    tries += 1;
+                    match member.join(&seeds, true).await {
+                        Ok(_) => return Ok(()),
+                        Err(error) if tries >= 5 => return Err(error),
+                        Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+                    }
+                }
+            });
+        }
+        while let Some(joined) = joins.join_next().await {
+            joined?.context("a member joining the agent (5 tries)")?;
         }
         let start = Instant::now();
         loop {
