@@ -229,22 +229,18 @@ pub(crate) struct DnsEnv<'a> {
 pub(crate) fn measure(env: &DnsEnv<'_>, results: &mut DnsResults) {
     std::thread::scope(|scope| {
         let thread = scope.spawn(|| {
-            if let Err(error) = procs::isolate_network() {
-                results.fail("dns", error);
-                return;
-            }
-            // The members' runtime: its worker is spawned from this thread, so it lives in
-            // this namespace too. One worker, so that the members take at most one core.
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-            {
+            // The members' runtime, built after the move: its worker is spawned from this
+            // thread, so it lives in the namespace too. One worker, so that the members take at
+            // most one core.
+            let setup = procs::isolate_network().and_then(|()| {
+                Ok(tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()?)
+            });
+            let runtime = match setup {
                 Ok(runtime) => runtime,
-                Err(error) => {
-                    results.fail("dns", error.into());
-                    return;
-                }
+                Err(error) => return results.fail("dns", error),
             };
             let mut run = 0u8;
             for rep in 0..env.plan.reps {
@@ -299,7 +295,7 @@ fn measure_size(
     // The members, each joined to the agent (50 joins at a time).
     let seed = SocketAddr::from((agent_ip, GOSSIP_PORT));
     let members = runtime.block_on(async {
-        let client = connect(agent_ip, &mut agent).await?;
+        let client = crate::cluster::connect(agent_ip, &mut agent).await?;
         let mut members = Vec::with_capacity(n);
         for i in 0..n {
             let config = serf::serf::Config {
@@ -459,11 +455,19 @@ fn measure_size(
                     perf.rcodes
                 );
             }
-            let mut latencies = perf.latencies_us;
-            latencies.sort_by(f64::total_cmp);
+            let mut latencies = perf.latencies_ns;
+            latencies.sort_unstable();
             results.add(*server, DnsMetric::Qps(n), perf.qps);
-            results.add(*server, DnsMetric::P50(n), percentile(&latencies, 50.0));
-            results.add(*server, DnsMetric::P99(n), percentile(&latencies, 99.0));
+            results.add(
+                *server,
+                DnsMetric::P50(n),
+                crate::percentile_us(&latencies, 50.0),
+            );
+            results.add(
+                *server,
+                DnsMetric::P99(n),
+                crate::percentile_us(&latencies, 99.0),
+            );
             results.add(
                 *server,
                 DnsMetric::CpuPer1000(n),
@@ -477,7 +481,7 @@ fn measure_size(
         }
         // Still the whole membership: no answer above came from a member that had failed.
         let alive = runtime.block_on(async {
-            let client = connect(agent_ip, &mut agent).await?;
+            let client = crate::cluster::connect(agent_ip, &mut agent).await?;
             alive(&client).await
         })?;
         if alive != n + 1 {
@@ -496,22 +500,6 @@ fn measure_size(
     drop(members);
     agent.kill_now();
     result
-}
-
-/// The agent's RPC, once it answers.
-async fn connect(ip: Ipv4Addr, group: &mut Group) -> anyhow::Result<Client> {
-    let addr = format!("{ip}:{RPC_PORT}");
-    let start = Instant::now();
-    loop {
-        group.check_alive()?;
-        match Client::connect(&addr, None).await {
-            Ok(client) => return Ok(client),
-            Err(error) if start.elapsed() > Duration::from_secs(30) => {
-                bail!("no RPC at {addr} within 30 s: {error}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
 }
 
 async fn alive(client: &Client) -> anyhow::Result<usize> {
@@ -554,8 +542,8 @@ struct Perf {
     lost: u64,
     rcodes: BTreeMap<String, u64>,
     response_size: u64,
-    /// Every answered query's latency (`-v`), in µs.
-    latencies_us: Vec<f64>,
+    /// Every answered query's latency (`-v`), in ns.
+    latencies_ns: Vec<u64>,
 }
 
 /// `dnsperf -v` against `ip` for `window`; its output is kept in `dir`.
@@ -599,7 +587,7 @@ fn parse_dnsperf(text: &str) -> anyhow::Result<Perf> {
         if let Some(rest) = line.strip_prefix("> ") {
             let fields: Vec<&str> = rest.split_whitespace().collect();
             if let Some(seconds) = fields.last().and_then(|f| f.parse::<f64>().ok()) {
-                perf.latencies_us.push(seconds * 1e6);
+                perf.latencies_ns.push((seconds * 1e9).round() as u64);
             }
         } else if let Some(rest) = line.strip_prefix("Queries per second:") {
             qps = rest.trim().parse().ok();
@@ -631,15 +619,6 @@ fn parse_dnsperf(text: &str) -> anyhow::Result<Perf> {
 
 fn first_number(text: &str) -> Option<u64> {
     text.split_whitespace().next()?.parse().ok()
-}
-
-/// The `p`-th percentile of sorted values.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let index = ((sorted.len() as f64 * p / 100.0).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[index]
 }
 
 /// `dnsmasq --version` and `dnsperf`'s version line, for the report.
@@ -690,7 +669,6 @@ mod tests {
         assert_eq!(perf.rcodes.get("NXDOMAIN"), Some(&1));
         assert_eq!(perf.rcodes.get("NOERROR"), Some(&46739));
         assert!((perf.qps - 23252.86).abs() < 0.01);
-        assert_eq!(perf.latencies_us.len(), 2);
-        assert!((perf.latencies_us[0] - 182.0).abs() < 0.01);
+        assert_eq!(perf.latencies_ns, [182_000, 58_000]);
     }
 }

@@ -272,6 +272,10 @@ fn run(args: Args) -> anyhow::Result<bool> {
         versions.insert("amb-serf", Tool::AmbSerf.version(&env.amb_serf));
         versions.extend(dns::versions());
     }
+    let mut dns_table = String::new();
+    if !dns_results.is_empty() {
+        dns_results.render(&mut dns_table);
+    }
     let text = report::render(&report::Context {
         results: &results,
         plan: &format!("{plan:?}"),
@@ -280,7 +284,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         load: (load_before.trim(), load_after.trim()),
         elapsed: started.elapsed(),
         cluster: &cluster_results,
-        dns: &dns_results,
+        dns: &dns_table,
     });
     println!("{text}");
     let out = match (&args.out, args.smoke) {
