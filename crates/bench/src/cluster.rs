@@ -232,7 +232,7 @@ fn spawn_amb_run(
 }
 
 /// A real agent's RPC, once it answers.
-async fn connect(ip: Ipv4Addr, group: &mut Group) -> anyhow::Result<Client> {
+pub(crate) async fn connect(ip: Ipv4Addr, group: &mut Group) -> anyhow::Result<Client> {
     let addr = format!("{ip}:{RPC_PORT}");
     let start = Instant::now();
     loop {

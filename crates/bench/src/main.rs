@@ -5,6 +5,7 @@
 //! cargo run --release -p bench -- --smoke       # a few seconds per metric, writes nothing
 //! cargo run --release -p bench -- --only direct,haproxy,amb-serf --reps 5
 //! cargo run --release -p bench -- --only cluster    # only the cluster metrics 6–9
+//! cargo run --release -p bench -- --only dns        # only the DNS metrics (10)
 //! ```
 //!
 //! Each repetition starts every tool afresh against a backend of its own (see [`backend`]) and
@@ -15,7 +16,8 @@
 //! the median over the repetitions; any failed or unverified measurement makes the exit code 1.
 //!
 //! The cluster metrics (registration, failure detection, idle member, gossip at scale, and the
-//! simulator) compare amb-serf's Serf member with Debian's `serf agent`; see [`cluster`].
+//! simulator) compare amb-serf's Serf member with Debian's `serf agent`; see [`cluster`]. The
+//! DNS metrics compare `amb-serf agent --dns-addr` with dnsmasq under `dnsperf`; see [`dns`].
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -26,6 +28,7 @@ use clap::Parser;
 
 mod backend;
 mod cluster;
+mod dns;
 mod kernel;
 mod load;
 mod pattern;
@@ -45,9 +48,9 @@ struct Args {
     #[arg(long)]
     smoke: bool,
     /// Only these tools (comma-separated): direct, socat, haproxy, haproxy-splice, nginx,
-    /// amb-serf, amb-serf-connect; `cluster` for the cluster metrics 6–9 and `kernel` for the
-    /// kernel section (direct, haproxy, amb-serf, amb-serf-kernel in a namespace of their own);
-    /// neither runs when --only omits it.
+    /// amb-serf, amb-serf-connect; `cluster` for the cluster metrics 6–9, `dns` for the DNS
+    /// metrics and `kernel` for the kernel section (direct, haproxy, amb-serf, amb-serf-kernel in
+    /// a namespace of their own); none of them runs when --only omits it.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Repetitions of every measurement (the table shows medians).
@@ -60,8 +63,8 @@ struct Args {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Skip parts of the suite (comma-separated): bulk, ping, concurrent, rate, pinned, idle;
-    /// cluster (all of 6–9), or register, detect, idle-member, gossip, sim; kernel (the kernel
-    /// section).
+    /// cluster (all of 6–9), or register, detect, idle-member, gossip, sim; dns; kernel (the
+    /// kernel section).
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
     /// Start every proxy under this command (e.g. `strace -c -f -o /tmp/trace`), for profiling.
@@ -84,6 +87,7 @@ struct Plan {
     rate: Duration,
     idle: usize,
     cluster: plan::ClusterPlan,
+    dns: dns::DnsPlan,
 }
 
 impl Plan {
@@ -115,6 +119,11 @@ impl Plan {
                 sim_sizes: &[50, 100, 250, 500, 1_000],
             }
         };
+        let dns = dns::DnsPlan {
+            reps: reps.unwrap_or(if smoke { 1 } else { 3 }),
+            sizes: if smoke { &[10] } else { &[10, 1_000] },
+            window: Duration::from_secs(if smoke { 1 } else { 10 }),
+        };
         if smoke {
             Self {
                 reps: reps.unwrap_or(1),
@@ -126,6 +135,7 @@ impl Plan {
                 rate: Duration::from_secs(1),
                 idle: 200.min(idle_max),
                 cluster,
+                dns,
             }
         } else {
             Self {
@@ -138,6 +148,7 @@ impl Plan {
                 rate: Duration::from_secs(10),
                 idle: 10_000.min(idle_max),
                 cluster,
+                dns,
             }
         }
     }
@@ -162,7 +173,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
     } else {
         args.only
             .iter()
-            .filter(|name| *name != "cluster" && *name != "kernel")
+            .filter(|name| *name != "cluster" && *name != "kernel" && *name != "dns")
             .map(|name| Tool::parse(name))
             .collect::<anyhow::Result<_>>()?
     };
@@ -171,9 +182,10 @@ fn run(args: Args) -> anyhow::Result<bool> {
         !GROUPS.contains(&g.as_str())
             && !cluster::GROUPS.contains(&g.as_str())
             && g.as_str() != "kernel"
+            && g.as_str() != "dns"
     }) {
         anyhow::bail!(
-            "--skip {unknown:?}: not one of {}, {}, kernel",
+            "--skip {unknown:?}: not one of {}, {}, dns, kernel",
             GROUPS.join(", "),
             cluster::GROUPS.join(", ")
         );
@@ -182,14 +194,18 @@ fn run(args: Args) -> anyhow::Result<bool> {
         && !args.skip.iter().any(|group| group == "cluster");
     let run_kernel = (args.only.is_empty() || args.only.iter().any(|name| name == "kernel"))
         && !args.skip.iter().any(|group| group == "kernel");
+    let run_dns = (args.only.is_empty() || args.only.iter().any(|name| name == "dns"))
+        && !args.skip.iter().any(|group| group == "dns");
     if !args.no_install {
-        let mut extra: Vec<&str> = if run_cluster {
-            vec!["serf", "socat"]
-        } else {
-            Vec::new()
-        };
+        let mut extra: Vec<&str> = Vec::new();
+        if run_cluster {
+            extra.extend(["serf", "socat"]);
+        }
         if run_kernel {
             extra.extend(["haproxy", "nftables"]);
+        }
+        if run_dns {
+            extra.extend(["dnsperf", "dnsmasq-base", "bind9-dnsutils"]);
         }
         tools::install(&tools, &extra)?;
     }
@@ -242,6 +258,15 @@ fn run(args: Args) -> anyhow::Result<bool> {
             &mut kernel_results,
         );
     }
+    let mut dns_results = dns::DnsResults::new(&plan.dns, run_dns);
+    if run_dns {
+        let dns_env = dns::DnsEnv {
+            plan: plan.dns,
+            dir: &env.dir,
+            amb_serf: &env.amb_serf,
+        };
+        dns::measure(&dns_env, &mut dns_results);
+    }
 
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let command = std::iter::once("cargo run --release -p bench --".to_owned())
@@ -264,6 +289,14 @@ fn run(args: Args) -> anyhow::Result<bool> {
         versions.insert("amb-serf", Tool::AmbSerf.version(&env.amb_serf));
         versions.insert("haproxy", Tool::Haproxy.version(&env.amb_serf));
     }
+    if run_dns {
+        versions.insert("amb-serf", Tool::AmbSerf.version(&env.amb_serf));
+        versions.extend(dns::versions());
+    }
+    let mut dns_table = String::new();
+    if !dns_results.is_empty() {
+        dns_results.render(&mut dns_table);
+    }
     let text = report::render(&report::Context {
         results: &results,
         plan: &format!("{plan:?}"),
@@ -273,6 +306,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         elapsed: started.elapsed(),
         cluster: &cluster_results,
         kernel: run_kernel.then_some(&kernel_results),
+        dns: &dns_table,
     });
     println!("{text}");
     let out = match (&args.out, args.smoke) {
@@ -288,12 +322,14 @@ fn run(args: Args) -> anyhow::Result<bool> {
     }
     let complete = results.complete()
         && cluster_results.complete()
+        && dns_results.complete()
         && (!run_kernel || kernel_results.complete());
     let failures: Vec<&String> = results
         .failures()
         .iter()
         .chain(cluster_results.failures())
         .chain(kernel_results.failures())
+        .chain(dns_results.failures())
         .collect();
     let ok = failures.is_empty() && complete;
     if !ok {

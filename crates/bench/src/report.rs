@@ -228,7 +228,7 @@ impl Results {
 }
 
 /// The median of `values`; `None` when empty or any is not finite.
-fn median(values: &[f64]) -> Option<f64> {
+pub(crate) fn median(values: &[f64]) -> Option<f64> {
     if values.is_empty() || values.iter().any(|v| !v.is_finite()) {
         return None;
     }
@@ -242,7 +242,7 @@ fn median(values: &[f64]) -> Option<f64> {
     })
 }
 
-fn number(value: f64) -> String {
+pub(crate) fn number(value: f64) -> String {
     let magnitude = value.abs();
     if magnitude >= 1000.0 {
         // Thousands separators.
@@ -351,6 +351,8 @@ pub(crate) struct Context<'a> {
     pub(crate) cluster: &'a ClusterResults,
     /// The kernel section (`kernel.rs`), when it ran.
     pub(crate) kernel: Option<&'a Results>,
+    /// The DNS metrics' table (`dns::DnsResults::render`), empty when they did not run.
+    pub(crate) dns: &'a str,
 }
 
 fn machine() -> String {
@@ -385,6 +387,7 @@ pub(crate) fn render(context: &Context<'_>) -> String {
     if !context.cluster.is_empty() {
         render_cluster(&mut out, context.cluster);
     }
+    out.push_str(context.dns);
     if !results.tools.is_empty() {
         table(&mut out, results);
     }

@@ -1,8 +1,9 @@
 //! The benchmark suite in smoke mode (a second or so per metric, one repetition): every tool
 //! installed here runs every metric, and each produces a verified number; so do the cluster
-//! metrics against Debian's `serf agent` (they need root for their network namespace: without
-//! it they are skipped, with a line saying so, unless `AMB_REQUIRE_PEERS=1`), and so does the
-//! kernel section (direct, haproxy, amb-serf, amb-serf-kernel in a namespace of their own). No performance
+//! metrics against Debian's `serf agent`, the DNS metrics against dnsmasq, and the kernel
+//! section (direct, haproxy, amb-serf, amb-serf-kernel in a namespace of their own); they need
+//! root for their network namespaces: without it they are skipped, with a line saying so, unless
+//! `AMB_REQUIRE_PEERS=1`. No performance
 //! assertion: this keeps the harness from rotting, the numbers come from the full run.
 
 use std::os::unix::process::CommandExt;
@@ -36,7 +37,7 @@ fn every_metric_of_every_tool_produces_a_verified_number() {
     let cluster = is_root() || std::env::var("AMB_REQUIRE_PEERS").as_deref() == Ok("1");
     if !cluster {
         eprintln!(
-            "skipping the cluster metrics and the kernel section: they need root (a network namespace)"
+            "skipping the cluster and DNS metrics and the kernel section: they need root (a network namespace)"
         );
     }
     let mut child = Command::new(&bench)
@@ -44,7 +45,7 @@ fn every_metric_of_every_tool_produces_a_verified_number() {
         .args(if cluster {
             &[][..]
         } else {
-            &["--skip", "cluster,kernel"][..]
+            &["--skip", "cluster,dns,kernel"][..]
         })
         .arg("--amb-serf")
         .arg(&amb_serf)
@@ -108,6 +109,8 @@ fn every_metric_of_every_tool_produces_a_verified_number() {
             "9. bytes sent",
             "9. TCP connections",
             "9. simulator",
+            "10. DNS, 10 members: queries/s",
+            "10. DNS, 10 members: latency p99",
         ] {
             assert!(
                 report.contains(&format!("| {row}")),

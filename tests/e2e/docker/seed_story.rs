@@ -1,8 +1,10 @@
 //! Issue #21, the seed story end to end on the Docker engine: an unmodified MariaDB, Debian's Go
 //! `serf agent` as serf_1, the ambassador run exactly as the seed ran it, the members watcher,
-//! and WordPress finding its database through the cluster, both through a consumer sidecar
-//! (`amb-serf connect`, as `docker-compose.yml` does) and by asking the cluster at boot (as
-//! ctlc/wordpress-serf did with `serf members`). Then the faults, with nothing restarted by
+//! and WordPress finding its database through the cluster in three ways: through a consumer
+//! sidecar (`amb-serf connect`, as `docker-compose.yml` does), by asking the cluster at boot (as
+//! ctlc/wordpress-serf did with `serf members`), and by name through DNS
+//! (`WORDPRESS_DB_HOST=3306.role.serf`, answered by an `amb-serf agent --dns-addr` in its
+//! network namespace). Then the faults, with nothing restarted by
 //! hand, and the repository's own `docker-compose.yml` brought up with the offline images.
 //!
 //! Every image is built on this machine (`scripts/docker-test-images`); the Go agent's own
@@ -581,6 +583,66 @@ fn seed_story_with_links() {
         logs.contains(&format!("wordpress-serf: database at {ambassador_ip}:3306")),
         "WordPress did not get the ambassador's address from the cluster:\n{logs}"
     );
+
+    // 3c. WordPress finding its database by name through DNS: an `amb-serf agent` in its
+    // network namespace answers `3306.role.serf` on 127.0.0.1:53, the one nameserver of its
+    // resolv.conf (`--dns`); the namespace lets unprivileged users bind port 53, so the sidecar
+    // keeps its non-root user.
+    let dns_env = secrets.wordpress_env("dns_");
+    let dns_wordpress = created.run(
+        "wordpress (DNS)",
+        &with_env(
+            &dns_env,
+            &[
+                "-e",
+                "WORDPRESS_DB_HOST=3306.role.serf",
+                "--dns",
+                "127.0.0.1",
+                "--sysctl",
+                "net.ipv4.ip_unprivileged_port_start=53",
+                SERVICE_CPUS,
+                &images.wordpress,
+            ],
+        ),
+    );
+    created.run(
+        "wordpress's DNS sidecar",
+        &[
+            "--read-only",
+            "--network",
+            &format!("container:{dns_wordpress}"),
+            "-e",
+            &join,
+            &image,
+            "agent",
+            "--dns-addr",
+            "127.0.0.1:53",
+            "--rpc-addr",
+            "",
+        ],
+    );
+    // glibc's resolver, inside WordPress's container, as PHP's mysqli will ask it.
+    let resolved = eventually(
+        SERVICE_DEADLINE,
+        "getent hosts 3306.role.serf in WordPress's container",
+        || {
+            let output = docker_output(
+                &["exec", &dns_wordpress, "getent", "hosts", "3306.role.serf"],
+                DEADLINE,
+            );
+            let text = stdout_of(&output);
+            text.split_whitespace()
+                .next()
+                .filter(|ip| *ip == ambassador_ip)
+                .map(|_| text.clone())
+        },
+    );
+    eprintln!("WordPress's resolver: {}", resolved.trim());
+    let dns_site = format!("{}:80", container_ip(&dns_wordpress, None));
+    let dns_title = "Seed story through DNS";
+    install_wordpress(&dns_site, dns_title);
+    assert_installed(&mysql, &secrets.root, "dns_");
+    wait_site(&dns_site, dns_title);
 
     // 4. Faults. MariaDB stops: the role is withdrawn and WordPress says so, promptly.
     docker(&["stop", &mysql]);
