@@ -146,7 +146,7 @@ async fn follow(
 }
 
 /// One receive loop: each query is answered at once from the latest zone (answering never
-/// waits on anything).
+/// waits on anything), into buffers reused from query to query.
 async fn serve_udp(
     socket: UdpSocket,
     zone: watch::Receiver<Arc<Zone>>,
@@ -154,6 +154,7 @@ async fn serve_udp(
 ) {
     let mut rng = StdRng::from_os_rng();
     let mut buffer = vec![0; usize::from(u16::MAX)];
+    let mut response = Vec::with_capacity(usize::from(dns::MAX_UDP_PAYLOAD));
     loop {
         let (len, from) = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -167,10 +168,10 @@ async fn serve_udp(
             },
         };
         let current = Arc::clone(&zone.borrow());
-        let Some(response) = current.answer(&buffer[..len], Transport::Udp, &mut rng) else {
+        if !current.answer_into(&buffer[..len], Transport::Udp, &mut rng, &mut response) {
             debug!(peer = %from, len, "dns: dropping a datagram that is no query");
             continue;
-        };
+        }
         if let Err(error) = socket.send_to(&response, from).await {
             debug!(peer = %from, %error, "dns: udp send");
         }
@@ -223,6 +224,8 @@ async fn serve_connection(
 ) -> std::io::Result<()> {
     let mut rng = StdRng::from_os_rng();
     let mut query = Vec::new();
+    let mut response = Vec::new();
+    let mut framed = Vec::new();
     loop {
         let len = match tokio::time::timeout(TCP_IDLE_TIMEOUT, stream.read_u16()).await {
             Ok(Ok(len)) => usize::from(len),
@@ -236,13 +239,13 @@ async fn serve_connection(
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "query not sent"))??;
         let current = Arc::clone(&zone.borrow());
         // Not a query: close, as there is no answer to send.
-        let Some(response) = current.answer(&query, Transport::Tcp, &mut rng) else {
+        if !current.answer_into(&query, Transport::Tcp, &mut rng, &mut response) {
             return Ok(());
-        };
+        }
         let Ok(len) = u16::try_from(response.len()) else {
             return Ok(()); // never: TCP answers are fitted to 65,535 bytes
         };
-        let mut framed = Vec::with_capacity(2 + response.len());
+        framed.clear();
         framed.extend_from_slice(&len.to_be_bytes());
         framed.extend_from_slice(&response);
         stream.write_all(&framed).await?;

@@ -43,6 +43,43 @@ impl Zone {
         transport: Transport,
         rng: &mut impl Rng,
     ) -> Option<Vec<u8>> {
+        let mut response = Vec::new();
+        self.answer_into(packet, transport, rng, &mut response)
+            .then_some(response)
+    }
+
+    /// [`Zone::answer`] into `response` (its buffer reused): false when `packet` gets no
+    /// response. A plain query asked before of this zone is answered from the zone's cache of
+    /// encoded answers (the same bytes but for the ID and the order of a role's addresses).
+    pub fn answer_into(
+        &self,
+        packet: &[u8],
+        transport: Transport,
+        rng: &mut impl Rng,
+        response: &mut Vec<u8>,
+    ) -> bool {
+        if packet.len() < HEADER_LEN || packet[2] & 0x80 != 0 {
+            return false;
+        }
+        if self.cache.answer(packet, transport, rng, response) {
+            return true;
+        }
+        let Some(bytes) = self.answer_uncached(packet, transport, rng) else {
+            return false;
+        };
+        self.cache.insert(packet, transport, &bytes);
+        response.clear();
+        response.extend_from_slice(&bytes);
+        true
+    }
+
+    /// [`Zone::answer`] through hickory, without the cache.
+    pub(crate) fn answer_uncached(
+        &self,
+        packet: &[u8],
+        transport: Transport,
+        rng: &mut impl Rng,
+    ) -> Option<Vec<u8>> {
         if packet.len() < HEADER_LEN || packet[2] & 0x80 != 0 {
             return None;
         }

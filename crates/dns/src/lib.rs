@@ -17,6 +17,7 @@
 //! other unknown name in the zone is NXDOMAIN; a name outside it is REFUSED.
 
 mod answer;
+mod cache;
 mod names;
 mod zone;
 

@@ -638,3 +638,146 @@ fn domains() {
         assert!(error.starts_with("--dns-domain"), "{bad:?}: {error}");
     }
 }
+
+/// `bytes` decoded with its answer and additional sections sorted, to compare answers whose
+/// records come in random order.
+fn sorted(bytes: &[u8]) -> Message {
+    let mut message = Message::from_vec(bytes).unwrap();
+    message.answers.sort_by_key(ToString::to_string);
+    message.additionals.sort_by_key(ToString::to_string);
+    message
+}
+
+/// Every kind of question, in several spellings, with and without EDNS0.
+fn many_queries() -> Vec<Message> {
+    let names = [
+        "3306.role.serf.",
+        "3306.ROLE.Serf.",
+        "80.role.serf.",
+        "_3306._tcp.serf.",
+        "db-1.node.serf.",
+        "DB-1.node.serf.",
+        "member-0007.node.serf.",
+        "nobody.node.serf.",
+        "7.role.serf.",
+        "serf.",
+        "role.serf.",
+        "example.com.",
+    ];
+    let types = [
+        RecordType::A,
+        RecordType::AAAA,
+        RecordType::SRV,
+        RecordType::ANY,
+        RecordType::SOA,
+        RecordType::TXT,
+    ];
+    let mut queries = Vec::new();
+    for name in names {
+        for qtype in types {
+            let with_edns = query(name, qtype);
+            let mut without = with_edns.clone();
+            without.edns = None;
+            without.metadata.recursion_desired = false;
+            let mut small = with_edns.clone();
+            small.edns.as_mut().unwrap().set_max_payload(600);
+            queries.extend([with_edns, without, small]);
+        }
+    }
+    queries
+}
+
+#[test]
+fn cached_answers_are_the_uncached_answers_with_the_query_id() {
+    let mut members: Vec<Member> = (0..40)
+        .map(|index| {
+            alive(
+                &format!("member-{index:04}"),
+                &format!("10.1.0.{}", index + 1),
+                &[("role", "3306"), ("health", "passing")],
+            )
+        })
+        .collect();
+    members.push(alive("db-1", "10.0.0.1", &[("role", "80")]));
+    members.push(alive("db-6", "fd00::6", &[("role", "80")]));
+    let zone = zone(&members);
+    let mut rng = StdRng::seed_from_u64(3);
+    for transport in [Transport::Udp, Transport::Tcp] {
+        for (index, mut request) in many_queries().into_iter().enumerate() {
+            for round in 0..3u16 {
+                let id = u16::try_from(index).unwrap() * 3 + round;
+                request.metadata.id = id;
+                let packet = request.to_vec().unwrap();
+                let uncached = zone.answer_uncached(&packet, transport, &mut rng).unwrap();
+                let answered = zone.answer(&packet, transport, &mut rng).unwrap();
+                assert_eq!(answered[..2], id.to_be_bytes(), "{request:?}");
+                assert_eq!(
+                    sorted(&answered),
+                    sorted(&uncached),
+                    "{transport:?} {request:?}"
+                );
+                if sorted(&uncached).answers.len() <= 1 {
+                    // Nothing to reorder: the very bytes.
+                    assert_eq!(answered, uncached, "{transport:?} {request:?}");
+                }
+            }
+        }
+    }
+    assert!(
+        zone.cache.len() > 100,
+        "{} answers cached",
+        zone.cache.len()
+    );
+}
+
+#[test]
+fn cached_role_answers_still_come_in_random_order() {
+    let zone = crowd(10);
+    let request = query("3306.role.serf.", RecordType::A).to_vec().unwrap();
+    let mut rng = StdRng::seed_from_u64(5);
+    let orders: BTreeSet<Vec<IpAddr>> = (0..50)
+        .map(|_| {
+            let bytes = zone.answer(&request, Transport::Udp, &mut rng).unwrap();
+            let response = Message::from_vec(&bytes).unwrap();
+            assert_eq!(ips(&response.answers).len(), 10);
+            response
+                .answers
+                .iter()
+                .filter_map(|record| match &record.data {
+                    RData::A(a) => Some(IpAddr::V4(a.0)),
+                    _ => None,
+                })
+                .collect()
+        })
+        .collect();
+    assert_eq!(zone.cache.len(), 1);
+    assert!(orders.len() > 40, "{} orders", orders.len());
+}
+
+#[test]
+fn unusual_queries_are_not_cached() {
+    let zone = cluster();
+    let mut rng = StdRng::seed_from_u64(9);
+    // An EDNS option (a client cookie, as dig sends), two questions, a compressed question.
+    let mut cookie = query("3306.role.serf.", RecordType::A);
+    cookie.edns.as_mut().unwrap().options_mut().insert(
+        hickory_proto::rr::rdata::opt::EdnsOption::Unknown(10, vec![1, 2, 3, 4, 5, 6, 7, 8]),
+    );
+    let mut two = query("3306.role.serf.", RecordType::A);
+    two.add_query(Query::query(
+        Name::from_ascii("db-1.node.serf.").unwrap(),
+        RecordType::A,
+    ));
+    // SRV records carry names, so their order cannot be varied in the cached bytes.
+    let srv = query("_3306._tcp.serf.", RecordType::SRV);
+    for request in [cookie, two, srv] {
+        let packet = request.to_vec().unwrap();
+        let first = zone.answer(&packet, Transport::Udp, &mut rng).unwrap();
+        let again = zone.answer(&packet, Transport::Udp, &mut rng).unwrap();
+        assert_eq!(sorted(&first), sorted(&again));
+    }
+    assert_eq!(zone.cache.len(), 0);
+    let plain = query("3306.role.serf.", RecordType::A).to_vec().unwrap();
+    zone.answer(&plain, Transport::Udp, &mut rng).unwrap();
+    assert_eq!(zone.cache.len(), 1);
+}

@@ -8,6 +8,7 @@ use hickory_proto::rr::Name;
 use registrar::targets::{self, Dial};
 use serf::serf::{Member, MemberStatus};
 
+use crate::cache::Cache;
 use crate::names;
 use crate::Error;
 
@@ -61,6 +62,8 @@ pub struct Zone {
     pub(crate) roles: HashMap<String, Vec<Provider>>,
     /// Lowercase node name → its gossip address.
     pub(crate) nodes: HashMap<String, IpAddr>,
+    /// Encoded answers of this zone, filled as queries come.
+    pub(crate) cache: Cache,
 }
 
 impl Zone {
@@ -98,6 +101,7 @@ impl Zone {
             serial,
             roles,
             nodes,
+            cache: Cache::default(),
         }
     }
 
