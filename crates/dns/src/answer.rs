@@ -11,6 +11,7 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 
 use crate::names::{self, Lookup};
+use crate::transport::Transport;
 use crate::zone::{Provider, Zone};
 
 /// The largest UDP response we send, and the payload size our OPT record advertises (the
@@ -22,16 +23,6 @@ const CLASSIC_UDP_PAYLOAD: u16 = 512;
 const MAX_TCP_MESSAGE: usize = u16::MAX as usize;
 /// The fixed header of every DNS message.
 const HEADER_LEN: usize = 12;
-
-/// How the query came, which bounds the response's size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    /// A datagram: at most 512 bytes, or the EDNS0 payload size up to [`MAX_UDP_PAYLOAD`];
-    /// larger answers are sent empty with TC set, so the client retries over TCP.
-    Udp,
-    /// One length-prefixed message of a TCP stream: up to 65,535 bytes.
-    Tcp,
-}
 
 impl Zone {
     /// The response to the DNS message `packet`, or `None` when it gets none: shorter than a

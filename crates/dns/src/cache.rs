@@ -9,7 +9,7 @@ use std::sync::{Mutex, PoisonError};
 
 use rand::Rng;
 
-use crate::answer::Transport;
+use crate::transport::Transport;
 
 /// Distinct queries remembered per zone and transport; the map is emptied when full (a client
 /// asking for ever new names costs the uncached path, never unbounded memory).

@@ -19,9 +19,11 @@
 mod answer;
 mod cache;
 mod names;
+mod transport;
 mod zone;
 
-pub use answer::{Transport, MAX_UDP_PAYLOAD};
+pub use answer::MAX_UDP_PAYLOAD;
+pub use transport::Transport;
 pub use zone::{Config, Zone};
 
 /// A configuration error (nothing is running yet).

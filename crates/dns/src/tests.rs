@@ -136,6 +136,18 @@ fn ask(zone: &Zone, name: &str, qtype: RecordType) -> Message {
     exchange(zone, &query(name, qtype), Transport::Udp).0
 }
 
+/// The A records' addresses, in the order they came.
+fn addresses_in_order(response: &Message) -> Vec<IpAddr> {
+    response
+        .answers
+        .iter()
+        .filter_map(|record| match &record.data {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            _ => None,
+        })
+        .collect()
+}
+
 fn ips(records: &[Record]) -> BTreeSet<IpAddr> {
     records
         .iter()
@@ -218,14 +230,7 @@ fn role_answers_come_in_random_order() {
             let mut rng = StdRng::seed_from_u64(seed);
             let bytes = zone.answer(&request, Transport::Udp, &mut rng).unwrap();
             let response = Message::from_vec(&bytes).unwrap();
-            response
-                .answers
-                .iter()
-                .filter_map(|record| match &record.data {
-                    RData::A(a) => Some(IpAddr::V4(a.0)),
-                    _ => None,
-                })
-                .collect()
+            addresses_in_order(&response)
         })
         .collect();
     assert!(orders.len() > 3, "{orders:?}");
@@ -740,14 +745,7 @@ fn cached_role_answers_still_come_in_random_order() {
             let bytes = zone.answer(&request, Transport::Udp, &mut rng).unwrap();
             let response = Message::from_vec(&bytes).unwrap();
             assert_eq!(ips(&response.answers).len(), 10);
-            response
-                .answers
-                .iter()
-                .filter_map(|record| match &record.data {
-                    RData::A(a) => Some(IpAddr::V4(a.0)),
-                    _ => None,
-                })
-                .collect()
+            addresses_in_order(&response)
         })
         .collect();
     assert_eq!(zone.cache.len(), 1);
