@@ -263,9 +263,13 @@ fn cluster(
         .collect();
     let subject = start(net, n_observers, "subject");
     let tags = subject.tags();
+    // Gossip usually spreads the joins in well under a second, but members joining at once can
+    // miss one another's alive (each is retransmitted only a few times, to random peers); the
+    // periodic push-pull guarantees convergence, its first round after a random stagger plus one
+    // 30 s period: so two periods and slack.
     for observer in &observers {
         eventually(
-            Duration::from_secs(30),
+            Duration::from_secs(75),
             &format!("{} sees the subject alive with {tags:?}", observer.name),
             || {
                 let rows = view(observer);
