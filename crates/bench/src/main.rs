@@ -59,6 +59,10 @@ struct Args {
     /// The amb-serf binary (default: the one beside this program, built first under cargo).
     #[arg(long)]
     amb_serf: Option<PathBuf>,
+    /// An earlier amb-serf binary measured in the same run as the column `amb-serf-baseline`
+    /// (added to the tools; with --only, name it there too), for a change's before/after.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
     /// Where to write the report (default: BENCHMARKS.md in the repository; none with --smoke).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -168,7 +172,7 @@ fn main() -> std::process::ExitCode {
 
 /// Runs the suite; `Ok(false)` when some measurement failed.
 fn run(args: Args) -> anyhow::Result<bool> {
-    let tools: Vec<Tool> = if args.only.is_empty() {
+    let mut tools: Vec<Tool> = if args.only.is_empty() {
         Tool::ALL.to_vec()
     } else {
         args.only
@@ -177,6 +181,11 @@ fn run(args: Args) -> anyhow::Result<bool> {
             .map(|name| Tool::parse(name))
             .collect::<anyhow::Result<_>>()?
     };
+    match (&args.baseline, tools.contains(&Tool::AmbSerfBaseline)) {
+        (Some(_), false) if args.only.is_empty() => tools.push(Tool::AmbSerfBaseline),
+        (None, true) => anyhow::bail!("--only amb-serf-baseline needs --baseline PATH"),
+        _ => {}
+    }
     const GROUPS: [&str; 6] = ["bulk", "ping", "concurrent", "rate", "pinned", "idle"];
     if let Some(unknown) = args.skip.iter().find(|g| {
         !GROUPS.contains(&g.as_str())
@@ -224,6 +233,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         plan,
         dir: dir.path().to_owned(),
         amb_serf,
+        baseline: args.baseline.clone(),
         skip: args.skip.clone(),
         wrap: args
             .wrap
@@ -276,7 +286,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
     let mut versions: BTreeMap<&str, String> = tools
         .iter()
         .filter(|tool| **tool != Tool::Direct)
-        .map(|tool| (tool.name(), tool.version(&env.amb_serf)))
+        .map(|tool| (tool.name(), tool.version(env.binary(*tool))))
         .collect();
     if run_cluster || tools.contains(&Tool::AmbSerfConnect) {
         versions.insert("serf", cluster::serf_version());
@@ -349,6 +359,8 @@ struct Env {
     plan: Plan,
     dir: PathBuf,
     amb_serf: PathBuf,
+    /// `--baseline`: the binary of [`Tool::AmbSerfBaseline`].
+    baseline: Option<PathBuf>,
     skip: Vec<String>,
     wrap: Vec<String>,
 }
@@ -356,6 +368,14 @@ struct Env {
 impl Env {
     fn runs(&self, group: &str) -> bool {
         !self.skip.iter().any(|g| g == group)
+    }
+
+    /// The amb-serf binary `tool` runs (`--baseline`'s for the baseline column).
+    fn binary(&self, tool: Tool) -> &std::path::Path {
+        match (tool, &self.baseline) {
+            (Tool::AmbSerfBaseline, Some(baseline)) => baseline,
+            _ => &self.amb_serf,
+        }
     }
 
     fn start(
@@ -369,7 +389,7 @@ impl Env {
             backend.addr(),
             pinned,
             &self.dir,
-            &self.amb_serf,
+            self.binary(tool),
             &self.wrap,
         )
     }

@@ -24,6 +24,9 @@ pub(crate) enum Tool {
     Nginx,
     /// `amb-serf run` with a Docker link variable.
     AmbSerf,
+    /// The same as [`Tool::AmbSerf`] with the `--baseline` binary: an earlier build measured in
+    /// the same run, for before/after comparisons of a change.
+    AmbSerfBaseline,
     /// `amb-serf run --dataplane kernel`: nftables DNAT in the namespace; only the kernel
     /// section runs it (`kernel.rs`), never in the machine's own namespace.
     AmbSerfKernel,
@@ -33,6 +36,7 @@ pub(crate) enum Tool {
 }
 
 impl Tool {
+    /// The tools a run without `--only` measures (the baseline only with `--baseline`).
     pub(crate) const ALL: [Self; 7] = [
         Self::Direct,
         Self::Socat,
@@ -51,6 +55,7 @@ impl Tool {
             Self::HaproxySplice => "haproxy-splice",
             Self::Nginx => "nginx",
             Self::AmbSerf => "amb-serf",
+            Self::AmbSerfBaseline => "amb-serf-baseline",
             Self::AmbSerfKernel => "amb-serf-kernel",
             Self::AmbSerfConnect => "amb-serf-connect",
         }
@@ -59,6 +64,7 @@ impl Tool {
     pub(crate) fn parse(name: &str) -> anyhow::Result<Self> {
         Self::ALL
             .into_iter()
+            .chain([Self::AmbSerfBaseline])
             .find(|tool| tool.name() == name)
             .with_context(|| {
                 let names: Vec<_> = Self::ALL.iter().map(|tool| tool.name()).collect();
@@ -69,7 +75,7 @@ impl Tool {
     /// Debian packages the tool needs.
     fn packages(self) -> &'static [&'static str] {
         match self {
-            Self::Direct | Self::AmbSerf | Self::AmbSerfKernel => &[],
+            Self::Direct | Self::AmbSerf | Self::AmbSerfBaseline | Self::AmbSerfKernel => &[],
             Self::Socat => &["socat"],
             Self::Haproxy | Self::HaproxySplice => &["haproxy"],
             Self::Nginx => &["nginx", "libnginx-mod-stream"],
@@ -84,7 +90,7 @@ impl Tool {
             Self::Socat => (Path::new("socat"), &["-V"]),
             Self::Haproxy | Self::HaproxySplice => (Path::new("haproxy"), &["-v"]),
             Self::Nginx => (Path::new("nginx"), &["-v"]),
-            Self::AmbSerf | Self::AmbSerfKernel | Self::AmbSerfConnect => {
+            Self::AmbSerf | Self::AmbSerfBaseline | Self::AmbSerfKernel | Self::AmbSerfConnect => {
                 (amb_serf, &["--version"])
             }
         };
@@ -262,7 +268,7 @@ pub(crate) fn start(
                 .arg("-c")
                 .arg(&config);
         }
-        Tool::AmbSerf | Tool::AmbSerfKernel => {
+        Tool::AmbSerf | Tool::AmbSerfBaseline | Tool::AmbSerfKernel => {
             // A Docker link variable, as `--link backend:backend` would set it. The local port is
             // the linked port, so the ambassador listens on another loopback address.
             addr = SocketAddr::from((Ipv4Addr::new(127, 0, 0, 2), backend.port()));
