@@ -107,7 +107,9 @@ pub(crate) async fn serve(
     http.timer(TokioTimer::new())
         .header_read_timeout(READ_TIMEOUT)
         .max_header_size(MAX_HEAD)
-        .keep_alive(false);
+        .keep_alive(false)
+        // As before hyper: no `Date` (and no clock cache kept for it).
+        .auto_date_header(false);
     let permits = Arc::new(Semaphore::new(MAX_CONCURRENT));
     loop {
         let accepted = tokio::select! {
