@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use std::sync::{Arc, OnceLock};
 
 use serf_agent::rpc::agent::LogRing;
+use serf_agent::rpc::memory::go_log_time;
 use serf_agent::rpc::{LogLevel, LogLine};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
@@ -44,7 +45,7 @@ impl<S: Subscriber> Layer<S> for MonitorLayer {
         let target = target.split("::").next().unwrap_or(target);
         let text = format!(
             "{} [{}] {target}: {}{}",
-            timestamp(std::time::SystemTime::now()),
+            go_log_time(std::time::SystemTime::now()),
             level.as_str(),
             fields.message,
             fields.rest
@@ -143,35 +144,8 @@ impl std::fmt::Display for Capped {
     }
 }
 
-/// `YYYY/MM/DD hh:mm:ss` in UTC, Go's `log.LstdFlags` layout.
-fn timestamp(now: std::time::SystemTime) -> String {
-    let secs = now
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|since| since.as_secs())
-        .unwrap_or(0);
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Howard Hinnant's days-to-civil.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}/{month:02}/{day:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, UNIX_EPOCH};
-
     #[test]
     fn long_values_are_cut_with_their_length() {
         use std::fmt::Write as _;
@@ -187,18 +161,5 @@ mod tests {
         capped.clear();
         let _ = write!(capped, "{}", "é".repeat(1_000));
         assert!(capped.to_string().ends_with("… (2000 bytes)"));
-    }
-
-    #[test]
-    fn timestamps_in_go_layout() {
-        let check = |secs: u64, expected: &str| {
-            assert_eq!(
-                super::timestamp(UNIX_EPOCH + Duration::from_secs(secs)),
-                expected
-            );
-        };
-        check(0, "1970/01/01 00:00:00");
-        check(951_782_400, "2000/02/29 00:00:00");
-        check(1_800_000_000 + 3_723, "2027/01/15 09:02:03");
     }
 }

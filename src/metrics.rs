@@ -1,8 +1,8 @@
 //! `/healthz` and Prometheus `/metrics` for `amb-serf run`, on `--metrics-addr` (off unless
-//! asked for). A minimal HTTP/1.1 server written by hand: one request per connection, `GET`
-//! (or `HEAD`) only, request heads up to 8 KiB, read within 5 s, the whole exchange within 10 s,
-//! at most 64 requests at a time (more are closed at once: a scraper retries, a flood of
-//! connections cannot use the process's descriptors and memory).
+//! asked for). HTTP/1.1 on hyper: one request per connection, `GET` (or `HEAD`) only, request
+//! heads up to 8 KiB, read within 5 s, the whole exchange within 10 s, at most 64 requests at a
+//! time (more are closed at once: a scraper retries, a flood of connections cannot use the
+//! process's descriptors and memory).
 //!
 //! - `/healthz`: `200 ok` while the member runs and the backend passes its health check;
 //!   `503` with a one-line reason otherwise (starting, backend critical, leaving).
@@ -10,6 +10,7 @@
 //!   upstream failures, bytes each way, upstream health, and cluster members by status.
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -17,18 +18,20 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use registrar::tags::Health;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use request::{head_complete, parse_request};
-
-// Pure and free of this crate's items, so that the fuzz target can include it by path.
-mod request;
-
+/// Largest request head accepted (a longer one is answered `431`).
+const MAX_HEAD: usize = 8 * 1024;
 /// Time a client has to send its request head.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a whole exchange may take, the answer's write included (a client that never reads).
@@ -100,72 +103,59 @@ pub(crate) async fn serve(
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "serving /healthz and /metrics");
     }
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(READ_TIMEOUT)
+        .max_header_size(MAX_HEAD)
+        .keep_alive(false)
+        // As before hyper: no `Date` (and no clock cache kept for it).
+        .auto_date_header(false);
     let permits = Arc::new(Semaphore::new(MAX_CONCURRENT));
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
-        match accepted {
-            Ok((stream, peer)) => {
-                let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-                    debug!(%peer, "metrics: {MAX_CONCURRENT} requests in progress, closing");
-                    continue;
-                };
-                let observed = Arc::clone(&observed);
-                tokio::spawn(async move {
-                    match tokio::time::timeout(EXCHANGE_TIMEOUT, answer(stream, &observed)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(error)) => debug!(%peer, %error, "metrics request failed"),
-                        Err(_) => debug!(%peer, "metrics request timed out"),
-                    }
-                    drop(permit);
-                });
-            }
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(error) => {
                 debug!(%error, "metrics accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
             }
-        }
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            debug!(%peer, "metrics: {MAX_CONCURRENT} requests in progress, closing");
+            continue;
+        };
+        let observed = Arc::clone(&observed);
+        let service = hyper::service::service_fn(move |request| {
+            let observed = Arc::clone(&observed);
+            async move { Ok::<_, Infallible>(answer(&request, &observed).await) }
+        });
+        let exchange = http.serve_connection(TokioIo::new(stream), service);
+        tokio::spawn(async move {
+            match tokio::time::timeout(EXCHANGE_TIMEOUT, exchange).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => debug!(%peer, %error, "metrics request failed"),
+                Err(_) => debug!(%peer, "metrics request timed out"),
+            }
+            drop(permit);
+        });
     }
 }
 
-async fn answer(mut stream: TcpStream, observed: &Observed) -> std::io::Result<()> {
-    let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
-        Ok(head) => head?,
-        Err(_) => return Ok(()),
-    };
-    let response = match parse_request(&head) {
-        Err(status) => Response::text(status, format!("{}\n", reason(status))),
-        Ok((method, path)) => {
-            let mut response = route(path, observed).await;
-            if method == "HEAD" {
-                response.body_omitted = true;
-            }
-            response
-        }
-    };
-    stream.write_all(&response.to_bytes()).await?;
-    stream.shutdown().await
-}
-
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
-    let mut head = Vec::with_capacity(512);
-    let mut buffer = [0u8; 1024];
-    while !head_complete(&head) {
-        let n = stream.read(&mut buffer).await?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buffer[..n]);
+async fn answer<B>(request: &Request<B>, observed: &Observed) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Method Not Allowed\n".to_owned(),
+        );
     }
-    Ok(head)
-}
-
-async fn route(path: &str, observed: &Observed) -> Response {
-    match path {
+    // hyper leaves the body out of a `HEAD` answer and keeps its length.
+    match request.uri().path() {
         // The process serves: for a liveness probe (a restart would not help otherwise).
-        "/livez" => Response::text(200, "ok\n".to_owned()),
+        "/livez" => text(StatusCode::OK, "ok\n".to_owned()),
         // `/readyz` is `/healthz` under the name Kubernetes probes use.
         "/healthz" | "/readyz" => {
             let lifecycle = *observed.lifecycle.borrow();
@@ -175,9 +165,12 @@ async fn route(path: &str, observed: &Observed) -> Response {
             let (status, body) = if answers {
                 healthz(lifecycle, health)
             } else {
-                (503, "unhealthy: the serf member stopped\n".to_owned())
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unhealthy: the serf member stopped\n".to_owned(),
+                )
             };
-            Response::text(status, body)
+            text(status, body)
         }
         "/metrics" => {
             let members = (observed.members)().await;
@@ -189,30 +182,42 @@ async fn route(path: &str, observed: &Observed) -> Response {
             if let Some(kernel) = &observed.kernel {
                 body.push_str(&Arc::clone(kernel).render().await);
             }
-            Response {
-                status: 200,
-                content_type: "text/plain; version=0.0.4; charset=utf-8",
-                body: body.into_bytes(),
-                body_omitted: false,
-            }
+            let mut response = text(StatusCode::OK, body);
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
         }
-        _ => Response::text(
-            404,
+        _ => text(
+            StatusCode::NOT_FOUND,
             "not found: try /livez, /readyz (or /healthz) or /metrics\n".to_owned(),
         ),
     }
 }
 
+/// A plain-text answer (hyper adds its `Content-Length` and `Connection: close`).
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::from(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
 /// The `/healthz` answer.
-fn healthz(lifecycle: Lifecycle, health: Health) -> (u16, String) {
+fn healthz(lifecycle: Lifecycle, health: Health) -> (StatusCode, String) {
+    let unavailable = StatusCode::SERVICE_UNAVAILABLE;
     match (lifecycle, health) {
-        (Lifecycle::Running, Health::Passing) => (200, "ok\n".to_owned()),
+        (Lifecycle::Running, Health::Passing) => (StatusCode::OK, "ok\n".to_owned()),
         (Lifecycle::Running, Health::Critical) => (
-            503,
+            unavailable,
             "unhealthy: backend critical (not accepting connections)\n".to_owned(),
         ),
-        (Lifecycle::Starting, _) => (503, "unhealthy: starting\n".to_owned()),
-        (Lifecycle::Leaving, _) => (503, "unhealthy: leaving the cluster\n".to_owned()),
+        (Lifecycle::Starting, _) => (unavailable, "unhealthy: starting\n".to_owned()),
+        (Lifecycle::Leaving, _) => (unavailable, "unhealthy: leaving the cluster\n".to_owned()),
     }
 }
 
@@ -497,75 +502,9 @@ impl Process {
     }
 }
 
-struct Response {
-    status: u16,
-    content_type: &'static str,
-    body: Vec<u8>,
-    body_omitted: bool,
-}
-
-impl Response {
-    fn text(status: u16, body: String) -> Self {
-        Self {
-            status,
-            content_type: "text/plain; charset=utf-8",
-            body: body.into_bytes(),
-            body_omitted: false,
-        }
-    }
-
-    fn to_bytes(&self) -> Vec<u8> {
-        let mut bytes = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            self.status,
-            reason(self.status),
-            self.content_type,
-            self.body.len()
-        )
-        .into_bytes();
-        if !self.body_omitted {
-            bytes.extend_from_slice(&self.body);
-        }
-        bytes
-    }
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        _ => "",
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::request::MAX_HEAD;
     use super::*;
-
-    #[test]
-    fn requests() {
-        let check = |head: &str, expected: Result<(&str, &str), u16>| {
-            assert_eq!(parse_request(head.as_bytes()), expected, "{head:?}");
-        };
-        check(
-            "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
-            Ok(("GET", "/healthz")),
-        );
-        check(
-            "HEAD /metrics?x=1 HTTP/1.0\r\n\r\n",
-            Ok(("HEAD", "/metrics")),
-        );
-        check("POST /healthz HTTP/1.1\r\n\r\n", Err(405));
-        check("PING\r\n", Err(400));
-        check("GET /healthz SPDY\r\n\r\n", Err(400));
-        check("", Err(400));
-        assert_eq!(parse_request(&vec![b'a'; MAX_HEAD + 1]), Err(431));
-    }
 
     #[test]
     fn healthz_needs_a_running_member_and_a_passing_backend() {
@@ -654,15 +593,79 @@ mod tests {
         assert!(!critical.contains("amb_serf_members"), "{critical}");
     }
 
-    #[test]
-    fn responses_carry_their_length() {
-        let response = Response::text(503, "unhealthy: starting\n".into());
-        let text = String::from_utf8(response.to_bytes()).unwrap();
+    /// Raw requests through [`serve`], each on its own connection: the answer's head and body.
+    #[tokio::test]
+    async fn exchanges() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding");
+        let addr = listener.local_addr().expect("bound");
+        let (_health, health) = watch::channel(Health::Passing);
+        let (_lifecycle, lifecycle) = watch::channel(Lifecycle::Starting);
+        let observed = Arc::new(Observed {
+            stats: Arc::new(proxy::Stats::new(10)),
+            health,
+            lifecycle,
+            members: Arc::new(|| Box::pin(async { Some(vec!["alive".to_owned()]) })),
+            kernel: None,
+        });
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve(listener, observed, shutdown.clone()));
+        let exchange = |request: String| async move {
+            let mut stream = tokio::net::TcpStream::connect(addr)
+                .await
+                .expect("connecting");
+            stream.write_all(request.as_bytes()).await.expect("sending");
+            // Until the server closes (a reset after a refused request ends it too).
+            let mut answer = Vec::new();
+            let mut buffer = [0u8; 4096];
+            while let Ok(n @ 1..) = stream.read(&mut buffer).await {
+                answer.extend_from_slice(&buffer[..n]);
+            }
+            String::from_utf8(answer).expect("text").to_lowercase()
+        };
+        let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(MAX_HEAD));
+        for (request, status, has) in [
+            (get("/livez"), "200 ok", "content-length: 3\r\n"),
+            (get("/livez"), "200 ok", "\r\n\r\nok\n"),
+            (
+                get("/readyz"),
+                "503 service unavailable",
+                "content-length: 20\r\n",
+            ),
+            (
+                get("/healthz"),
+                "503 service unavailable",
+                "\r\n\r\nunhealthy: starting\n",
+            ),
+            (get("/metrics?x=1"), "200 ok", "version=0.0.4"),
+            (get("/metrics"), "200 ok", "\namb_serf_upstream_up 1\n"),
+            (get("/metrics"), "200 ok", "connection: close\r\n"),
+            (get("/nope"), "404 not found", "try /livez"),
+            (
+                "POST /healthz HTTP/1.1\r\n\r\n".into(),
+                "405 method not allowed",
+                "",
+            ),
+            ("PING\r\n\r\n".into(), "400 bad request", ""),
+            ("GET /healthz SPDY\r\n\r\n".into(), "400 bad request", ""),
+            (big, "431 request header fields too large", ""),
+        ] {
+            let answer = exchange(request.clone()).await;
+            assert!(
+                answer.starts_with(&format!("http/1.1 {status}\r\n")),
+                "{request:?}: {answer}"
+            );
+            assert!(answer.contains(has), "{request:?}: {answer}");
+        }
+        // `HEAD`: the head of a `GET`, without the body.
+        let head = exchange("HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n".into()).await;
+        assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
         assert!(
-            text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
-            "{text}"
+            head.contains("version=0.0.4") && head.contains("content-length: "),
+            "{head}"
         );
-        assert!(text.contains("Content-Length: 20\r\n"), "{text}");
-        assert!(text.ends_with("\r\n\r\nunhealthy: starting\n"), "{text}");
+        assert!(head.ends_with("\r\n\r\n"), "{head}");
+        shutdown.cancel();
     }
 }

@@ -221,141 +221,144 @@ impl Pump {
         src_side: Side,
         dst_side: Side,
     ) -> Poll<Result<(), CopyError>> {
-        let read_error = |source| CopyError {
-            side: src_side,
-            source,
+        let mut ends = Ends {
+            src,
+            dst,
+            src_side,
+            dst_side,
         };
-        let write_error = |source| CopyError {
-            side: dst_side,
-            source,
-        };
-        loop {
-            match &mut self.stage {
+        // Each step moves bytes, changes stage, or finishes (`done`).
+        while !self.done {
+            let step = match self.stage {
                 #[cfg(target_os = "linux")]
-                Stage::Splice { pipe, len } => {
-                    if *len > 0 {
-                        ready!(dst.poll_write_ready(cx)).map_err(write_error)?;
-                        let held = pipe.as_ref().expect("bytes in flight imply a pipe");
-                        let target: &TcpStream = dst;
-                        let want = *len;
-                        match target.try_io(Interest::WRITABLE, || held.drain_to(fd(target), want))
-                        {
-                            Ok(n) => {
-                                *len -= n;
-                                self.bytes += n as u64;
-                                self.spliced += n as u64;
-                            }
-                            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-                            Err(error) => return Poll::Ready(Err(write_error(error))),
-                        }
-                        continue;
-                    }
-                    if self.eof {
-                        // Empty: back to the pool for the next connection.
-                        if let Some(pipe) = pipe.take() {
-                            pipe.give_back();
-                        }
-                        return self.finish(cx, dst).map_err(write_error);
-                    }
-                    match src.poll_read_ready(cx) {
-                        Poll::Pending => {
-                            // Idle: the (empty) pipe goes back to the pool, and the next burst
-                            // starts with a plain read (a small message is cheaper copied).
-                            if let Some(pipe) = pipe.take() {
-                                pipe.give_back();
-                            }
-                            self.stage = Stage::COPY;
-                            return Poll::Pending;
-                        }
-                        Poll::Ready(result) => result.map_err(read_error)?,
-                    }
-                    let held = match pipe {
-                        Some(held) => held,
-                        None => match Pipe::take() {
-                            Ok(taken) => pipe.insert(taken),
-                            Err(error) => {
-                                tracing::debug!(%error, "no pipe, copying through a buffer");
-                                self.stage = Stage::COPY;
-                                continue;
-                            }
-                        },
-                    };
-                    let source: &TcpStream = src;
-                    match source.try_io(Interest::READABLE, || {
-                        held.fill_from(fd(source), splice::CHUNK)
-                    }) {
-                        Ok(0) => self.eof = true,
-                        Ok(n) => *len = n,
-                        Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(error) if splice::unsupported(&error) => {
-                            tracing::debug!(%error, "splice refused, copying through a buffer");
-                            if let Some(pipe) = pipe.take() {
-                                pipe.give_back();
-                            }
-                            self.splice = false;
-                            self.stage = Stage::COPY;
-                        }
-                        Err(error) => return Poll::Ready(Err(read_error(error))),
-                    }
-                }
-                Stage::Copy { pending, start } => {
-                    if let Some(held) = pending {
-                        let n = ready!(Pin::new(&mut *dst).poll_write(cx, &held[*start..]))
-                            .map_err(write_error)?;
-                        if n == 0 {
-                            return Poll::Ready(Err(write_error(io::ErrorKind::WriteZero.into())));
-                        }
-                        *start += n;
-                        self.bytes += n as u64;
-                        if *start == held.len() {
-                            self.stage = Stage::COPY;
-                        }
-                        continue;
-                    }
-                    if self.eof {
-                        return self.finish(cx, dst).map_err(write_error);
-                    }
-                    let mut stack = [MaybeUninit::<u8>::uninit(); STACK_BUFFER];
-                    let mut buf = ReadBuf::uninit(&mut stack);
-                    // A read shorter than the buffer marks the socket drained (tokio clears its
-                    // readiness), so an idle direction costs no extra EAGAIN read.
-                    ready!(Pin::new(&mut *src).poll_read(cx, &mut buf)).map_err(read_error)?;
-                    let read = buf.filled();
-                    if read.is_empty() {
-                        self.eof = true;
-                        continue;
-                    }
-                    let mut written = 0;
-                    while written < read.len() {
-                        match Pin::new(&mut *dst).poll_write(cx, &read[written..]) {
-                            Poll::Ready(Ok(0)) => {
-                                return Poll::Ready(Err(write_error(
-                                    io::ErrorKind::WriteZero.into(),
-                                )))
-                            }
-                            Poll::Ready(Ok(n)) => written += n,
-                            Poll::Ready(Err(error)) => return Poll::Ready(Err(write_error(error))),
-                            Poll::Pending => break,
-                        }
-                    }
-                    self.bytes += written as u64;
-                    if written < read.len() {
-                        // The destination is full: keep the rest (backpressure: nothing more is
-                        // read until it is written).
-                        self.stage = Stage::Copy {
-                            pending: Some(read[written..].into()),
-                            start: 0,
-                        };
-                        continue;
-                    }
-                    #[cfg(target_os = "linux")]
-                    if self.splice && read.len() == STACK_BUFFER {
-                        // A full buffer: a bulk burst, which splice moves without copying.
-                        self.stage = Stage::Splice { pipe: None, len: 0 };
-                    }
-                }
-            }
+                Stage::Splice { .. } => self.splice_step(cx, &mut ends),
+                Stage::Copy { .. } => self.copy_step(cx, &mut ends),
+            };
+            ready!(step)?;
         }
+        Poll::Ready(Ok(()))
+    }
+
+    /// A step of a splice burst: empty the pipe into `dst`, refill it from `src`, or end.
+    #[cfg(target_os = "linux")]
+    fn splice_step(&mut self, cx: &mut Context<'_>, ends: &mut Ends<'_>) -> Step {
+        let Stage::Splice { pipe, len } = &mut self.stage else {
+            unreachable!("splice_step runs in the splice stage")
+        };
+        if *len > 0 {
+            let n =
+                ready!(drain_pipe(cx, pipe, *len, ends.dst)).map_err(|e| ends.write_error(e))?;
+            *len -= n;
+            self.bytes += n as u64;
+            self.spliced += n as u64;
+            return Poll::Ready(Ok(()));
+        }
+        if self.eof {
+            // Empty: back to the pool for the next connection.
+            give_back(pipe);
+            return self.finish(cx, ends.dst).map_err(|e| ends.write_error(e));
+        }
+        let Poll::Ready(readiness) = ends.src.poll_read_ready(cx) else {
+            // Idle: the (empty) pipe goes back to the pool, and the next burst starts with a
+            // plain read (a small message is cheaper copied).
+            give_back(pipe);
+            self.stage = Stage::COPY;
+            return Poll::Pending;
+        };
+        readiness.map_err(|e| ends.read_error(e))?;
+        self.fill_pipe(ends.src).map_err(|e| ends.read_error(e))?;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Splices what `src` has into the pipe, taking one from the pool if none is held; back to
+    /// copying when no pipe can be had or the kernel refuses.
+    #[cfg(target_os = "linux")]
+    fn fill_pipe(&mut self, src: &TcpStream) -> io::Result<()> {
+        let Stage::Splice { pipe, len } = &mut self.stage else {
+            unreachable!("fill_pipe runs in the splice stage")
+        };
+        let held = match pipe {
+            Some(held) => held,
+            None => match Pipe::take() {
+                Ok(taken) => pipe.insert(taken),
+                Err(error) => {
+                    tracing::debug!(%error, "no pipe, copying through a buffer");
+                    self.stage = Stage::COPY;
+                    return Ok(());
+                }
+            },
+        };
+        match src.try_io(Interest::READABLE, || {
+            held.fill_from(fd(src), splice::CHUNK)
+        }) {
+            Ok(0) => self.eof = true,
+            Ok(n) => *len = n,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            Err(error) if splice::unsupported(&error) => {
+                tracing::debug!(%error, "splice refused, copying through a buffer");
+                give_back(pipe);
+                self.splice = false;
+                self.stage = Stage::COPY;
+            }
+            Err(error) => return Err(error),
+        }
+        Ok(())
+    }
+
+    /// A step of copying: write what is pending, or read a message and write it at once.
+    fn copy_step(&mut self, cx: &mut Context<'_>, ends: &mut Ends<'_>) -> Step {
+        let Stage::Copy { pending, start } = &mut self.stage else {
+            unreachable!("copy_step runs in the copy stage")
+        };
+        if let Some(held) = pending {
+            let n = ready!(Pin::new(&mut *ends.dst).poll_write(cx, &held[*start..]))
+                .map_err(|e| ends.write_error(e))?;
+            if n == 0 {
+                return Poll::Ready(Err(ends.write_error(io::ErrorKind::WriteZero.into())));
+            }
+            *start += n;
+            self.bytes += n as u64;
+            if *start == held.len() {
+                self.stage = Stage::COPY;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if self.eof {
+            return self.finish(cx, ends.dst).map_err(|e| ends.write_error(e));
+        }
+        self.copy_message(cx, ends)
+    }
+
+    /// Reads into a buffer on the stack and writes it at once; what `dst` cannot take waits on
+    /// the heap, and a read that fills the buffer starts a splice burst.
+    fn copy_message(&mut self, cx: &mut Context<'_>, ends: &mut Ends<'_>) -> Step {
+        let mut stack = [MaybeUninit::<u8>::uninit(); STACK_BUFFER];
+        let mut buf = ReadBuf::uninit(&mut stack);
+        // A read shorter than the buffer marks the socket drained (tokio clears its readiness),
+        // so an idle direction costs no extra EAGAIN read.
+        ready!(Pin::new(&mut *ends.src).poll_read(cx, &mut buf)).map_err(|e| ends.read_error(e))?;
+        let read = buf.filled();
+        if read.is_empty() {
+            self.eof = true;
+            return Poll::Ready(Ok(()));
+        }
+        let written = write_now(cx, ends.dst, read).map_err(|e| ends.write_error(e))?;
+        self.bytes += written as u64;
+        if written < read.len() {
+            // The destination is full: keep the rest (backpressure: nothing more is read until
+            // it is written).
+            self.stage = Stage::Copy {
+                pending: Some(read[written..].into()),
+                start: 0,
+            };
+            return Poll::Ready(Ok(()));
+        }
+        #[cfg(target_os = "linux")]
+        if self.splice && read.len() == STACK_BUFFER {
+            // A full buffer: a bulk burst, which splice moves without copying.
+            self.stage = Stage::Splice { pipe: None, len: 0 };
+        }
+        Poll::Ready(Ok(()))
     }
 
     /// The source ended and everything was written: pass the FIN on.
@@ -378,6 +381,73 @@ impl Stage {
         pending: None,
         start: 0,
     };
+}
+
+/// What a step of [`Pump::poll`] returns: ready when it moved bytes, changed stage or
+/// finished (`done`), so the loop goes on.
+type Step = Poll<Result<(), CopyError>>;
+
+/// The two sockets of one direction, with the side each is (to name the one that failed).
+struct Ends<'a> {
+    src: &'a mut TcpStream,
+    dst: &'a mut TcpStream,
+    src_side: Side,
+    dst_side: Side,
+}
+
+impl Ends<'_> {
+    fn read_error(&self, source: io::Error) -> CopyError {
+        CopyError {
+            side: self.src_side,
+            source,
+        }
+    }
+
+    fn write_error(&self, source: io::Error) -> CopyError {
+        CopyError {
+            side: self.dst_side,
+            source,
+        }
+    }
+}
+
+/// Writes as much of `bytes` as `dst` takes without waiting: how many it took.
+fn write_now(cx: &mut Context<'_>, dst: &mut TcpStream, bytes: &[u8]) -> io::Result<usize> {
+    let mut written = 0;
+    while written < bytes.len() {
+        match Pin::new(&mut *dst).poll_write(cx, &bytes[written..]) {
+            Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(n)) => written += n,
+            Poll::Ready(Err(error)) => return Err(error),
+            Poll::Pending => break,
+        }
+    }
+    Ok(written)
+}
+
+/// Splices up to `len` bytes from the pipe into `dst`: how many moved (0 if it was not
+/// writable after all).
+#[cfg(target_os = "linux")]
+fn drain_pipe(
+    cx: &mut Context<'_>,
+    pipe: &Option<Pipe>,
+    len: usize,
+    dst: &TcpStream,
+) -> Poll<io::Result<usize>> {
+    ready!(dst.poll_write_ready(cx))?;
+    let held = pipe.as_ref().expect("bytes in flight imply a pipe");
+    match dst.try_io(Interest::WRITABLE, || held.drain_to(fd(dst), len)) {
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => Poll::Ready(Ok(0)),
+        moved => Poll::Ready(moved),
+    }
+}
+
+/// An empty pipe back to the pool, for the next burst or connection.
+#[cfg(target_os = "linux")]
+fn give_back(pipe: &mut Option<Pipe>) {
+    if let Some(pipe) = pipe.take() {
+        pipe.give_back();
+    }
 }
 
 #[cfg(target_os = "linux")]

@@ -98,6 +98,17 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// What a failed bind of `protocol` on `addr` returns (in `map_err`).
+    fn bind(addr: SocketAddr, protocol: Protocol) -> impl Fn(std::io::Error) -> Self + Copy {
+        move |source| Self::Bind {
+            addr,
+            protocol,
+            source,
+        }
+    }
+}
+
 /// Settings shared by all forwarders.
 #[derive(Debug, Clone)]
 pub struct Config {

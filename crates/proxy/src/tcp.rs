@@ -99,11 +99,7 @@ impl TcpForwarder {
         liveness: Liveness,
         stats: Arc<Stats>,
     ) -> Result<Self, Error> {
-        let bind_error = |source| Error::Bind {
-            addr: listen,
-            protocol: crate::Protocol::Tcp,
-            source,
-        };
+        let bind_error = Error::bind(listen, crate::Protocol::Tcp);
         let socket = if listen.is_ipv4() {
             TcpSocket::new_v4()
         } else {

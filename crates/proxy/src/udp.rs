@@ -166,11 +166,7 @@ impl UdpForwarder {
         resolve_timeout: Duration,
         stats: Arc<Stats>,
     ) -> Result<Self, Error> {
-        let bind_error = |source| Error::Bind {
-            addr: listen,
-            protocol: crate::Protocol::Udp,
-            source,
-        };
+        let bind_error = Error::bind(listen, crate::Protocol::Udp);
         let socket = UdpSocket::bind(listen).await.map_err(bind_error)?;
         let local_addr = socket.local_addr().map_err(bind_error)?;
         let stats = stats.listener(

@@ -193,7 +193,11 @@ impl MemoryBackend {
     pub fn log(&self, level: LogLevel, message: &str) {
         let line = LogLine {
             level,
-            text: format!("{} [{}] {message}", go_log_time(), level.as_str()),
+            text: format!(
+                "{} [{}] {message}",
+                go_log_time(std::time::SystemTime::now()),
+                level.as_str()
+            ),
         };
         let mut backlog = self.backlog.lock().expect("backlog lock is never poisoned");
         if backlog.len() == LOG_BACKLOG {
@@ -213,9 +217,10 @@ impl MemoryBackend {
     }
 }
 
-/// `2006/01/02 15:04:05` in UTC, from the system clock.
-fn go_log_time() -> String {
-    let seconds = std::time::SystemTime::now()
+/// `2006/01/02 15:04:05` in UTC, Go's `log.LstdFlags` layout (the monitor's lines here and
+/// in the binary's log layer).
+pub fn go_log_time(now: std::time::SystemTime) -> String {
+    let seconds = now
         .duration_since(std::time::UNIX_EPOCH)
         .map(|elapsed| elapsed.as_secs())
         .unwrap_or(0);
@@ -646,4 +651,22 @@ fn check_key(key: &str) -> Result<(), BackendError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn timestamps_in_go_layout() {
+        let check = |secs: u64, expected: &str| {
+            assert_eq!(
+                super::go_log_time(UNIX_EPOCH + Duration::from_secs(secs)),
+                expected
+            );
+        };
+        check(0, "1970/01/01 00:00:00");
+        check(951_782_400, "2000/02/29 00:00:00");
+        check(1_800_000_000 + 3_723, "2027/01/15 09:02:03");
+    }
 }
