@@ -103,6 +103,16 @@ pub(crate) struct GossipArgs {
     #[arg(long, env = "AMB_KEYRING_FILE", value_name = "PATH")]
     pub(crate) keyring_file: Option<PathBuf>,
 
+    /// Keep Go's snapshot file here (`serf agent -snapshot`): a restart continues the Lamport
+    /// clocks (no replayed events) and rejoins the members alive in it, even without --join.
+    #[arg(long, env = "AMB_SNAPSHOT", value_name = "PATH")]
+    pub(crate) snapshot: Option<PathBuf>,
+
+    /// Rejoin the snapshot's members even after a graceful leave (`serf agent -rejoin`);
+    /// without --snapshot it does nothing (a warning, as Go's).
+    #[arg(long, env = "AMB_REJOIN")]
+    pub(crate) rejoin: bool,
+
     /// Timing of failure detection and gossip, as `serf agent -profile`.
     #[arg(long, env = "AMB_PROFILE", value_enum, default_value_t = Profile::Lan)]
     pub(crate) profile: Profile,
@@ -572,6 +582,16 @@ async fn start_member(
     options.advertise = Some(gossip.advertise_for(gossip.bind));
     options.config = gossip.profile.config();
     options.keyring = keyring.map(|keyring| gossip.shared_keyring(keyring));
+    if gossip.rejoin && gossip.snapshot.is_none() {
+        warn!("--rejoin has no effect without --snapshot");
+    }
+    options.snapshot = gossip
+        .snapshot
+        .clone()
+        .map(|path| serf_agent::snapshot::Options {
+            path,
+            rejoin_after_leave: gossip.rejoin,
+        });
     let gossip_interval = options.config.gossip_interval;
     let query_timeout_mult = config.query_timeout_mult;
     let (handle, mut layer_events) =
