@@ -506,6 +506,8 @@ struct Inner {
     tags_file: Option<PathBuf>,
     /// The event handlers in force (replaced on SIGHUP, [`LocalMember::set_event_handlers`]).
     handlers: watch::Sender<Arc<Vec<Handler>>>,
+    /// The RPC side, which lists the handlers in `serf info`.
+    backend: Arc<MemberBackend>,
     shutdown: CancellationToken,
     stop_requested: CancellationToken,
     tasks: TaskTracker,
@@ -655,6 +657,7 @@ async fn start_member(
             tags: Mutex::new(tags),
             tags_file: settings.tags_file,
             handlers: watch::channel(Arc::new(Vec::new())).0,
+            backend: Arc::clone(&backend),
             shutdown,
             stop_requested,
             tasks,
@@ -782,13 +785,14 @@ impl LocalMember {
     }
 
     /// Replaces the event handlers (`serf agent` reloads them on SIGHUP); the next event
-    /// runs the new ones.
-    pub(crate) fn set_event_handlers(&self, handlers: Vec<Handler>) {
+    /// runs the new ones, and `serf info` lists `specs`.
+    pub(crate) fn set_event_handlers(&self, handlers: Vec<Handler>, specs: Vec<String>) {
         self.inner.handlers.send_replace(Arc::new(handlers));
+        self.inner.backend.set_event_handlers(specs);
     }
 
     fn spawn_handlers(&self, handlers: Vec<Handler>, extra_env: Vec<(String, String)>) {
-        self.set_event_handlers(handlers);
+        self.inner.handlers.send_replace(Arc::new(handlers));
         let current = self.inner.handlers.subscribe();
         let mut events = self.subscribe();
         let member = self.clone();
