@@ -213,9 +213,9 @@ pub async fn start(
             let opened = snapshot_writer::open(snapshot_options)?;
             let restored = opened.snapshot.clocks();
             config.restored_clocks = Some(restored);
-            let unparsed;
-            (previous, unparsed) = opened.snapshot.previous_members(&config.node_name);
-            for (node, addr) in unparsed {
+            let members = opened.snapshot.previous_members(&config.node_name);
+            previous = members.members;
+            for (node, addr) in members.unparsed {
                 tracing::warn!(%node, %addr, "snapshot address does not parse, not rejoining it");
             }
             tracing::info!(path = %snapshot_options.path.display(), previous = previous.len(), clock = %restored.member, event_clock = %restored.event, query_clock = %restored.query, "snapshot replayed");

@@ -198,10 +198,7 @@ impl Snapshot {
 
     /// The members to rejoin: every alive one but `own_name`, with its address parsed;
     /// entries whose address does not parse are returned apart.
-    pub fn previous_members(
-        &self,
-        own_name: &str,
-    ) -> (Vec<(String, SocketAddr)>, Vec<(String, String)>) {
+    pub fn previous_members(&self, own_name: &str) -> PreviousMembers {
         let mut members = Vec::new();
         let mut unparsed = Vec::new();
         for (name, addr) in self.alive.iter().filter(|(name, _)| *name != own_name) {
@@ -210,7 +207,7 @@ impl Snapshot {
                 Err(_) => unparsed.push((name.clone(), addr.clone())),
             }
         }
-        (members, unparsed)
+        PreviousMembers { members, unparsed }
     }
 
     /// The compacted file: the alive members, then the three clocks (Go's `compact`).
@@ -240,6 +237,15 @@ impl Snapshot {
     pub fn max_size(&self, min_size: u64) -> u64 {
         (self.alive.len() as u64 * BYTES_PER_NODE * COMPACTION_THRESHOLD).max(min_size)
     }
+}
+
+/// The alive members of a snapshot ([`Snapshot::previous_members`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PreviousMembers {
+    /// Name and gossip address of each.
+    pub members: Vec<(String, SocketAddr)>,
+    /// Name and address text of those whose address does not parse.
+    pub unparsed: Vec<(String, String)>,
 }
 
 /// Turns a running member's events and clocks into records, as Go's `Snapshotter.stream`
@@ -348,7 +354,7 @@ mod tests {
                 query: LamportTime(1),
             }
         );
-        let (members, unparsed) = snapshot.previous_members("go-a");
+        let PreviousMembers { members, unparsed } = snapshot.previous_members("go-a");
         assert_eq!(
             members,
             [("go-b".to_owned(), "127.0.0.1:17002".parse().unwrap())]
@@ -416,10 +422,10 @@ mod tests {
         assert_eq!(snapshot.event_clock, LamportTime(9));
         let lines: Vec<_> = skipped.iter().map(|error| error.line.as_str()).collect();
         assert_eq!(lines, ["bogus", "clock: x"]);
-        let (_, unparsed) = Snapshot::replay("alive: c nowhere\n", false)
+        let previous = Snapshot::replay("alive: c nowhere\n", false)
             .0
             .previous_members("me");
-        assert_eq!(unparsed, [("c".to_owned(), "nowhere".to_owned())]);
+        assert_eq!(previous.unparsed, [("c".to_owned(), "nowhere".to_owned())]);
     }
 
     #[test]
