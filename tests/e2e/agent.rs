@@ -615,6 +615,13 @@ fn agent_joins_again_when_every_peer_is_lost() {
     );
 }
 
+/// `name` in `dir`, as a path and as an argument.
+fn snapshot_file(dir: &tempfile::TempDir, name: &str) -> (PathBuf, String) {
+    let path = dir.path().join(name);
+    let text = path.display().to_string();
+    (path, text)
+}
+
 /// The highest `event-clock:` in a snapshot file (0 when none yet).
 fn snapshot_event_clock(path: &std::path::Path) -> u64 {
     std::fs::read_to_string(path)
@@ -636,8 +643,7 @@ fn serf_info(rpc: SocketAddr, field: &str) -> Option<u64> {
 fn agent_with_a_snapshot_rejoins_by_itself_after_sigkill_and_keeps_its_event_clock() {
     let real = SerfAgent::start("serf_1", loopback(1), &[]);
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("amb.snapshot");
-    let path_text = path.to_str().unwrap().to_owned();
+    let (path, path_text) = snapshot_file(&dir, "amb.snapshot");
     let join = real.bind.to_string();
     let mut ours = AmbAgent::start(
         "amb",
@@ -695,8 +701,7 @@ fn agent_with_a_snapshot_rejoins_by_itself_after_sigkill_and_keeps_its_event_clo
 fn agent_rejoins_the_members_of_a_snapshot_written_by_go_serf() {
     let peer = SerfAgent::start("go-peer", loopback(1), &[]);
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("go.snapshot");
-    let path_text = path.to_str().unwrap().to_owned();
+    let (path, path_text) = snapshot_file(&dir, "go.snapshot");
     let mut go = SerfAgent::start(
         "go-snap",
         loopback(2),
