@@ -729,3 +729,34 @@ fn agent_rejoins_the_members_of_a_snapshot_written_by_go_serf() {
     });
     assert!(ours.log().contains("\"previous\":2"), "{}", ours.log());
 }
+
+#[test]
+fn go_serf_rejoins_the_members_of_a_snapshot_written_by_amb_serf() {
+    let real = SerfAgent::start("serf_1", loopback(1), &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (path, path_text) = snapshot_file(&dir, "amb.snapshot");
+    let join = real.bind.to_string();
+    let mut ours = AmbAgent::start(
+        "amb",
+        loopback(2),
+        &["-snapshot", &path_text, "-join", &join],
+    );
+    let alive_line = format!("alive: serf_1 {}\n", real.bind);
+    eventually(DEADLINE, "the snapshot records serf_1", || {
+        std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .contains(&alive_line)
+            .then_some(())
+    });
+    ours.child.kill();
+    // Go's agent, started on our file without -join, rejoins serf_1 from it.
+    let go = SerfAgent::start("go-next", loopback(3), &[&format!("-snapshot={path_text}")]);
+    eventually(DEADLINE, "serf_1 sees go-next alive", || {
+        (status_at(real.rpc, "go-next").as_deref() == Some("alive")).then_some(())
+    });
+    assert!(
+        go.log().contains("Re-joined to previously known node"),
+        "{}",
+        go.log()
+    );
+}
