@@ -622,6 +622,14 @@ fn snapshot_file(dir: &tempfile::TempDir, name: &str) -> (PathBuf, String) {
     (path, text)
 }
 
+/// A real `serf_1` and `amb` with `-snapshot PATH` joined to it.
+fn joined_with_snapshot(path: &str) -> (SerfAgent, AmbAgent) {
+    let real = SerfAgent::start("serf_1", loopback(1), &[]);
+    let join = real.bind.to_string();
+    let ours = AmbAgent::start("amb", loopback(2), &["-snapshot", path, "-join", &join]);
+    (real, ours)
+}
+
 /// The highest `event-clock:` in a snapshot file (0 when none yet).
 fn snapshot_event_clock(path: &std::path::Path) -> u64 {
     std::fs::read_to_string(path)
@@ -641,15 +649,9 @@ fn serf_info(rpc: SocketAddr, field: &str) -> Option<u64> {
 
 #[test]
 fn agent_with_a_snapshot_rejoins_by_itself_after_sigkill_and_keeps_its_event_clock() {
-    let real = SerfAgent::start("serf_1", loopback(1), &[]);
     let dir = tempfile::tempdir().unwrap();
     let (path, path_text) = snapshot_file(&dir, "amb.snapshot");
-    let join = real.bind.to_string();
-    let mut ours = AmbAgent::start(
-        "amb",
-        loopback(2),
-        &["-snapshot", &path_text, "-join", &join],
-    );
+    let (real, mut ours) = joined_with_snapshot(&path_text);
     eventually(DEADLINE, "the real agent sees amb alive", || {
         (status_at(real.rpc, "amb").as_deref() == Some("alive")).then_some(())
     });
@@ -732,15 +734,9 @@ fn agent_rejoins_the_members_of_a_snapshot_written_by_go_serf() {
 
 #[test]
 fn go_serf_rejoins_the_members_of_a_snapshot_written_by_amb_serf() {
-    let real = SerfAgent::start("serf_1", loopback(1), &[]);
     let dir = tempfile::tempdir().unwrap();
     let (path, path_text) = snapshot_file(&dir, "amb.snapshot");
-    let join = real.bind.to_string();
-    let mut ours = AmbAgent::start(
-        "amb",
-        loopback(2),
-        &["-snapshot", &path_text, "-join", &join],
-    );
+    let (real, mut ours) = joined_with_snapshot(&path_text);
     let alive_line = format!("alive: serf_1 {}\n", real.bind);
     eventually(DEADLINE, "the snapshot records serf_1", || {
         std::fs::read_to_string(&path)
