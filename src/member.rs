@@ -103,6 +103,16 @@ pub(crate) struct GossipArgs {
     #[arg(long, env = "AMB_KEYRING_FILE", value_name = "PATH")]
     pub(crate) keyring_file: Option<PathBuf>,
 
+    /// Keep Go's snapshot file here (`serf agent -snapshot`): a restart continues the Lamport
+    /// clocks (no replayed events) and rejoins the members alive in it, even without --join.
+    #[arg(long, env = "AMB_SNAPSHOT", value_name = "PATH")]
+    pub(crate) snapshot: Option<PathBuf>,
+
+    /// Rejoin the snapshot's members even after a graceful leave (`serf agent -rejoin`);
+    /// without --snapshot it does nothing (a warning, as Go's).
+    #[arg(long, env = "AMB_REJOIN")]
+    pub(crate) rejoin: bool,
+
     /// Timing of failure detection and gossip, as `serf agent -profile`.
     #[arg(long, env = "AMB_PROFILE", value_enum, default_value_t = Profile::Lan)]
     pub(crate) profile: Profile,
@@ -496,6 +506,8 @@ struct Inner {
     tags_file: Option<PathBuf>,
     /// The event handlers in force (replaced on SIGHUP, [`LocalMember::set_event_handlers`]).
     handlers: watch::Sender<Arc<Vec<Handler>>>,
+    /// The RPC side, which lists the handlers in `serf info`.
+    backend: Arc<MemberBackend>,
     shutdown: CancellationToken,
     stop_requested: CancellationToken,
     tasks: TaskTracker,
@@ -572,6 +584,16 @@ async fn start_member(
     options.advertise = Some(gossip.advertise_for(gossip.bind));
     options.config = gossip.profile.config();
     options.keyring = keyring.map(|keyring| gossip.shared_keyring(keyring));
+    if gossip.rejoin && gossip.snapshot.is_none() {
+        warn!("--rejoin has no effect without --snapshot");
+    }
+    options.snapshot = gossip
+        .snapshot
+        .clone()
+        .map(|path| serf_agent::snapshot::Options {
+            path,
+            rejoin_after_leave: gossip.rejoin,
+        });
     let gossip_interval = options.config.gossip_interval;
     let query_timeout_mult = config.query_timeout_mult;
     let (handle, mut layer_events) =
@@ -635,6 +657,7 @@ async fn start_member(
             tags: Mutex::new(tags),
             tags_file: settings.tags_file,
             handlers: watch::channel(Arc::new(Vec::new())).0,
+            backend: Arc::clone(&backend),
             shutdown,
             stop_requested,
             tasks,
@@ -762,13 +785,14 @@ impl LocalMember {
     }
 
     /// Replaces the event handlers (`serf agent` reloads them on SIGHUP); the next event
-    /// runs the new ones.
-    pub(crate) fn set_event_handlers(&self, handlers: Vec<Handler>) {
+    /// runs the new ones, and `serf info` lists `specs`.
+    pub(crate) fn set_event_handlers(&self, handlers: Vec<Handler>, specs: Vec<String>) {
         self.inner.handlers.send_replace(Arc::new(handlers));
+        self.inner.backend.set_event_handlers(specs);
     }
 
     fn spawn_handlers(&self, handlers: Vec<Handler>, extra_env: Vec<(String, String)>) {
-        self.set_event_handlers(handlers);
+        self.inner.handlers.send_replace(Arc::new(handlers));
         let current = self.inner.handlers.subscribe();
         let mut events = self.subscribe();
         let member = self.clone();

@@ -47,14 +47,23 @@ pub(crate) fn set_log_filter(filter: &str) -> anyhow::Result<()> {
 }
 
 /// What a command reloads on SIGHUP, as `serf agent` does: the log level, the event handlers
-/// and (for `agent`) the tags, from its flags, `--config-file` and `--tags-file`.
+/// and the tags, from its flags, `--config-file` and `--tags-file`.
 #[derive(Debug, Clone)]
 pub(crate) struct Reloadable {
     member: MemberArgs,
     config: ConfigArgs,
     log_flag: Option<String>,
-    /// Whether the tags are ours to set (`agent`; `run`'s advertiser owns its tags).
-    tags: bool,
+    tags: TagsOwner,
+}
+
+/// Which tags a reload may replace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TagsOwner {
+    /// `agent`: every tag is the configuration's.
+    Config,
+    /// `run`: the tags it manages itself (`role`, `health`, `ports`, `service`) stay as its
+    /// advertiser set them; every other tag is the configuration's.
+    Advertiser,
 }
 
 /// What the flags and the config files ask for.
@@ -72,7 +81,7 @@ impl Reloadable {
         member: &MemberArgs,
         config: &ConfigArgs,
         log_flag: Option<&str>,
-        tags: bool,
+        tags: TagsOwner,
     ) -> Self {
         Self {
             member: member.clone(),
@@ -128,9 +137,15 @@ impl Reloadable {
             set_log_filter(level)?;
         }
         let count = handlers.len();
-        member.set_event_handlers(handlers);
-        if self.tags && wanted.tags != member.tags() {
-            member.set_tags(wanted.tags.clone()).await?;
+        member.set_event_handlers(handlers, wanted.member.event_handlers.clone());
+        let tags = match self.tags {
+            TagsOwner::Config => wanted.tags.clone(),
+            TagsOwner::Advertiser => {
+                crate::advertisement::with_current_extras(member.tags(), wanted.tags.clone())
+            }
+        };
+        if tags != member.tags() {
+            member.set_tags(tags).await?;
         }
         let tags: Vec<String> = member
             .tags()

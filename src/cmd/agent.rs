@@ -16,7 +16,7 @@ use crate::config_file::ConfigArgs;
 use crate::member::{self, MemberArgs};
 use crate::metrics;
 use crate::nameserver;
-use crate::reload::Reloadable;
+use crate::reload::{Reloadable, TagsOwner};
 
 /// How long a leave may take before we exit anyway (Serf's broadcast timeout plus the
 /// propagation delay, with room to spare).
@@ -41,7 +41,7 @@ pub(crate) struct Args {
 }
 
 pub(crate) async fn run(args: Args, log_flag: Option<&str>) -> anyhow::Result<()> {
-    let reloadable = Reloadable::new(&args.member, &args.config, log_flag, true);
+    let reloadable = Reloadable::new(&args.member, &args.config, log_flag, TagsOwner::Config);
     let start = reloadable.start()?;
     let seeds = args.member.gossip.seeds(crate::environment::vars())?;
     let metrics_listener = metrics::bind(args.metrics_addr).await?;

@@ -19,6 +19,7 @@
 //! an etcd registrar fed by the same health channel ([`crate::registry`]), and step 5 revokes
 //! its lease instead of leaving; the rest is identical.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -117,7 +118,8 @@ pub(crate) struct Args {
     #[command(flatten)]
     member: MemberArgs,
 
-    /// Log level and event handlers reloaded on SIGHUP (`reload::Reloadable`).
+    /// Log level, event handlers and tags (all but the ones `run` manages) reloaded on SIGHUP
+    /// (`reload::Reloadable`).
     #[command(flatten)]
     config: crate::config_file::ConfigArgs,
 
@@ -145,8 +147,14 @@ pub(crate) struct Args {
 }
 
 pub(crate) async fn run(args: Args, log_flag: Option<&str>) -> anyhow::Result<()> {
-    let reloadable = crate::reload::Reloadable::new(&args.member, &args.config, log_flag, false);
-    let with_config = reloadable.start()?.member;
+    let reloadable = crate::reload::Reloadable::new(
+        &args.member,
+        &args.config,
+        log_flag,
+        crate::reload::TagsOwner::Advertiser,
+    );
+    let wanted = reloadable.start()?;
+    let with_config = wanted.member;
     let Plan {
         registry,
         specs,
@@ -155,7 +163,7 @@ pub(crate) async fn run(args: Args, log_flag: Option<&str>) -> anyhow::Result<()
         advertisement,
         backend,
         health_check,
-    } = plan(&args)?;
+    } = plan(&args, wanted.tags)?;
     raise_open_file_limit();
     let mut signals = Signals::new().context("installing signal handlers")?;
 
@@ -324,7 +332,8 @@ struct Plan {
     health_check: Option<health::Check>,
 }
 
-fn plan(args: &Args) -> anyhow::Result<Plan> {
+/// `tags`: the tags file, the config files' `tags` and `--tag` ([`crate::reload::Wanted`]).
+fn plan(args: &Args, tags: BTreeMap<String, String>) -> anyhow::Result<Plan> {
     let serf_link = args.member.gossip.serf_link.clone();
     let options = link_env::Options {
         serf_link: serf_link.clone(),
@@ -351,7 +360,7 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
         args.role.clone(),
         args.service_addr.clone(),
         advertisement::user_tags(
-            args.member.tags()?,
+            tags,
             &args
                 .member
                 .tags

@@ -53,14 +53,35 @@ impl AmbAgent {
         ip: std::net::Ipv4Addr,
         extra: &[&str],
     ) -> Result<Self, ([u16; 2], String)> {
+        let bind = SocketAddr::from((ip, free_port(ip)));
+        let rpc = SocketAddr::from((loopback(1), free_port(loopback(1))));
+        Self::launch(name, bind, rpc, extra)
+    }
+
+    /// Kills the agent (SIGKILL: no leave, nothing flushed) and starts it again on the same
+    /// gossip and RPC addresses with `extra` arguments.
+    pub(crate) fn restart(&mut self, extra: &[&str]) {
+        self.child.kill();
+        match Self::launch(&self.name, self.bind, self.rpc, extra) {
+            Ok(agent) => *self = agent,
+            Err((_, log)) => panic!("amb-serf agent {} exited early:\n{log}", self.name),
+        }
+    }
+
+    /// Starts an agent on `bind` and `rpc` and waits for its RPC; if it exits first, its ports
+    /// and log.
+    fn launch(
+        name: &str,
+        bind: SocketAddr,
+        rpc: SocketAddr,
+        extra: &[&str],
+    ) -> Result<Self, ([u16; 2], String)> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let log = std::env::temp_dir().join(format!(
             "amb-serf-agent-{}-{}.log",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        let bind = SocketAddr::from((ip, free_port(ip)));
-        let rpc = SocketAddr::from((loopback(1), free_port(loopback(1))));
         let (bind_text, rpc_text) = (bind.to_string(), rpc.to_string());
         let mut args = vec![
             "agent",
@@ -591,5 +612,147 @@ fn agent_joins_again_when_every_peer_is_lost() {
         Duration::from_secs(60),
         "amb registered at the new serf_1",
         || (status_at(rpc, "amb").as_deref() == Some("alive")).then_some(()),
+    );
+}
+
+/// `name` in `dir`, as a path and as an argument.
+fn snapshot_file(dir: &tempfile::TempDir, name: &str) -> (PathBuf, String) {
+    let path = dir.path().join(name);
+    let text = path.display().to_string();
+    (path, text)
+}
+
+/// A real `serf_1` and `amb` with `-snapshot PATH` joined to it.
+fn joined_with_snapshot(path: &str) -> (SerfAgent, AmbAgent) {
+    let real = SerfAgent::start("serf_1", loopback(1), &[]);
+    let join = real.bind.to_string();
+    let ours = AmbAgent::start("amb", loopback(2), &["-snapshot", path, "-join", &join]);
+    (real, ours)
+}
+
+/// The highest `event-clock:` in a snapshot file (0 when none yet).
+fn snapshot_event_clock(path: &std::path::Path) -> u64 {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.strip_prefix("event-clock: ")?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// A field of the `serf` section of `serf info -format=json` at `rpc`.
+fn serf_info(rpc: SocketAddr, field: &str) -> Option<u64> {
+    let output = serf_cli(rpc, &["info", "-format=json"]);
+    let value: serde_json::Value = serde_json::from_str(&stdout(&output)).ok()?;
+    value["serf"][field].as_str()?.parse().ok()
+}
+
+#[test]
+fn agent_with_a_snapshot_rejoins_by_itself_after_sigkill_and_keeps_its_event_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, path_text) = snapshot_file(&dir, "amb.snapshot");
+    let (real, mut ours) = joined_with_snapshot(&path_text);
+    eventually(DEADLINE, "the real agent sees amb alive", || {
+        (status_at(real.rpc, "amb").as_deref() == Some("alive")).then_some(())
+    });
+    for payload in ["v1", "v2", "v3"] {
+        let sent = serf_cli(real.rpc, &["event", "deploy", payload]);
+        assert!(sent.status.success(), "{}", describe(&sent));
+    }
+    // Go's event clock starts at 1: the three events are 1, 2 and 3.
+    eventually(DEADLINE, "the snapshot records event-clock 3", || {
+        (snapshot_event_clock(&path) >= 3).then_some(())
+    });
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        text.contains(&format!("alive: serf_1 {}\n", real.bind)),
+        "{text}"
+    );
+
+    // SIGKILL, then start again without any --join: the snapshot brings it back.
+    ours.restart(&["-snapshot", &path_text]);
+    let log = ours.log();
+    assert!(
+        log.contains("snapshot replayed") && log.contains("\"event_clock\":\"3\""),
+        "{log}"
+    );
+    // The clock is restored from the file at start, before any gossip could bring it.
+    let event_time = serf_info(ours.rpc, "event_time").expect("serf info event_time");
+    assert!(event_time >= 4, "event_time {event_time} went back");
+    eventually(DEADLINE, "amb sees serf_1 alive again", || {
+        (status_at(ours.rpc, "serf_1").as_deref() == Some("alive")).then_some(())
+    });
+    eventually(DEADLINE, "the real agent sees amb alive again", || {
+        (status_at(real.rpc, "amb").as_deref() == Some("alive")).then_some(())
+    });
+    // A new event from the restarted agent continues the clock.
+    let sent = serf_cli(ours.rpc, &["event", "deploy", "v4"]);
+    assert!(sent.status.success(), "{}", describe(&sent));
+    eventually(DEADLINE, "the snapshot records event-clock 4", || {
+        (snapshot_event_clock(&path) >= 4).then_some(())
+    });
+
+    // A graceful leave ends the snapshot with `leave`: the next start rejoins no one.
+    ours.child.signal(libc::SIGTERM);
+    ours.child.wait_timeout(DEADLINE).expect("amb-serf exits");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("\nleave\n"), "{text}");
+}
+
+#[test]
+fn agent_rejoins_the_members_of_a_snapshot_written_by_go_serf() {
+    let peer = SerfAgent::start("go-peer", loopback(1), &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (path, path_text) = snapshot_file(&dir, "go.snapshot");
+    let mut go = SerfAgent::start(
+        "go-snap",
+        loopback(2),
+        &[
+            &format!("-snapshot={path_text}"),
+            &format!("-join={}", peer.bind),
+        ],
+    );
+    eventually(DEADLINE, "go-peer sees go-snap alive", || {
+        (status_at(peer.rpc, "go-snap").as_deref() == Some("alive")).then_some(())
+    });
+    // SIGTERM: Go's agent shuts down without leaving and flushes the snapshot.
+    go.child.signal(libc::SIGTERM);
+    go.child.wait_timeout(DEADLINE).expect("serf agent exits");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        text.contains(&format!("alive: go-peer {}\n", peer.bind)),
+        "{text}"
+    );
+    assert!(!text.contains("leave"), "{text}");
+
+    let ours = AmbAgent::start("amb", loopback(3), &["-snapshot", &path_text]);
+    eventually(DEADLINE, "go-peer sees amb alive", || {
+        (status_at(peer.rpc, "amb").as_deref() == Some("alive")).then_some(())
+    });
+    assert!(ours.log().contains("\"previous\":2"), "{}", ours.log());
+}
+
+#[test]
+fn go_serf_rejoins_the_members_of_a_snapshot_written_by_amb_serf() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, path_text) = snapshot_file(&dir, "amb.snapshot");
+    let (real, mut ours) = joined_with_snapshot(&path_text);
+    let alive_line = format!("alive: serf_1 {}\n", real.bind);
+    eventually(DEADLINE, "the snapshot records serf_1", || {
+        std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .contains(&alive_line)
+            .then_some(())
+    });
+    ours.child.kill();
+    // Go's agent, started on our file without -join, rejoins serf_1 from it.
+    let go = SerfAgent::start("go-next", loopback(3), &[&format!("-snapshot={path_text}")]);
+    eventually(DEADLINE, "serf_1 sees go-next alive", || {
+        (status_at(real.rpc, "go-next").as_deref() == Some("alive")).then_some(())
+    });
+    assert!(
+        go.log().contains("Re-joined to previously known node"),
+        "{}",
+        go.log()
     );
 }

@@ -431,6 +431,18 @@ fn agent_reloads_config_tags_file_and_handlers_on_sighup() {
     eventually(DEADLINE, "debug lines after the reload", || {
         agent.log().contains("rpc request").then_some(())
     });
+    // `serf info` lists the reloaded handlers, not the ones at start (none).
+    let info = run(&mut command(
+        require("serf"),
+        agent.rpc,
+        &["info", "-format=json"],
+    ));
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("info json");
+    assert_eq!(
+        info["event_handlers"],
+        serde_json::json!({"query:whoami": "echo reloaded"}),
+        "{info}"
+    );
 
     // A broken config file keeps the running configuration, and the agent.
     std::fs::write(&config, r#"{"log_level": "inf"}"#).unwrap();
@@ -449,10 +461,10 @@ fn agent_reloads_config_tags_file_and_handlers_on_sighup() {
 }
 
 #[test]
-fn run_reloads_its_event_handlers_on_sighup() {
+fn run_reloads_its_event_handlers_and_tags_on_sighup() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("config.json");
-    std::fs::write(&config, r#"{"event_handlers": []}"#).unwrap();
+    std::fs::write(&config, r#"{"event_handlers": [], "tags": {"zone": "a"}}"#).unwrap();
     let ip = loopback(233);
     let gossip = format!("{ip}:{}", free_port(ip));
     let rpc = SocketAddr::from((loopback(1), free_port(loopback(1))));
@@ -486,10 +498,27 @@ fn run_reloads_its_event_handlers_on_sighup() {
         "{}",
         describe(&before)
     );
+    // Our tags: one member, the ambassador.
+    let tags = || {
+        let output = run(&mut command(
+            require("serf"),
+            rpc,
+            &["members", "-format=json"],
+        ));
+        let value: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        value["members"][0]["tags"].clone()
+    };
+    assert_eq!(
+        tags(),
+        serde_json::json!({"zone": "a", "role": "9", "health": "passing", "ports": "9/tcp"})
+    );
 
+    // The config file's tags are reloaded; the tags `run` manages (role, health, ports,
+    // service) stay its own even when the file names them.
     std::fs::write(
         &config,
-        r#"{"event_handlers": ["query:whoami=echo run-reloaded"]}"#,
+        r#"{"event_handlers": ["query:whoami=echo run-reloaded"],
+            "tags": {"zone": "b", "rack": "r1", "role": "mine"}}"#,
     )
     .unwrap();
     ambassador.signal(libc::SIGHUP);
@@ -497,6 +526,13 @@ fn run_reloads_its_event_handlers_on_sighup() {
         text(&ask().stdout)
             .contains("': run-reloaded")
             .then_some(())
+    });
+    eventually(DEADLINE, "the reloaded tags", || {
+        (tags()
+            == serde_json::json!({
+                "zone": "b", "rack": "r1", "role": "9", "health": "passing", "ports": "9/tcp"
+            }))
+        .then_some(())
     });
     assert!(
         ambassador.log().contains("reloaded"),

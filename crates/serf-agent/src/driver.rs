@@ -103,6 +103,9 @@ pub struct Options {
     /// Gossip encryption keys (shared with the Serf layer, which changes them on key
     /// queries); `None` = plaintext gossip.
     pub keyring: Option<SharedKeyring>,
+    /// Keep Go's snapshot file (`serf agent -snapshot`): restore the clocks and rejoin the
+    /// previous members at start. Used by [`crate::member::start`] only.
+    pub snapshot: Option<crate::snapshot::Options>,
 }
 
 impl Options {
@@ -118,6 +121,7 @@ impl Options {
             config: Config::lan(),
             seed: None,
             keyring: None,
+            snapshot: None,
         }
     }
 }

@@ -6,9 +6,12 @@
 //! - [`member`]: a whole Serf member on it — the very [`serf::serf::Serf`] the simulation
 //!   tests drive — with an async [`member::Handle`] and a channel of [`serf::serf::Event`]s.
 //! - [`rpc`]: Serf's agent RPC, both sides (client, server, the member backend).
+//! - [`snapshot`]: Go's snapshot file (`serf agent -snapshot`): the format, and the thread
+//!   that keeps it while [`member`] runs.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod driver;
 pub mod member;
 pub mod rpc;
+pub mod snapshot;

@@ -36,6 +36,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::driver::Core;
+use crate::snapshot::writer::{self as snapshot_writer, Message};
+use crate::snapshot::{Record, Tracker};
 use serf::coordinate::Coordinate;
 use serf::memberlist::{JoinId, StreamId, StreamInput, Transmit};
 use serf::serf::Lifecycle;
@@ -59,6 +61,9 @@ pub enum Error {
         /// Each seed with its failure.
         errors: Vec<(SocketAddr, String)>,
     },
+    /// The snapshot file could not be opened or read at start (nothing started).
+    #[error(transparent)]
+    Snapshot(#[from] snapshot_writer::OpenError),
 }
 
 type JoinResult = (usize, Vec<(SocketAddr, String)>);
@@ -71,6 +76,37 @@ pub(crate) struct Running {
     joins: BTreeMap<JoinId, oneshot::Sender<JoinResult>>,
     leaves: Vec<oneshot::Sender<()>>,
     keys: BTreeMap<QueryHandle, oneshot::Sender<KeyReport>>,
+    snapshot: Option<Recorder>,
+}
+
+/// Feeds the snapshot writer ([`crate::snapshot::writer`]) from the core's events and clock.
+struct Recorder {
+    tracker: Tracker,
+    writer: mpsc::UnboundedSender<Message>,
+    records: Vec<Record>,
+}
+
+impl Recorder {
+    fn send(&mut self) {
+        for record in self.records.drain(..) {
+            let _ = self.writer.send(Message::Record(record));
+        }
+    }
+}
+
+impl Running {
+    /// Records an event (or, with `None`, only the member clock) in the snapshot.
+    fn record(&mut self, event: Option<&Event>) {
+        let Some(recorder) = &mut self.snapshot else {
+            return;
+        };
+        let clock = self.serf.clocks().0;
+        match event {
+            Some(event) => recorder.tracker.event(event, clock, &mut recorder.records),
+            None => recorder.tracker.clock(clock, &mut recorder.records),
+        }
+        recorder.send();
+    }
 }
 
 impl Core for Running {
@@ -102,7 +138,11 @@ impl Core for Running {
     }
 
     fn poll_event(&mut self) -> Option<Event> {
-        let event = self.serf.poll_event()?;
+        let Some(event) = self.serf.poll_event() else {
+            self.record(None);
+            return None;
+        };
+        self.record(Some(&event));
         match &event {
             Event::MemberJoin(member) => {
                 tracing::info!(node = %member.name, addr = %member.socket_addr(), "member joined");
@@ -157,11 +197,36 @@ pub struct Handle {
 
 /// Starts a member: `config.node_name`, tags and protocol version make the local node
 /// (`options.name`, `meta` and `vsn` are not used); `options.bind` is bound for UDP and TCP.
+///
+/// With `options.snapshot` (`serf agent -snapshot`), the file is read first: the member's
+/// clocks continue from it, its events and clock are appended to it while it runs, and the
+/// members alive in it are rejoined (one after the other, in random order, until one answers,
+/// as Go's `handleRejoin`), unless it ends with our leave and `rejoin_after_leave` is off.
 pub async fn start(
-    config: Config,
+    mut config: Config,
     options: crate::driver::Options,
 ) -> Result<(Handle, mpsc::UnboundedReceiver<Event>), Error> {
     let keyring = options.keyring.clone();
+    let mut previous = Vec::new();
+    let snapshot = match &options.snapshot {
+        Some(snapshot_options) => {
+            let opened = snapshot_writer::open(snapshot_options)?;
+            let restored = opened.snapshot.clocks();
+            config.restored_clocks = Some(restored);
+            let members = opened.snapshot.previous_members(&config.node_name);
+            previous = members.members;
+            for (node, addr) in members.unparsed {
+                tracing::warn!(%node, %addr, "snapshot address does not parse, not rejoining it");
+            }
+            tracing::info!(path = %snapshot_options.path.display(), previous = previous.len(), clock = %restored.member, event_clock = %restored.event, query_clock = %restored.query, "snapshot replayed");
+            Some(Recorder {
+                tracker: Tracker::new(restored),
+                writer: snapshot_writer::spawn(snapshot_options.clone(), opened),
+                records: Vec::new(),
+            })
+        }
+        None => None,
+    };
     let (inner, events) = crate::driver::spawn(options, move |memberlist, addr, rng, now| {
         let mut serf = Serf::new(config, memberlist, addr, rng, now)?;
         serf.set_keyring(keyring);
@@ -170,10 +235,15 @@ pub async fn start(
             joins: BTreeMap::new(),
             leaves: Vec::new(),
             keys: BTreeMap::new(),
+            snapshot,
         })
     })
     .await?;
-    Ok((Handle { inner }, events))
+    let handle = Handle { inner };
+    if !previous.is_empty() {
+        tokio::spawn(handle.clone().rejoin(previous));
+    }
+    Ok((handle, events))
 }
 
 impl Handle {
@@ -202,9 +272,28 @@ impl Handle {
         }
     }
 
+    /// Rejoins the members of a previous run (from the snapshot), in random order, until one
+    /// answers.
+    async fn rejoin(self, mut previous: Vec<(String, SocketAddr)>) {
+        use rand::seq::SliceRandom;
+        previous.shuffle(&mut rand::rng());
+        for (node, addr) in previous {
+            tracing::info!(%node, %addr, "rejoining a previously known member");
+            match self.join(&[addr], false).await {
+                Ok(_) => {
+                    tracing::info!(%node, %addr, "rejoined a previously known member");
+                    return;
+                }
+                Err(error) => tracing::debug!(%node, %addr, %error, "rejoin failed"),
+            }
+        }
+        tracing::warn!("failed to rejoin any previously known member");
+    }
+
     /// Leaves gracefully and waits until done: leave intent gossiped, memberlist leave,
     /// propagation delay. Peers then show this member `left`. The driver keeps running until
-    /// [`shutdown`](Self::shutdown) or drop.
+    /// [`shutdown`](Self::shutdown) or drop. With a snapshot, its `leave` line is on disk
+    /// before this returns.
     pub async fn leave(&self) -> Result<(), Error> {
         let waiter = self
             .run(|running, now| {
@@ -212,6 +301,10 @@ impl Handle {
                     return Ok(None);
                 }
                 running.serf.leave(now)?;
+                if let Some(recorder) = &mut running.snapshot {
+                    recorder.tracker.leave(&mut recorder.records);
+                    recorder.send();
+                }
                 let (tx, rx) = oneshot::channel();
                 running.leaves.push(tx);
                 Ok(Some(rx))
@@ -219,6 +312,18 @@ impl Handle {
             .await?;
         if let Some(waiter) = waiter {
             waiter.await.map_err(|_| crate::driver::Error::Stopped)?;
+        }
+        let synced = self
+            .inner
+            .with(|running, _| {
+                let recorder = running.snapshot.as_ref()?;
+                let (tx, rx) = oneshot::channel();
+                recorder.writer.send(Message::Sync(tx)).ok()?;
+                Some(rx)
+            })
+            .await?;
+        if let Some(synced) = synced {
+            let _ = synced.await;
         }
         Ok(())
     }

@@ -74,7 +74,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct AgentInfo {
     /// This member's node name.
     pub node_name: String,
-    /// The configured event handlers (`event_handlers` section, as the spec strings).
+    /// The configured event handlers at start (`event_handlers` section, as the spec
+    /// strings); replaced by [`MemberBackend::set_event_handlers`] on a reload.
     pub event_handlers: Vec<String>,
     /// Gossip interval, for the default query timeout.
     pub gossip_interval: std::time::Duration,
@@ -95,6 +96,8 @@ struct Queries {
 pub struct MemberBackend {
     handle: Handle,
     info: AgentInfo,
+    /// The event handlers `serf info` shows: `info.event_handlers` until a reload.
+    event_handlers: Mutex<Vec<String>>,
     events: broadcast::Sender<Event>,
     logs: Arc<LogRing>,
     queries: Mutex<Queries>,
@@ -112,12 +115,18 @@ impl MemberBackend {
     ) -> Self {
         Self {
             handle,
+            event_handlers: Mutex::new(info.event_handlers.clone()),
             info,
             events: broadcast::channel(1024).0,
             logs,
             queries: Mutex::new(Queries::default()),
             stopped,
         }
+    }
+
+    /// Replaces the event handlers `serf info` lists (the agent reloaded them).
+    pub fn set_event_handlers(&self, event_handlers: Vec<String>) {
+        *lock(&self.event_handlers) = event_handlers;
     }
 
     /// Feeds one member event: membership and user events and queries go to `stream`
@@ -412,7 +421,7 @@ impl Backend for MemberBackend {
             .map(usize::from)
             .unwrap_or(1)
             .to_string();
-        let handlers = handler_stats(&self.info.event_handlers);
+        let handlers = handler_stats(&lock(&self.event_handlers));
         BTreeMap::from([
             (
                 "agent".to_owned(),

@@ -12,8 +12,8 @@
 //!   [`messages`]: the structs with Go's field names; [`filter`]: anchored member filters and
 //!   stream filters.
 //!
-//! Left out: the IPC versions other than 1 (none exist), and the agent itself (event handlers,
-//! snapshots), which is the binary's member runtime (`src/member.rs`).
+//! Left out: the IPC versions other than 1 (none exist), and the agent itself (event handlers),
+//! which is the binary's member runtime (`src/member.rs`); snapshots are [`crate::snapshot`].
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), serf_agent::rpc::Error> {

@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use super::lamport::LamportTime;
+
 /// Largest user event (name + payload, and encoded) Serf accepts at all (Go's
 /// `UserEventSizeLimit` constant, 9 KiB).
 pub const USER_EVENT_SIZE_HARD_LIMIT: usize = 9 * 1024;
@@ -62,6 +64,22 @@ pub struct Config {
     pub disable_coordinates: bool,
     /// Largest user event, name + payload and encoded (512; at most 9 KiB).
     pub user_event_size_limit: usize,
+    /// The clocks of a previous run (Go's snapshot: `clock:`, `event-clock:`, `query-clock:`);
+    /// `None` for a fresh start. See [`RestoredClocks`].
+    pub restored_clocks: Option<RestoredClocks>,
+}
+
+/// The last Lamport times a previous run of this member saw, read from its snapshot by the
+/// caller. As Go's `serf.Create` does with a snapshot: the three clocks witness them, and user
+/// events and queries at or before the saved times are not delivered again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestoredClocks {
+    /// Member clock (`clock:`).
+    pub member: LamportTime,
+    /// User event clock (`event-clock:`).
+    pub event: LamportTime,
+    /// Query clock (`query-clock:`).
+    pub query: LamportTime,
 }
 
 impl Default for Config {
@@ -90,6 +108,7 @@ impl Default for Config {
             enable_name_conflict_resolution: true,
             disable_coordinates: false,
             user_event_size_limit: 512,
+            restored_clocks: None,
         }
     }
 }

@@ -15,7 +15,9 @@ mod push_pull;
 mod query;
 mod state;
 
-pub use config::{Config, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, USER_EVENT_SIZE_HARD_LIMIT};
+pub use config::{
+    Config, RestoredClocks, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, USER_EVENT_SIZE_HARD_LIMIT,
+};
 pub use keys::{KeyOperation, KeyReport};
 pub use lamport::{LamportClock, LamportTime};
 pub use member::{Member, MemberStatus, NodeInfo};

@@ -96,10 +96,20 @@ impl SerfState {
         if let Some(client) = &coordinates {
             coordinate_cache.insert(config.node_name.clone(), client.coordinate().clone());
         }
+        let mut members = Members::new(&config.node_name);
+        let mut user_events = UserEvents::new(config.event_buffer);
+        let mut queries = Queries::new(config.query_buffer);
+        if let Some(restored) = config.restored_clocks {
+            members.clock.witness(restored.member);
+            user_events.clock.witness(restored.event);
+            user_events.min_time = LamportTime(restored.event.0.saturating_add(1));
+            queries.clock.witness(restored.query);
+            queries.min_time = LamportTime(restored.query.0.saturating_add(1));
+        }
         Self {
-            members: Members::new(&config.node_name),
-            user_events: UserEvents::new(config.event_buffer),
-            queries: Queries::new(config.query_buffer),
+            members,
+            user_events,
+            queries,
             next_reap: now + config.reap_interval,
             next_queue_check: now + config.queue_check_interval,
             next_reconnect: now + config.reconnect_interval,

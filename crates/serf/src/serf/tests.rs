@@ -889,3 +889,37 @@ fn a_full_member_table_reaps_its_oldest_gone_members_first() {
         Some(MemberStatus::Failed)
     );
 }
+
+#[test]
+fn restored_clocks_are_witnessed_and_older_events_are_not_delivered_again() {
+    let config = Config {
+        node_name: "me".to_owned(),
+        restored_clocks: Some(RestoredClocks {
+            member: LamportTime(40),
+            event: LamportTime(7),
+            query: LamportTime(3),
+        }),
+        ..Config::default()
+    };
+    let mut restored =
+        super::state::SerfState::new(config, StdRng::seed_from_u64(5), 4, Instant::now());
+    assert_eq!(
+        restored.clocks(),
+        (LamportTime(41), LamportTime(8), LamportTime(4))
+    );
+    let mut events = Vec::new();
+    assert!(!restored
+        .user_events
+        .handle(user_event(7, "old", b""), &mut events));
+    assert!(restored
+        .user_events
+        .handle(user_event(8, "new", b""), &mut events));
+    assert_eq!(kinds(&events), ["event new 8"]);
+    // A fresh start (no snapshot) keeps Go's clocks at 1 and accepts every time.
+    let fresh = state("me");
+    assert_eq!(
+        fresh.clocks(),
+        (LamportTime(1), LamportTime(1), LamportTime(1))
+    );
+    assert_eq!(fresh.user_events.min_time, LamportTime(0));
+}
