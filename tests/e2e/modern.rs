@@ -95,15 +95,19 @@ fn sighup_is_survived() {
 #[test]
 fn json_log_lines_have_unique_keys() {
     let ambassador = forwarding_nothing_much(233, &[("RUST_LOG", "debug")]);
-    let log = ambassador.log();
-    let mut with_spans = 0;
-    for line in log.lines().filter(|line| line.starts_with('{')) {
-        if let Err(error) = serde_json::from_str::<UniqueKeys>(line) {
-            panic!("{error}: {line}");
+    // The member's spans log a moment after the ready line: poll until one has, checking
+    // every line seen on the way.
+    eventually(DEADLINE, "a JSON log line inside a span", || {
+        let log = ambassador.log();
+        let mut with_spans = 0;
+        for line in log.lines().filter(|line| line.starts_with('{')) {
+            if let Err(error) = serde_json::from_str::<UniqueKeys>(line) {
+                panic!("{error}: {line}");
+            }
+            with_spans += usize::from(line.contains("\"span\":"));
         }
-        with_spans += usize::from(line.contains("\"span\":"));
-    }
-    assert!(with_spans > 0, "no line inside a span:\n{log}");
+        (with_spans > 0).then_some(())
+    });
 }
 
 /// `--log-level inf` is a typo, not a target named `inf` that would silence every log line.
