@@ -16,7 +16,6 @@ mod consumer;
 mod dataplane;
 mod duration;
 mod environment;
-mod event_handler;
 mod go_flags;
 mod health;
 mod logs;

@@ -47,7 +47,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::cmd::UsageError;
-use crate::event_handler::{self, Handler, HandlerEvent, HandlerMember, SelfInfo};
+use serf_agent::handlers::{self, Handler, HandlerEvent, SelfInfo};
 
 /// Serf's gossip port.
 pub(crate) const SERF_PORT: u16 = 7946;
@@ -791,7 +791,7 @@ impl LocalMember {
                 if handlers.is_empty() {
                     continue;
                 }
-                let Some((handler_event, responder)) = to_handler_event(&event) else {
+                let Some((handler_event, responder)) = HandlerEvent::from_event(&event) else {
                     continue;
                 };
                 let me = SelfInfo {
@@ -799,7 +799,7 @@ impl LocalMember {
                     tags: member.tags(),
                     extra_env: extra_env.clone(),
                 };
-                let output = event_handler::dispatch(&handlers, &me, &handler_event).await;
+                let output = handlers::dispatch(&handlers, &me, &handler_event).await;
                 if let (Some(id), Some(output)) = (responder, output) {
                     if let Err(error) = member.inner.handle.respond(id, &output).await {
                         warn!(%error, "query response from the event handler refused");
@@ -947,42 +947,6 @@ impl Advertiser for LocalMember {
     fn shutdown(self: Box<Self>) -> BoxFuture<'static, ()> {
         Box::pin(async move { Self::shutdown(&self).await })
     }
-}
-
-/// The handler form of an event, and the responder for a query.
-fn to_handler_event(event: &Event) -> Option<(HandlerEvent, Option<serf::serf::ResponderId>)> {
-    let member = |kind: &'static str, member: &serf::serf::Member| HandlerEvent::Member {
-        kind,
-        members: vec![HandlerMember {
-            name: member.name.clone(),
-            addr: member.addr.to_string(),
-            tags: member.tags.clone(),
-        }],
-    };
-    Some(match event {
-        Event::MemberJoin(m) => (member("member-join", m), None),
-        Event::MemberLeave(m) => (member("member-leave", m), None),
-        Event::MemberFailed(m) => (member("member-failed", m), None),
-        Event::MemberUpdate(m) => (member("member-update", m), None),
-        Event::MemberReap(m) => (member("member-reap", m), None),
-        Event::UserEvent(user) => (
-            HandlerEvent::User {
-                name: user.name.clone(),
-                ltime: user.ltime.0,
-                payload: user.payload.clone(),
-            },
-            None,
-        ),
-        Event::Query(query) => (
-            HandlerEvent::Query {
-                name: query.name.clone(),
-                ltime: query.ltime.0,
-                payload: query.payload.clone(),
-            },
-            Some(query.id),
-        ),
-        _ => return None,
-    })
 }
 
 /// The hostname, as Go's `os.Hostname` gives it to `serf agent`.

@@ -6,9 +6,11 @@
 //! - [`member`]: a whole Serf member on it — the very [`serf::serf::Serf`] the simulation
 //!   tests drive — with an async [`member::Handle`] and a channel of [`serf::serf::Event`]s.
 //! - [`rpc`]: Serf's agent RPC, both sides (client, server, the member backend).
+//! - [`handlers`]: event handlers as `serf agent -event-handler` runs them.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod driver;
+pub mod handlers;
 pub mod member;
 pub mod rpc;
