@@ -8,8 +8,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{signal, SignalKind};
 
-mod address;
-mod advertisement;
 mod cmd;
 mod config_file;
 mod consumer;

@@ -30,7 +30,7 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -356,7 +356,9 @@ impl GossipArgs {
 
     /// The node name: `--node` or the hostname.
     pub(crate) fn node_name(&self) -> String {
-        self.node.clone().unwrap_or_else(hostname)
+        self.node
+            .clone()
+            .unwrap_or_else(registrar::address::hostname)
     }
 
     /// The seeds to join (see [`GossipArgs::find_seeds`]), each logged with the rule that
@@ -443,7 +445,7 @@ impl GossipArgs {
         let ip = match self.advertise {
             Some(advertise) if advertise.port() != 0 => return advertise,
             Some(advertise) => advertise.ip(),
-            None if bound.ip().is_unspecified() => advertised_ip(),
+            None if bound.ip().is_unspecified() => registrar::address::advertised_ip(),
             None => bound.ip(),
         };
         SocketAddr::new(ip, bound.port())
@@ -924,7 +926,7 @@ impl Advertiser for LocalMember {
             health,
             move |tags| {
                 let member = member.clone();
-                let tags = crate::advertisement::with_current_extras(tags, member.tags());
+                let tags = registrar::advertisement::with_current_extras(tags, member.tags());
                 async move { member.set_tags(tags).await.map_err(|e| format!("{e:#}")) }
             },
             stop,
@@ -946,30 +948,6 @@ impl Advertiser for LocalMember {
 
     fn shutdown(self: Box<Self>) -> BoxFuture<'static, ()> {
         Box::pin(async move { Self::shutdown(&self).await })
-    }
-}
-
-/// The hostname, as Go's `os.Hostname` gives it to `serf agent`.
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|name| name.trim().to_owned())
-        .ok()
-        .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| "amb-serf".to_owned())
-}
-
-/// The address to advertise when bound to every address: Go's private-address rule
-/// ([`crate::address`]), logged with the interface and why; loopback when nothing qualifies.
-pub(crate) fn advertised_ip() -> IpAddr {
-    match crate::address::local() {
-        Some(choice) => {
-            tracing::info!(address = %choice.ip, "advertising {choice}");
-            choice.ip
-        }
-        None => {
-            tracing::warn!("no private address on any interface that is up: advertising 127.0.0.1 (set --advertise)");
-            IpAddr::V4(Ipv4Addr::LOCALHOST)
-        }
     }
 }
 

@@ -228,7 +228,7 @@ pub(crate) fn registration(advertisement: &Advertisement, local_ip: IpAddr) -> R
         })
         .unwrap_or(0);
     let mut registration = Registration::new(
-        &container_id(),
+        &registrar::address::hostname(),
         &local_ip.to_string(),
         port,
         env!("CARGO_PKG_VERSION"),
@@ -237,25 +237,6 @@ pub(crate) fn registration(advertisement: &Advertisement, local_ip: IpAddr) -> R
     registration.ports = advertisement.ports.clone();
     registration.tags = registrar::tags::desired(advertisement, Health::Passing);
     registration
-}
-
-/// Inside Docker the hostname is the container ID.
-fn container_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|name| name.trim().to_owned())
-        .unwrap_or_default()
-}
-
-/// The IP consumers reach us at: `--advertise`'s, else the listen address when it is a specific
-/// one, else the address a Serf member would advertise ([`crate::member::advertised_ip`]).
-pub(crate) fn local_ip(advertise: Option<IpAddr>, listen: IpAddr) -> IpAddr {
-    if let Some(ip) = advertise.filter(|ip| !ip.is_unspecified()) {
-        return ip;
-    }
-    if !listen.is_unspecified() {
-        return listen;
-    }
-    crate::member::advertised_ip()
 }
 
 /// The registrations of `snapshot` as RPC member rows (what `members` and `resolve` render).

@@ -34,7 +34,8 @@ use super::UsageError;
 use crate::consumer::{self, ConsumeArgs, Consumer};
 use crate::member::{self, MemberArgs};
 use crate::registry::{self, Registry, RegistryArgs};
-use crate::{advertisement, health, metrics};
+use crate::{health, metrics};
+use registrar::advertisement;
 
 /// Flags of `amb-serf run`.
 #[derive(Debug, clap::Args)]
@@ -216,7 +217,7 @@ pub(crate) async fn run(args: Args, log_flag: Option<&str>) -> anyhow::Result<()
     if !registry.is_serf() && !args.member.event_handlers.is_empty() {
         warn!("--event-handler needs Serf events; ignored with --registry etcd");
     }
-    let local_ip = registry::local_ip(
+    let local_ip = registrar::address::local_ip(
         args.member.gossip.advertise.map(|addr| addr.ip()),
         args.serve.listen_addr,
     );

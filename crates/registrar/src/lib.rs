@@ -40,9 +40,13 @@
 //! # }
 //! ```
 #![deny(missing_docs)]
-#![forbid(unsafe_code)]
+// Only `address` (getifaddrs) may use unsafe code.
+#![deny(unsafe_code)]
 
+#[allow(unsafe_code)]
+pub mod address;
 pub mod advertise;
+pub mod advertisement;
 mod backoff;
 pub mod discovery;
 pub mod etcd;
