@@ -15,8 +15,8 @@
 //!   and then followed with a watch (no polling), surviving etcd restarts.
 //!
 //! Both registries sit behind two traits: [`advertise::Advertiser`] (apply tags, withdraw,
-//! shut down; the etcd [`etcd::Lease`], and the binary's Serf member) and
-//! [`discovery::Discovery`] (a member snapshot, then changes; [`discovery::SerfDiscovery`] over a
+//! shut down; the etcd [`etcd::Lease`], and the Serf [`serf::LocalMember`]) and
+//! [`discovery::Discovery`] (a member snapshot, then changes; [`serf::SerfDiscovery`] over a
 //! member's events, [`etcd::EtcdDiscovery`] over a watch).
 //!
 //! Left out on purpose: TLS and authentication to etcd (the `etcd://` scheme is plain HTTP), and
@@ -50,5 +50,6 @@ pub mod advertisement;
 mod backoff;
 pub mod discovery;
 pub mod etcd;
+pub mod serf;
 pub mod tags;
 pub mod targets;
