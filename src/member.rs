@@ -356,6 +356,19 @@ impl GossipArgs {
             .unwrap_or_else(registrar::address::hostname)
     }
 
+    /// The seeds to join with `registry`: Serf's ([`GossipArgs::seeds`]); etcd has none.
+    pub(crate) fn seeds_for(
+        &self,
+        registry: &crate::registry::Registry,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Vec<String>> {
+        if registry.is_serf() {
+            self.seeds(vars)
+        } else {
+            Ok(Vec::new())
+        }
+    }
+
     /// The seeds to join (see [`GossipArgs::find_seeds`]), each logged with the rule that
     /// found it. Reads `/etc/hosts` (for a link with no port variable).
     pub(crate) fn seeds(

@@ -75,7 +75,10 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     tags.entry(registrar::tags::ROLE.to_owned())
         .or_insert_with(|| "connect".to_owned());
     let registry = args.registry.registry(crate::environment::vars())?;
-    let seeds = registry.seeds(&args.member.gossip, crate::environment::vars())?;
+    let seeds = args
+        .member
+        .gossip
+        .seeds_for(&registry, crate::environment::vars())?;
     raise_open_file_limit();
     let mut signals = Signals::new().context("installing signal handlers")?;
 

@@ -7,7 +7,7 @@
 //! the table once and then one line per change.
 //!
 //! With `--registry etcd://…` the rows are the registrations under `--etcd-prefix`
-//! ([`crate::registry::rpc_members`]), filtered locally, and `--watch` follows etcd's watch.
+//! ([`registrar::registry::rpc_members`]), filtered locally, and `--watch` follows etcd's watch.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -353,41 +353,47 @@ async fn watch(
         }
         let mut stdout = std::io::stdout().lock();
         for member in members.iter().filter(|member| local_filter.matches(member)) {
-            let line = match args.format {
-                Format::Text => format!(
-                    "{kind} {} {} {} {}",
-                    member.name,
-                    member.socket_addr(),
-                    member.status,
-                    tag_list(&member.tags)
-                ),
-                Format::Json => serde_json::json!({
-                    "event": kind.as_str(),
-                    "name": member.name,
-                    "addr": member.socket_addr().to_string(),
-                    "status": member.status,
-                    "tags": member.tags,
-                })
-                .to_string(),
-            };
-            let _ = writeln!(stdout, "{}", line.trim_end());
+            let _ = writeln!(stdout, "{}", event_line(args.format, kind.as_str(), member));
         }
         let _ = stdout.flush();
     }
+}
+
+/// One membership change as `--watch` prints it when stdout is not a terminal: `kind name
+/// addr status tags`, or a JSON object.
+fn event_line(format: Format, kind: &str, member: &MemberRow) -> String {
+    let line = match format {
+        Format::Text => format!(
+            "{kind} {} {} {} {}",
+            member.name,
+            member.socket_addr(),
+            member.status,
+            tag_list(&member.tags)
+        ),
+        Format::Json => serde_json::json!({
+            "event": kind,
+            "name": member.name,
+            "addr": member.socket_addr().to_string(),
+            "status": member.status,
+            "tags": member.tags,
+        })
+        .to_string(),
+    };
+    line.trim_end().to_owned()
 }
 
 /// `members` over etcd: the registrations under the prefix as member rows (node, its address,
 /// `alive`, its tags), filtered locally; `--watch` follows etcd's watch.
 async fn etcd_members(
     args: &Args,
-    etcd: &registry::Etcd,
+    etcd: &registrar::registry::Etcd,
     filter: &MemberFilter,
 ) -> anyhow::Result<()> {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
     let mut discovery = etcd.discovery(shutdown);
     let rows = |snapshot: &registrar::etcd::Snapshot| -> Vec<MemberRow> {
-        let mut members = registry::rpc_members(&etcd.prefix, snapshot);
+        let mut members = registrar::registry::rpc_members(&etcd.prefix, snapshot);
         members.retain(|member| filter.matches(member));
         sorted(members)
     };
@@ -421,24 +427,7 @@ async fn etcd_members(
             let _ = writeln!(stdout, "{}", render(&next));
         } else {
             for (kind, member) in membership_changes(&shown, &next) {
-                let line = match args.format {
-                    Format::Text => format!(
-                        "{kind} {} {} {} {}",
-                        member.name,
-                        member.socket_addr(),
-                        member.status,
-                        tag_list(&member.tags)
-                    ),
-                    Format::Json => serde_json::json!({
-                        "event": kind,
-                        "name": member.name,
-                        "addr": member.socket_addr().to_string(),
-                        "status": member.status,
-                        "tags": member.tags,
-                    })
-                    .to_string(),
-                };
-                let _ = writeln!(stdout, "{}", line.trim_end());
+                let _ = writeln!(stdout, "{}", event_line(args.format, kind, member));
             }
         }
         let _ = stdout.flush();

@@ -274,7 +274,7 @@ async fn resolve(
 /// prefix; `--wait` follows etcd's watch until one appears.
 async fn resolve_etcd(
     args: &Args,
-    etcd: &crate::registry::Etcd,
+    etcd: &registrar::registry::Etcd,
     filter: &serf_agent::rpc::filter::MemberFilter,
     wanted: &str,
 ) -> anyhow::Result<()> {
@@ -283,7 +283,7 @@ async fn resolve_etcd(
     let _stop = shutdown.clone().drop_guard();
     let mut discovery = etcd.discovery(shutdown);
     let found = |snapshot: &registrar::etcd::Snapshot| {
-        let mut members = registry::rpc_members(&etcd.prefix, snapshot);
+        let mut members = registrar::registry::rpc_members(&etcd.prefix, snapshot);
         members.retain(|member| filter.matches(member));
         candidates(members)
     };

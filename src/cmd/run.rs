@@ -16,7 +16,7 @@
 //!    `--drain-timeout`, then exit 0. A second signal exits at once.
 //!
 //! With `--registry etcd://…` (or an `ETCD_PORT_2379_TCP` link) step 3 starts no Serf member but
-//! an etcd registrar fed by the same health channel ([`crate::registry`]), and step 5 revokes
+//! an etcd registrar fed by the same health channel ([`registrar::registry`]), and step 5 revokes
 //! its lease instead of leaving; the rest is identical.
 
 use std::sync::Arc;
@@ -33,7 +33,7 @@ use super::serve::{self, raise_open_file_limit, ServeArgs, Signals};
 use super::UsageError;
 use crate::consumer::{self, ConsumeArgs, Consumer};
 use crate::member::{self, MemberArgs};
-use crate::registry::{self, Registry, RegistryArgs};
+use crate::registry::{Registry, RegistryArgs};
 use crate::{health, metrics};
 use registrar::advertisement;
 
@@ -230,10 +230,10 @@ pub(crate) async fn run(args: Args, log_flag: Option<&str>) -> anyhow::Result<()
                 seeds,
                 member::Extras { handler_env },
             ),
-            Some(registry::EtcdRegistration {
+            Some(registrar::registry::EtcdRegistration {
                 role: &role,
                 node: &node_name,
-                value: registry::registration(&advertisement, local_ip),
+                value: registrar::registry::registration(&advertisement, local_ip),
             }),
             health_rx.clone(),
             &shutdown,
@@ -345,7 +345,7 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
     let specs = link_env::parse(vars.iter().cloned(), &options)
         .map_err(|error| UsageError(error.to_string()))?;
     let consume_specs = consumer::parse_specs(&args.connect)?;
-    let seeds = registry.seeds(&args.member.gossip, vars)?;
+    let seeds = args.member.gossip.seeds_for(&registry, vars)?;
     let advertisement = advertisement::build(
         &specs,
         &args.forwards,

@@ -19,6 +19,9 @@
 //! [`discovery::Discovery`] (a member snapshot, then changes; [`serf::SerfDiscovery`] over a
 //! member's events, [`etcd::EtcdDiscovery`] over a watch).
 //!
+//! [`registry::Registry`] is the choice between them; [`registry::Registry::start`] gives a
+//! command its [`registry::Presence`] (advertiser, discovery, the Serf member if any).
+//!
 //! Left out on purpose: TLS and authentication to etcd (the `etcd://` scheme is plain HTTP), and
 //! the command-line flags, which belong to the binary.
 //!
@@ -50,6 +53,7 @@ pub mod advertisement;
 mod backoff;
 pub mod discovery;
 pub mod etcd;
+pub mod registry;
 pub mod serf;
 pub mod tags;
 pub mod targets;
