@@ -93,9 +93,6 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let bound = consumer.bind(&mut proxy, &specs, args.consume.policy())?;
     let stats = proxy.stats();
     let metrics_listener = metrics::bind(args.serve.metrics_addr).await?;
-    if !registry.is_serf() {
-        args.serve.dns.refuse_without_serf()?;
-    }
     let dns = args.serve.dns.bind().await?;
 
     // With etcd there is no member and nothing registered: providers come from the watch of

@@ -176,9 +176,6 @@ pub(crate) async fn run(args: Args, log_flag: Option<&str>) -> anyhow::Result<()
     };
     let stats = proxy.stats();
     let metrics_listener = metrics::bind(args.serve.metrics_addr).await?;
-    if !registry.is_serf() {
-        args.serve.dns.refuse_without_serf()?;
-    }
     let dns = args.serve.dns.bind().await?;
     print_summary(&proxy, &specs);
     if let Some((_, bound)) = &consumer {
