@@ -10,7 +10,6 @@ use tokio::signal::unix::{signal, SignalKind};
 
 mod cmd;
 mod config_file;
-mod consumer;
 mod dataplane;
 mod duration;
 mod environment;

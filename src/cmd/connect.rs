@@ -18,12 +18,12 @@ use proxy::{CancellationToken, Proxy, TaskTracker};
 use tokio::sync::watch;
 use tracing::info;
 
-use super::serve::{self, raise_open_file_limit, ServeArgs, Signals};
+use super::serve::{self, raise_open_file_limit, ConsumeArgs, ServeArgs, Signals};
 use super::UsageError;
-use crate::consumer::{self, ConsumeArgs, Consumer};
 use crate::member::{self, MemberArgs};
 use crate::metrics;
 use crate::registry::RegistryArgs;
+use registrar::consumer::{self, Consumer};
 
 /// Flags of `amb-serf connect`.
 #[derive(Debug, clap::Args)]
@@ -63,7 +63,7 @@ pub(crate) struct Args {
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
-    let specs = consumer::parse_specs(&args.roles)?;
+    let specs = consumer::parse_specs(&args.roles).map_err(|error| UsageError(error.0))?;
     if specs.is_empty() {
         return Err(UsageError(
             "connect: no role given: name one or more ROLE[=LISTEN_PORT] (or set AMB_CONNECT)"

@@ -29,13 +29,13 @@ use registrar::tags::Health;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::serve::{self, raise_open_file_limit, ServeArgs, Signals};
+use super::serve::{self, raise_open_file_limit, ConsumeArgs, ServeArgs, Signals};
 use super::UsageError;
-use crate::consumer::{self, ConsumeArgs, Consumer};
 use crate::member::{self, MemberArgs};
 use crate::registry::{Registry, RegistryArgs};
 use crate::{health, metrics};
 use registrar::advertisement;
+use registrar::consumer::{self, Consumer};
 
 /// Flags of `amb-serf run`.
 #[derive(Debug, clap::Args)]
@@ -341,7 +341,8 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
     };
     let specs = link_env::parse(vars.iter().cloned(), &options)
         .map_err(|error| UsageError(error.to_string()))?;
-    let consume_specs = consumer::parse_specs(&args.connect)?;
+    let consume_specs =
+        consumer::parse_specs(&args.connect).map_err(|error| UsageError(error.0))?;
     let seeds = args.member.gossip.seeds_for(&registry, vars)?;
     let advertisement = advertisement::build(
         &specs,

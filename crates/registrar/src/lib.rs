@@ -51,6 +51,7 @@ pub mod address;
 pub mod advertise;
 pub mod advertisement;
 mod backoff;
+pub mod consumer;
 pub mod discovery;
 pub mod etcd;
 pub mod registry;
