@@ -4,8 +4,8 @@
 //! [`MemberArgs`] are the flags (mirroring `serf agent` where they mean the same); [`start`]
 //! binds the RPC address and starts [`registrar::serf::start`] (the member, its RPC server,
 //! event handlers and join loop); the returned [`LocalMember`] is the handle callers keep.
-//! [`GossipArgs::find_seeds`] is pure: env pairs and the `/etc/hosts` text → the seeds, each
-//! with the rule that found it. With no seed the member is a cluster of one.
+//! [`GossipArgs::find_seeds`] is pure ([`registrar::serf::seeds::find`]): env pairs and the
+//! `/etc/hosts` text → the seeds, each with the rule that found it. With no seed the member is a cluster of one.
 //!
 //! ```text
 //! let mut tags = args.member.tags()?;                  // --tags-file, then --tag
@@ -20,12 +20,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use anyhow::Context;
-use registrar::serf::SERF_PORT;
 use serf_agent::handlers::Handler;
 use tracing::{info, warn};
 
 use crate::cmd::UsageError;
 
+pub(crate) use registrar::serf::seeds::{Seed, ETC_HOSTS};
 pub(crate) use registrar::serf::LocalMember;
 
 /// Where to join the cluster (shared with `members`/`resolve`, which join only when no agent
@@ -383,10 +383,7 @@ impl GossipArgs {
         Ok(seeds.into_iter().map(|seed| seed.addr).collect())
     }
 
-    /// The seeds to join, in order: `--join`, `--retry-join`, then the Serf link. The link
-    /// gives its `<ALIAS>_PORT_7946_TCP` address; a link with no port variable (an image
-    /// without `EXPOSE`: Docker then sets only `<ALIAS>_NAME` and the `/etc/hosts` line) gives
-    /// `<alias>:7946`, when `<ALIAS>_NAME` is set or `etc_hosts` names the alias. Pure: the
+    /// The seeds to join ([`registrar::serf::seeds::find`] over these flags). Pure: the
     /// caller reads the environment and `/etc/hosts`. A malformed link variable is a usage
     /// error naming it.
     pub(crate) fn find_seeds(
@@ -394,81 +391,14 @@ impl GossipArgs {
         vars: impl IntoIterator<Item = (String, String)>,
         etc_hosts: Option<&str>,
     ) -> Result<Vec<Seed>, UsageError> {
-        let vars: Vec<(String, String)> = vars.into_iter().collect();
-        let mut seeds: Vec<Seed> = Vec::new();
-        let mut add = |addr: String, rule: String| {
-            if !seeds.iter().any(|seed| seed.addr == addr) {
-                seeds.push(Seed { addr, rule });
-            }
+        let flags = registrar::serf::seeds::Flags {
+            join: &self.join,
+            retry_join: &self.retry_join,
+            serf_link: &self.serf_link,
         };
-        // Comma-separated lists from the environment may carry spaces and stray commas.
-        let listed = |list: &[String]| -> Vec<String> {
-            list.iter()
-                .map(|addr| addr.trim().to_owned())
-                .filter(|addr| !addr.is_empty())
-                .collect()
-        };
-        for addr in listed(&self.join) {
-            add(addr, "--join".to_owned());
-        }
-        for addr in listed(&self.retry_join) {
-            add(addr, "--retry-join".to_owned());
-        }
-        let link = proxy::link_env::link_ports(vars.iter().cloned(), &self.serf_link)
-            .map_err(|error| UsageError(error.to_string()))?;
-        let gossip_ports: Vec<_> = link
-            .iter()
-            .filter(|spec| {
-                spec.listen_port == SERF_PORT && spec.protocol == proxy::link_env::Protocol::Tcp
-            })
-            .collect();
-        for spec in &gossip_ports {
-            let var = match &spec.origin {
-                proxy::link_env::Origin::Link { var, .. } => var.as_str(),
-                proxy::link_env::Origin::Forward(_) => "",
-            };
-            add(spec.target.to_string(), format!("link variable {var}"));
-        }
-        if gossip_ports.is_empty() {
-            let alias = &self.serf_link;
-            let rule = match proxy::link_env::link_name_var(vars, alias) {
-                Some(name) => Some(format!(
-                    "link {name} without a port variable (the linked image exposes no port)"
-                )),
-                None => etc_hosts
-                    .is_some_and(|hosts| hosts_names(hosts, alias))
-                    .then(|| {
-                        format!("{ETC_HOSTS} names the link alias {alias} (no link variable)")
-                    }),
-            };
-            if let Some(rule) = rule {
-                add(format!("{alias}:{SERF_PORT}"), rule);
-            }
-        }
-        Ok(seeds)
+        registrar::serf::seeds::find(&flags, vars, etc_hosts)
+            .map_err(|error| UsageError(error.to_string()))
     }
-}
-
-/// A seed to join and the rule that found it (logged).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Seed {
-    /// `HOST[:PORT]`.
-    pub(crate) addr: String,
-    /// Why: `--join`, `link variable SERF_1_PORT_7946_TCP`, ….
-    pub(crate) rule: String,
-}
-
-/// Where Docker writes a link's alias (`172.17.0.2 serf_1 3f2a… amb-serf_1`).
-const ETC_HOSTS: &str = "/etc/hosts";
-
-/// Whether a hosts file (`/etc/hosts` syntax) gives an address for `name`.
-fn hosts_names(hosts: &str, name: &str) -> bool {
-    hosts.lines().any(|line| {
-        let line = line.split('#').next().unwrap_or_default();
-        let mut fields = line.split_whitespace();
-        fields.next().is_some_and(|ip| ip.parse::<IpAddr>().is_ok())
-            && fields.any(|host| host.eq_ignore_ascii_case(name))
-    })
 }
 
 /// What a caller adds to [`start`].
@@ -579,176 +509,6 @@ mod tests {
             "127.0.0.1:1"
         );
         assert!(parse_bind("host").is_err());
-    }
-
-    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
-            .collect()
-    }
-
-    /// Seeds and their rules from `flags`, `env` and an `/etc/hosts` text.
-    fn seeds(flags: &[&str], env: &[(&str, &str)], hosts: Option<&str>) -> Vec<(String, String)> {
-        args(flags)
-            .gossip
-            .find_seeds(vars(env), hosts)
-            .expect("valid seeds")
-            .into_iter()
-            .map(|seed| (seed.addr, seed.rule))
-            .collect()
-    }
-
-    #[test]
-    fn seeds_come_from_flags_then_the_serf_link() {
-        let check = |flags: &[&str], env: &[(&str, &str)], expected: &[&str]| {
-            let found: Vec<String> = seeds(flags, env, None)
-                .into_iter()
-                .map(|(addr, _)| addr)
-                .collect();
-            assert_eq!(found, expected, "{flags:?} {env:?}");
-        };
-        check(&[], &[], &[]);
-        // AMB_JOIN='127.0.0.1:1, 127.0.0.1:27964,' as clap splits it.
-        check(
-            &["--join", "127.0.0.1:1, 127.0.0.1:27964,"],
-            &[],
-            &["127.0.0.1:1", "127.0.0.1:27964"],
-        );
-        check(
-            &[],
-            &[("SERF_1_PORT_7946_TCP", "tcp://172.17.0.2:7946")],
-            &["172.17.0.2:7946"],
-        );
-        // Only the 7946/tcp port of the link is a gossip address.
-        check(
-            &[],
-            &[
-                ("SERF_1_PORT_7373_TCP", "tcp://172.17.0.2:7373"),
-                ("SERF_1_PORT_7946_UDP", "udp://172.17.0.2:7946"),
-            ],
-            &[],
-        );
-        check(
-            &[
-                "--serf-link",
-                "seed",
-                "--join",
-                "a:1",
-                "--retry-join",
-                "b:2",
-            ],
-            &[
-                ("SEED_PORT_7946_TCP", "tcp://10.0.0.9:7946"),
-                ("SERF_1_PORT_7946_TCP", "tcp://172.17.0.2:7946"),
-            ],
-            &["a:1", "b:2", "10.0.0.9:7946"],
-        );
-        // The same seed twice is joined once, wherever it came from.
-        check(
-            &["--join", "a:1", "--retry-join", "a:1", "--join", "b:2"],
-            &[],
-            &["a:1", "b:2"],
-        );
-    }
-
-    /// `--link serf_1:serf_1` to an image with no `EXPOSE` (issue #26): Docker sets no port
-    /// variable, only `SERF_1_NAME` and the alias's `/etc/hosts` line. The alias is the seed.
-    #[test]
-    fn a_serf_link_without_a_port_variable_joins_its_alias() {
-        const HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n\
-                             172.17.0.2\tserf_1 3f2a9c1d77e0 amb-serf_1\n\
-                             172.17.0.3\tamb # serf_1 in a comment\n";
-        let check = |flags: &[&str],
-                     env: &[(&str, &str)],
-                     hosts: Option<&str>,
-                     expected: &[(&str, &str)]| {
-            let found = seeds(flags, env, hosts);
-            let expected: Vec<(String, String)> = expected
-                .iter()
-                .map(|(addr, rule)| ((*addr).to_owned(), (*rule).to_owned()))
-                .collect();
-            assert_eq!(found, expected, "{flags:?} {env:?} {hosts:?}");
-        };
-        let by_name = "link SERF_1_NAME without a port variable (the linked image exposes no port)";
-        let by_hosts = "/etc/hosts names the link alias serf_1 (no link variable)";
-        check(
-            &[],
-            &[("SERF_1_NAME", "/amb/serf_1")],
-            None,
-            &[("serf_1:7946", by_name)],
-        );
-        check(
-            &[],
-            &[("SERF_1_NAME", "/amb/serf_1")],
-            Some(HOSTS),
-            &[("serf_1:7946", by_name)],
-        );
-        check(&[], &[], Some(HOSTS), &[("serf_1:7946", by_hosts)]);
-        // With the port variable, it alone is the link's seed.
-        check(
-            &[],
-            &[
-                ("SERF_1_NAME", "/amb/serf_1"),
-                ("SERF_1_PORT_7946_TCP", "tcp://172.17.0.2:7946"),
-            ],
-            Some(HOSTS),
-            &[("172.17.0.2:7946", "link variable SERF_1_PORT_7946_TCP")],
-        );
-        // A link exposing only other ports still names the alias.
-        check(
-            &[],
-            &[
-                ("SERF_1_NAME", "/amb/serf_1"),
-                ("SERF_1_PORT_7373_TCP", "tcp://172.17.0.2:7373"),
-            ],
-            None,
-            &[("serf_1:7946", by_name)],
-        );
-        // Added to --join, as the port variable is.
-        check(
-            &["--join", "10.0.0.1"],
-            &[("SERF_1_NAME", "/amb/serf_1")],
-            None,
-            &[("10.0.0.1", "--join"), ("serf_1:7946", by_name)],
-        );
-        check(
-            &["--join", "serf_1:7946"],
-            &[],
-            Some(HOSTS),
-            &[("serf_1:7946", "--join")],
-        );
-        // Another alias, case-insensitive in /etc/hosts as name lookups are.
-        check(
-            &["--serf-link", "seed"],
-            &[],
-            Some("10.0.0.7 SEED\n"),
-            &[(
-                "seed:7946",
-                "/etc/hosts names the link alias seed (no link variable)",
-            )],
-        );
-        // Nothing names the alias: a cluster of one.
-        check(
-            &[],
-            &[("MYSQL_NAME", "/amb/mysql")],
-            Some("127.0.0.1 localhost\n"),
-            &[],
-        );
-        check(&[], &[], Some("172.17.0.3 amb # serf_1\nserf_1\n"), &[]);
-        check(&[], &[("SERF_1_NAME", "not-docker")], None, &[]);
-    }
-
-    #[test]
-    fn a_malformed_link_variable_is_a_usage_error_naming_it() {
-        let error = args(&[])
-            .gossip
-            .find_seeds(vars(&[("SERF_1_PORT_7946_TCP", "tcp://nowhere")]), None)
-            .unwrap_err();
-        assert!(
-            format!("{error:#}").contains("SERF_1_PORT_7946_TCP"),
-            "{error:#}"
-        );
     }
 
     #[test]

@@ -20,6 +20,7 @@
 
 mod discovery;
 mod join;
+pub mod seeds;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
