@@ -113,7 +113,7 @@ impl JoinLoop {
         self.handle
             .join(&addrs, self.ignore_old)
             .await
-            .map_err(|error| error.to_string())
+            .map_err(|error| crate::advertise::chain(&error))
     }
 }
 
