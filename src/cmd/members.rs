@@ -7,7 +7,7 @@
 //! the table once and then one line per change.
 //!
 //! With `--registry etcd://…` the rows are the registrations under `--etcd-prefix`
-//! ([`registrar::registry::rpc_members`]), filtered locally, and `--watch` follows etcd's watch.
+//! ([`registrar::registry::member_row`] over the etcd [`registrar::discovery::Discovery`]), filtered locally, and `--watch` follows etcd's watch.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -15,7 +15,9 @@ use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use anyhow::Context;
+use registrar::registry::{member_row, View};
 use serde::Serialize;
+use serf::serf::Member;
 use serf_agent::rpc::filter::MemberFilter;
 use serf_agent::rpc::{Client, MemberRow, MembersFilter, StreamEvent};
 
@@ -391,9 +393,9 @@ async fn etcd_members(
 ) -> anyhow::Result<()> {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
-    let mut discovery = etcd.discovery(shutdown);
-    let rows = |snapshot: &registrar::etcd::Snapshot| -> Vec<MemberRow> {
-        let mut members = registrar::registry::rpc_members(&etcd.prefix, snapshot);
+    let mut view = View::new(&etcd.discovery(shutdown));
+    let rows = |members: Vec<Member>| -> Vec<MemberRow> {
+        let mut members: Vec<MemberRow> = members.into_iter().map(member_row).collect();
         members.retain(|member| filter.matches(member));
         sorted(members)
     };
@@ -401,10 +403,8 @@ async fn etcd_members(
         Format::Text => render_table(members, args.detailed),
         Format::Json => render_json(members),
     };
-    let snapshot = etcd
-        .list(&mut discovery, registry::FIRST_LIST_TIMEOUT)
-        .await?;
-    let mut shown = rows(&snapshot);
+    let snapshot = etcd.first(&mut view, registry::FIRST_LIST_TIMEOUT).await?;
+    let mut shown = rows(snapshot);
     println!("{}", render(&shown));
     if !args.watch {
         return Ok(());
@@ -415,12 +415,12 @@ async fn etcd_members(
     loop {
         let snapshot = tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            snapshot = discovery.changed() => snapshot,
+            snapshot = view.next() => snapshot,
         };
         let Some(snapshot) = snapshot else {
             anyhow::bail!("the etcd watch stopped");
         };
-        let next = rows(&snapshot);
+        let next = rows(snapshot);
         let mut stdout = std::io::stdout().lock();
         if terminal {
             let _ = write!(stdout, "\x1b[H\x1b[2J");

@@ -8,17 +8,20 @@
 //! consumer and the DNS zone follow. [`rpc_members`] renders an etcd [`Snapshot`] as the rows
 //! `members` and `resolve` print.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serf::serf::Member;
+use serf_agent::rpc::MemberRow;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::advertise::Advertiser;
-use crate::discovery::Discovery;
+use crate::discovery::{Change, Changes, Discovery};
 use crate::etcd::{
-    Client, EndpointError, Endpoints, EtcdDiscovery, Lease, Prefix, Registration, Snapshot, Watcher,
+    Client, EndpointError, Endpoints, EtcdDiscovery, Lease, Prefix, Registration, Snapshot,
 };
 use crate::serf::LocalMember;
 use crate::tags::{Advertisement, Health};
@@ -104,18 +107,18 @@ pub struct ListTimeout {
 }
 
 impl Etcd {
-    /// Follows every registration under the prefix.
-    pub fn discovery(&self, shutdown: CancellationToken) -> Watcher {
-        Watcher::spawn(self.client.clone(), self.prefix.all(), shutdown)
+    /// Follows every registration under the prefix, as a [`Discovery`].
+    pub fn discovery(&self, shutdown: CancellationToken) -> EtcdDiscovery {
+        EtcdDiscovery::new(self.client.clone(), self.prefix.clone(), shutdown)
     }
 
-    /// The first complete listing of the prefix, waiting up to `timeout` for etcd to answer.
-    pub async fn list(
+    /// The first complete listing of `view`, waiting up to `timeout` for etcd to answer.
+    pub async fn first(
         &self,
-        watcher: &mut Watcher,
+        view: &mut View,
         timeout: Duration,
-    ) -> Result<Snapshot, ListTimeout> {
-        tokio::time::timeout(timeout, watcher.wait_for(Snapshot::is_synced))
+    ) -> Result<Vec<Member>, ListTimeout> {
+        tokio::time::timeout(timeout, view.next())
             .await
             .ok()
             .flatten()
@@ -123,6 +126,54 @@ impl Etcd {
                 endpoints: self.client.endpoints().to_string(),
                 timeout,
             })
+    }
+}
+
+/// The members a [`Discovery`] shows, kept current from its changes.
+pub struct View {
+    changes: Box<dyn Changes>,
+    members: BTreeMap<String, Member>,
+}
+
+impl View {
+    /// Starts following `discovery`.
+    pub fn new(discovery: &dyn Discovery) -> Self {
+        Self {
+            changes: discovery.changes(),
+            members: BTreeMap::new(),
+        }
+    }
+
+    /// Every member after the next change (the first is the whole list); `None` once the
+    /// registry stopped.
+    pub async fn next(&mut self) -> Option<Vec<Member>> {
+        match self.changes.next().await? {
+            Change::Snapshot(members) => {
+                self.members = members
+                    .into_iter()
+                    .map(|member| (member.name.clone(), member))
+                    .collect();
+            }
+            Change::Update(member) | Change::Departed(member) => {
+                self.members.insert(member.name.clone(), member);
+            }
+            Change::Reaped(name) => {
+                self.members.remove(&name);
+            }
+        }
+        Some(self.members.values().cloned().collect())
+    }
+}
+
+/// A member as an RPC member row (what `members` and `resolve` render).
+pub fn member_row(member: Member) -> MemberRow {
+    MemberRow {
+        name: member.name,
+        addr: member.addr,
+        port: member.port,
+        tags: member.tags,
+        status: member.status.to_string(),
+        ..MemberRow::default()
     }
 }
 
@@ -228,17 +279,10 @@ pub fn registration(advertisement: &Advertisement, local_ip: IpAddr) -> Registra
 }
 
 /// The registrations of `snapshot` as RPC member rows (what `members` and `resolve` render).
-pub fn rpc_members(prefix: &Prefix, snapshot: &Snapshot) -> Vec<serf_agent::rpc::MemberRow> {
+pub fn rpc_members(prefix: &Prefix, snapshot: &Snapshot) -> Vec<MemberRow> {
     crate::etcd::members(prefix, snapshot)
         .into_iter()
-        .map(|member| serf_agent::rpc::MemberRow {
-            name: member.name,
-            addr: member.addr,
-            port: member.port,
-            tags: member.tags,
-            status: "alive".to_owned(),
-            ..serf_agent::rpc::MemberRow::default()
-        })
+        .map(member_row)
         .collect()
 }
 
