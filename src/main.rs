@@ -8,15 +8,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{signal, SignalKind};
 
-mod address;
-mod advertisement;
 mod cmd;
 mod config_file;
-mod consumer;
 mod dataplane;
 mod duration;
 mod environment;
-mod event_handler;
 mod go_flags;
 mod health;
 mod logs;

@@ -1,60 +1,32 @@
-//! The member runtime every command that runs a Serf member shares (`agent`, `run`, `connect`,
-//! and `members`/`resolve` in join mode).
+//! The flags of every command that runs a Serf member (`agent`, `run`, `connect`, and
+//! `members`/`resolve` in join mode), and their conversion to [`registrar::serf::Settings`].
 //!
 //! [`MemberArgs`] are the flags (mirroring `serf agent` where they mean the same); [`start`]
-//! starts the native member (Serf protocol 5, like the agent), the RPC server on it, the event
-//! handlers, and the join loop; the returned [`LocalMember`] is the handle callers keep.
-//!
-//! Join loop: with no seed (no `--join`/`--retry-join`, no `<ALIAS>_PORT_7946_TCP`, no
-//! `<ALIAS>_NAME` or `/etc/hosts` line of the Serf link's alias) the member is a cluster of one
-//! and says so. Otherwise it joins every seed it can reach; while none answers
-//! it retries with capped exponential backoff (250 ms doubling to 1 s: a seed that comes up is
-//! joined within about a second, however long it was away), forever, logging the 1st, 2nd, 4th,
-//! 8th… failure so a long outage costs a log line per doubling, not per attempt. Later, whenever every peer is lost (all others failed or left, e.g.
-//! serf_1 restarted with an empty member list), it joins the seeds again by itself.
-//!
-//! A command that runs a member (`run`, `connect`) does, in short:
+//! binds the RPC address and starts [`registrar::serf::start`] (the member, its RPC server,
+//! event handlers and join loop); the returned [`LocalMember`] is the handle callers keep.
+//! [`GossipArgs::find_seeds`] is pure ([`registrar::serf::seeds::find`]): env pairs and the
+//! `/etc/hosts` text → the seeds, each with the rule that found it. With no seed the member is a cluster of one.
 //!
 //! ```text
-//! #[derive(clap::Args)] struct Args { #[command(flatten)] member: MemberArgs, … }
-//!
 //! let mut tags = args.member.tags()?;                  // --tags-file, then --tag
 //! tags.insert("role".into(), "3306".into());           // the caller's own tags: complete set
 //! let seeds = args.member.gossip.seeds(environment::vars())?; // --join, --retry-join, the link
 //! let extras = Extras { handler_env: vec![("AMB_BACKEND_HOST".into(), host)] };
 //! let member = member::start(&args.member, tags, seeds, extras).await?;
-//! let mut events = member.subscribe();                 // any number of consumers
-//! member.set_tags(new_complete_tag_set).await?;        // e.g. on a health change
-//! member.leave(Duration::from_secs(10)).await?;        // peers see `left`
-//! member.shutdown().await;                             // RPC server, handlers, join loop, gossip
 //! ```
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::Context;
-use registrar::advertise::{Advertiser, BoxError, BoxFuture};
-use registrar::tags::{Advertisement, Health};
-use serf::serf::{Event, MemberStatus};
-use serf_agent::member as driver;
-use serf_agent::rpc::agent::{AgentInfo, MemberBackend};
-use tokio::sync::{broadcast, watch};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use serf_agent::handlers::Handler;
 use tracing::{info, warn};
 
 use crate::cmd::UsageError;
-use crate::event_handler::{self, Handler, HandlerEvent, HandlerMember, SelfInfo};
 
-/// Serf's gossip port.
-pub(crate) const SERF_PORT: u16 = 7946;
-/// First and longest pause between join attempts. One attempt is a TCP dial per seed, so a
-/// short cap is cheap, and it bounds how late we join a seed that has just come up.
-const BACKOFF_MIN: Duration = Duration::from_millis(250);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
+pub(crate) use registrar::serf::seeds::{Seed, ETC_HOSTS};
+pub(crate) use registrar::serf::LocalMember;
 
 /// Where to join the cluster (shared with `members`/`resolve`, which join only when no agent
 /// answers at `--rpc-addr`).
@@ -364,9 +336,60 @@ impl GossipArgs {
         }
     }
 
+    /// The member's settings from these flags, with no RPC server, tags file or handlers.
+    fn settings(
+        &self,
+        tags: BTreeMap<String, String>,
+        seeds: Vec<String>,
+    ) -> Result<registrar::serf::Settings, UsageError> {
+        Ok(registrar::serf::Settings {
+            node_name: self.node_name(),
+            bind: self.bind,
+            advertise: self.advertise,
+            memberlist: self.profile.config(),
+            keyring: self.keyring()?.map(|keyring| self.shared_keyring(keyring)),
+            replay: self.replay,
+            tags,
+            seeds,
+            tags_file: None,
+            rpc: None,
+            handlers: Vec::new(),
+            handler_specs: Vec::new(),
+            handler_env: Vec::new(),
+            snapshot: self.snapshot(),
+        })
+    }
+
+    /// `--snapshot` and `--rejoin` (which does nothing alone, as Go's: a warning).
+    fn snapshot(&self) -> Option<serf_agent::snapshot::Options> {
+        if self.rejoin && self.snapshot.is_none() {
+            tracing::warn!("--rejoin has no effect without --snapshot");
+        }
+        let path = self.snapshot.clone()?;
+        Some(serf_agent::snapshot::Options {
+            path,
+            rejoin_after_leave: self.rejoin,
+        })
+    }
+
     /// The node name: `--node` or the hostname.
     pub(crate) fn node_name(&self) -> String {
-        self.node.clone().unwrap_or_else(hostname)
+        self.node
+            .clone()
+            .unwrap_or_else(registrar::address::hostname)
+    }
+
+    /// The seeds to join with `registry`: Serf's ([`GossipArgs::seeds`]); etcd has none.
+    pub(crate) fn seeds_for(
+        &self,
+        registry: &crate::registry::Registry,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Vec<String>> {
+        if registry.is_serf() {
+            self.seeds(vars)
+        } else {
+            Ok(Vec::new())
+        }
     }
 
     /// The seeds to join (see [`GossipArgs::find_seeds`]), each logged with the rule that
@@ -383,10 +406,7 @@ impl GossipArgs {
         Ok(seeds.into_iter().map(|seed| seed.addr).collect())
     }
 
-    /// The seeds to join, in order: `--join`, `--retry-join`, then the Serf link. The link
-    /// gives its `<ALIAS>_PORT_7946_TCP` address; a link with no port variable (an image
-    /// without `EXPOSE`: Docker then sets only `<ALIAS>_NAME` and the `/etc/hosts` line) gives
-    /// `<alias>:7946`, when `<ALIAS>_NAME` is set or `etc_hosts` names the alias. Pure: the
+    /// The seeds to join ([`registrar::serf::seeds::find`] over these flags). Pure: the
     /// caller reads the environment and `/etc/hosts`. A malformed link variable is a usage
     /// error naming it.
     pub(crate) fn find_seeds(
@@ -394,92 +414,14 @@ impl GossipArgs {
         vars: impl IntoIterator<Item = (String, String)>,
         etc_hosts: Option<&str>,
     ) -> Result<Vec<Seed>, UsageError> {
-        let vars: Vec<(String, String)> = vars.into_iter().collect();
-        let mut seeds: Vec<Seed> = Vec::new();
-        let mut add = |addr: String, rule: String| {
-            if !seeds.iter().any(|seed| seed.addr == addr) {
-                seeds.push(Seed { addr, rule });
-            }
+        let flags = registrar::serf::seeds::Flags {
+            join: &self.join,
+            retry_join: &self.retry_join,
+            serf_link: &self.serf_link,
         };
-        // Comma-separated lists from the environment may carry spaces and stray commas.
-        let listed = |list: &[String]| -> Vec<String> {
-            list.iter()
-                .map(|addr| addr.trim().to_owned())
-                .filter(|addr| !addr.is_empty())
-                .collect()
-        };
-        for addr in listed(&self.join) {
-            add(addr, "--join".to_owned());
-        }
-        for addr in listed(&self.retry_join) {
-            add(addr, "--retry-join".to_owned());
-        }
-        let link = proxy::link_env::link_ports(vars.iter().cloned(), &self.serf_link)
-            .map_err(|error| UsageError(error.to_string()))?;
-        let gossip_ports: Vec<_> = link
-            .iter()
-            .filter(|spec| {
-                spec.listen_port == SERF_PORT && spec.protocol == proxy::link_env::Protocol::Tcp
-            })
-            .collect();
-        for spec in &gossip_ports {
-            let var = match &spec.origin {
-                proxy::link_env::Origin::Link { var, .. } => var.as_str(),
-                proxy::link_env::Origin::Forward(_) => "",
-            };
-            add(spec.target.to_string(), format!("link variable {var}"));
-        }
-        if gossip_ports.is_empty() {
-            let alias = &self.serf_link;
-            let rule = match proxy::link_env::link_name_var(vars, alias) {
-                Some(name) => Some(format!(
-                    "link {name} without a port variable (the linked image exposes no port)"
-                )),
-                None => etc_hosts
-                    .is_some_and(|hosts| hosts_names(hosts, alias))
-                    .then(|| {
-                        format!("{ETC_HOSTS} names the link alias {alias} (no link variable)")
-                    }),
-            };
-            if let Some(rule) = rule {
-                add(format!("{alias}:{SERF_PORT}"), rule);
-            }
-        }
-        Ok(seeds)
+        registrar::serf::seeds::find(&flags, vars, etc_hosts)
+            .map_err(|error| UsageError(error.to_string()))
     }
-
-    /// The advertised address for `bound`.
-    fn advertise_for(&self, bound: SocketAddr) -> SocketAddr {
-        let ip = match self.advertise {
-            Some(advertise) if advertise.port() != 0 => return advertise,
-            Some(advertise) => advertise.ip(),
-            None if bound.ip().is_unspecified() => advertised_ip(),
-            None => bound.ip(),
-        };
-        SocketAddr::new(ip, bound.port())
-    }
-}
-
-/// A seed to join and the rule that found it (logged).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Seed {
-    /// `HOST[:PORT]`.
-    pub(crate) addr: String,
-    /// Why: `--join`, `link variable SERF_1_PORT_7946_TCP`, ….
-    pub(crate) rule: String,
-}
-
-/// Where Docker writes a link's alias (`172.17.0.2 serf_1 3f2a… amb-serf_1`).
-const ETC_HOSTS: &str = "/etc/hosts";
-
-/// Whether a hosts file (`/etc/hosts` syntax) gives an address for `name`.
-fn hosts_names(hosts: &str, name: &str) -> bool {
-    hosts.lines().any(|line| {
-        let line = line.split('#').next().unwrap_or_default();
-        let mut fields = line.split_whitespace();
-        fields.next().is_some_and(|ip| ip.parse::<IpAddr>().is_ok())
-            && fields.any(|host| host.eq_ignore_ascii_case(name))
-    })
 }
 
 /// What a caller adds to [`start`].
@@ -487,30 +429,6 @@ fn hosts_names(hosts: &str, name: &str) -> bool {
 pub(crate) struct Extras {
     /// Extra environment for event handlers (e.g. `AMB_BACKEND_HOST`/`AMB_BACKEND_PORT`).
     pub(crate) handler_env: Vec<(String, String)>,
-}
-
-/// A running member. Cheap to clone.
-#[derive(Debug, Clone)]
-pub(crate) struct LocalMember {
-    inner: Arc<Inner>,
-}
-
-#[derive(Debug)]
-struct Inner {
-    handle: driver::Handle,
-    name: String,
-    rpc_addr: Option<SocketAddr>,
-    events: broadcast::Sender<Event>,
-    joined: watch::Receiver<bool>,
-    tags: Mutex<BTreeMap<String, String>>,
-    tags_file: Option<PathBuf>,
-    /// The event handlers in force (replaced on SIGHUP, [`LocalMember::set_event_handlers`]).
-    handlers: watch::Sender<Arc<Vec<Handler>>>,
-    /// The RPC side, which lists the handlers in `serf info`.
-    backend: Arc<MemberBackend>,
-    shutdown: CancellationToken,
-    stop_requested: CancellationToken,
-    tasks: TaskTracker,
 }
 
 /// Starts the member with the complete initial `tags` (usually [`MemberArgs::tags`] plus the
@@ -522,24 +440,25 @@ pub(crate) async fn start(
     extras: Extras,
 ) -> anyhow::Result<LocalMember> {
     let handlers = args.handlers()?;
-    let rpc_addr = if args.rpc_addr.is_empty() {
+    let rpc = if args.rpc_addr.is_empty() {
         None
     } else {
-        Some(
-            tokio::net::TcpListener::bind(&args.rpc_addr)
+        Some(registrar::serf::Rpc {
+            listener: tokio::net::TcpListener::bind(&args.rpc_addr)
                 .await
                 .with_context(|| format!("binding --rpc-addr {}", args.rpc_addr))?,
-        )
+            auth: args.rpc_auth.clone(),
+        })
     };
-    let settings = Settings {
-        rpc_auth: args.rpc_auth.clone(),
+    let settings = registrar::serf::Settings {
         tags_file: args.tags_file.clone(),
-        event_handlers: args.event_handlers.clone(),
+        rpc,
+        handlers,
+        handler_specs: args.event_handlers.clone(),
+        handler_env: extras.handler_env,
+        ..args.gossip.settings(tags, seeds)?
     };
-    let member = start_member(&args.gossip, tags, seeds, rpc_addr, settings).await?;
-    member.write_tags_file()?;
-    member.spawn_handlers(handlers, extras.handler_env);
-    Ok(member)
+    started(registrar::serf::start(settings, crate::logs::ring()).await)
 }
 
 /// Starts a member with no handlers, tags file or fixed RPC address: join mode of `members`
@@ -553,484 +472,22 @@ pub(crate) async fn start_joiner(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .context("binding an rpc port on 127.0.0.1")?;
-    start_member(gossip, tags, seeds, Some(listener), Settings::default()).await
-}
-
-/// What only long-lived members have.
-#[derive(Debug, Default)]
-struct Settings {
-    rpc_auth: Option<String>,
-    tags_file: Option<PathBuf>,
-    event_handlers: Vec<String>,
-}
-
-async fn start_member(
-    gossip: &GossipArgs,
-    tags: BTreeMap<String, String>,
-    seeds: Vec<String>,
-    rpc: Option<tokio::net::TcpListener>,
-    settings: Settings,
-) -> anyhow::Result<LocalMember> {
-    let keyring = gossip.keyring()?;
-    let encrypted = keyring.is_some();
-    let name = gossip.node_name();
-    let config = serf::serf::Config {
-        node_name: name.clone(),
-        tags: tags.clone(),
-        protocol_version: 5,
-        ..serf::serf::Config::default()
-    };
-    let mut options = serf_agent::driver::Options::new(name.clone(), gossip.bind);
-    options.advertise = Some(gossip.advertise_for(gossip.bind));
-    options.config = gossip.profile.config();
-    options.keyring = keyring.map(|keyring| gossip.shared_keyring(keyring));
-    if gossip.rejoin && gossip.snapshot.is_none() {
-        warn!("--rejoin has no effect without --snapshot");
-    }
-    options.snapshot = gossip
-        .snapshot
-        .clone()
-        .map(|path| serf_agent::snapshot::Options {
-            path,
-            rejoin_after_leave: gossip.rejoin,
-        });
-    let gossip_interval = options.config.gossip_interval;
-    let query_timeout_mult = config.query_timeout_mult;
-    let (handle, mut layer_events) =
-        driver::start(config, options)
-            .await
-            .map_err(|error| match error {
-                driver::Error::Serf(serf) => anyhow::Error::new(UsageError(serf.to_string())),
-                other => anyhow::Error::new(other)
-                    .context(format!("starting the serf member on {}", gossip.bind)),
-            })?;
-    let bound = handle.local_addr();
-    let advertise = gossip.advertise_for(bound);
-    info!(node = %name, %bound, %advertise, encrypted, "serf member started");
-
-    let shutdown = CancellationToken::new();
-    let stop_requested = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    let (events, _) = broadcast::channel(1024);
-    let (joined_tx, joined) = watch::channel(false);
-
-    let backend = Arc::new(MemberBackend::new(
-        handle.clone(),
-        AgentInfo {
-            node_name: name.clone(),
-            event_handlers: settings.event_handlers,
-            gossip_interval,
-            query_timeout_mult,
-        },
-        crate::logs::ring(),
-        stop_requested.clone(),
-    ));
-    let rpc_addr = match rpc {
-        Some(listener) => {
-            let addr = listener.local_addr().context("reading the rpc address")?;
-            if !addr.ip().is_loopback()
-                && settings.rpc_auth.as_deref().unwrap_or_default().is_empty()
-            {
-                warn!(%addr, "rpc is reachable beyond loopback without --rpc-auth: anyone who can connect can control this member");
-            }
-            let server = serf_agent::rpc::Server::new(
-                Arc::clone(&backend),
-                serf_agent::rpc::Config {
-                    auth_key: settings.rpc_auth,
-                    ..serf_agent::rpc::Config::default()
-                },
-            );
-            tasks.spawn(server.serve(listener, shutdown.child_token()));
-            info!(%addr, "rpc server listening");
-            Some(addr)
-        }
-        None => None,
-    };
-
-    let member = LocalMember {
-        inner: Arc::new(Inner {
-            handle,
-            name,
-            rpc_addr,
-            events,
-            joined,
-            tags: Mutex::new(tags),
-            tags_file: settings.tags_file,
-            handlers: watch::channel(Arc::new(Vec::new())).0,
-            backend: Arc::clone(&backend),
-            shutdown,
-            stop_requested,
-            tasks,
+    let settings = registrar::serf::Settings {
+        rpc: Some(registrar::serf::Rpc {
+            listener,
+            auth: None,
         }),
+        ..gossip.settings(tags, seeds)?
     };
-    // Fan-out of the member's events: the RPC backend and every subscriber. Our own tag
-    // changes (also those made over RPC, `serf tags`) are recorded here.
-    let fanout = member.clone();
-    let token = member.inner.shutdown.clone();
-    member.inner.tasks.spawn(async move {
-        loop {
-            let event = tokio::select! {
-                () = token.cancelled() => break,
-                event = layer_events.recv() => event,
-            };
-            let Some(event) = event else { break };
-            backend.handle_event(&event);
-            if let Event::MemberUpdate(updated) = &event {
-                if updated.name == fanout.inner.name {
-                    fanout.record_tags(updated.tags.clone());
-                }
-            }
-            let _ = fanout.inner.events.send(event);
-        }
-    });
-    member.spawn_join_loop(seeds, !gossip.replay, joined_tx);
-    Ok(member)
+    started(registrar::serf::start(settings, crate::logs::ring()).await)
 }
 
-impl LocalMember {
-    /// Our node name.
-    pub(crate) fn name(&self) -> &str {
-        &self.inner.name
-    }
-
-    /// Where the RPC server listens, if it runs.
-    pub(crate) fn rpc_addr(&self) -> Option<SocketAddr> {
-        self.inner.rpc_addr
-    }
-
-    /// Replaces our tags with `tags` (the complete set).
-    pub(crate) async fn set_tags(&self, tags: BTreeMap<String, String>) -> anyhow::Result<()> {
-        self.inner
-            .handle
-            .set_tags(tags.clone())
-            .await
-            .context("setting tags")?;
-        *self.inner.tags.lock().expect("tags lock is never poisoned") = tags;
-        self.write_tags_file()
-    }
-
-    /// Our current tags as last set through this handle.
-    pub(crate) fn tags(&self) -> BTreeMap<String, String> {
-        self.inner
-            .tags
-            .lock()
-            .expect("tags lock is never poisoned")
-            .clone()
-    }
-
-    /// Every event of the member from now on (membership, user events, queries, join and
-    /// leave completion). A consumer that falls behind by 1024 events gets `Lagged`.
-    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.inner.events.subscribe()
-    }
-
-    /// Every member we know, ourselves included.
-    pub(crate) async fn members(&self) -> anyhow::Result<Vec<serf::serf::Member>> {
-        Ok(self.inner.handle.members().await?)
-    }
-
-    /// Resolves when the first join completed (a push-pull with a seed merged its state).
-    /// Never resolves for a cluster of one.
-    pub(crate) async fn joined(&self) {
-        let mut joined = self.inner.joined.clone();
-        let _ = joined.wait_for(|joined| *joined).await;
-    }
-
-    /// Resolves when an RPC client asked the member to stop (`serf leave`).
-    pub(crate) async fn stop_requested(&self) {
-        self.inner.stop_requested.cancelled().await;
-    }
-
-    /// Leaves gracefully (peers see `left`), bounded by `timeout`.
-    pub(crate) async fn leave(&self, timeout: Duration) -> anyhow::Result<()> {
-        match tokio::time::timeout(timeout, self.inner.handle.leave()).await {
-            Ok(result) => result.context("leaving the cluster"),
-            Err(_) => anyhow::bail!("leaving the cluster took longer than {timeout:?}"),
-        }
-    }
-
-    /// Stops everything (RPC server, handlers, join loop, the member) and waits for the tasks.
-    /// Call [`leave`](Self::leave) first so peers see `left` rather than `failed`.
-    pub(crate) async fn shutdown(&self) {
-        self.inner.shutdown.cancel();
-        self.inner.tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.inner.tasks.wait()).await;
-        self.inner.handle.shutdown();
-    }
-
-    fn record_tags(&self, tags: BTreeMap<String, String>) {
-        *self.inner.tags.lock().expect("tags lock is never poisoned") = tags;
-        if let Err(error) = self.write_tags_file() {
-            warn!(error = %format!("{error:#}"), "tags changed");
-        }
-    }
-
-    /// Keeps `--tags-file` equal to our tags, as `serf agent -tags-file` does.
-    fn write_tags_file(&self) -> anyhow::Result<()> {
-        let Some(path) = &self.inner.tags_file else {
-            return Ok(());
-        };
-        let text = serde_json::to_string_pretty(&self.tags()).expect("string maps encode");
-        std::fs::write(path, text)
-            .with_context(|| format!("writing --tags-file {}", path.display()))
-    }
-
-    /// This member's view as a [`Discovery`](registrar::discovery::Discovery): its member list,
-    /// then its membership events.
-    pub(crate) fn discovery(&self) -> registrar::discovery::SerfDiscovery {
-        registrar::discovery::SerfDiscovery::new(
-            self.inner.events.clone(),
-            self.inner.handle.clone(),
-        )
-    }
-
-    /// Replaces the event handlers (`serf agent` reloads them on SIGHUP); the next event
-    /// runs the new ones, and `serf info` lists `specs`.
-    pub(crate) fn set_event_handlers(&self, handlers: Vec<Handler>, specs: Vec<String>) {
-        self.inner.handlers.send_replace(Arc::new(handlers));
-        self.inner.backend.set_event_handlers(specs);
-    }
-
-    fn spawn_handlers(&self, handlers: Vec<Handler>, extra_env: Vec<(String, String)>) {
-        self.inner.handlers.send_replace(Arc::new(handlers));
-        let current = self.inner.handlers.subscribe();
-        let mut events = self.subscribe();
-        let member = self.clone();
-        let token = self.inner.shutdown.clone();
-        self.inner.tasks.spawn(async move {
-            loop {
-                let event = tokio::select! {
-                    () = token.cancelled() => break,
-                    event = events.recv() => event,
-                };
-                let event = match event {
-                    Ok(event) => event,
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        warn!(skipped = n, "event handlers fell behind; events skipped");
-                        continue;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => break,
-                };
-                let handlers = Arc::clone(&current.borrow());
-                if handlers.is_empty() {
-                    continue;
-                }
-                let Some((handler_event, responder)) = to_handler_event(&event) else {
-                    continue;
-                };
-                let me = SelfInfo {
-                    name: member.name().to_owned(),
-                    tags: member.tags(),
-                    extra_env: extra_env.clone(),
-                };
-                let output = event_handler::dispatch(&handlers, &me, &handler_event).await;
-                if let (Some(id), Some(output)) = (responder, output) {
-                    if let Err(error) = member.inner.handle.respond(id, &output).await {
-                        warn!(%error, "query response from the event handler refused");
-                    }
-                }
-            }
-        });
-    }
-
-    fn spawn_join_loop(&self, seeds: Vec<String>, ignore_old: bool, joined: watch::Sender<bool>) {
-        if seeds.is_empty() {
-            info!(
-                "no seed to join (no --join, no Serf link variable, link name or /etc/hosts entry): running as a cluster of one"
-            );
-            return;
-        }
-        let member = self.clone();
-        let token = self.inner.shutdown.clone();
-        let mut events = self.subscribe();
-        self.inner.tasks.spawn(async move {
-            loop {
-                tokio::select! {
-                    () = token.cancelled() => return,
-                    () = member.join_until_done(&seeds, ignore_old) => {}
-                }
-                let _ = joined.send(true);
-                // Wait until every peer is lost, then join again.
-                loop {
-                    let event = tokio::select! {
-                        () = token.cancelled() => return,
-                        event = events.recv() => event,
-                    };
-                    let lost = match event {
-                        Ok(
-                            Event::MemberFailed(_) | Event::MemberLeave(_) | Event::MemberReap(_),
-                        ) => true,
-                        Ok(Event::LeaveCompleted) => return,
-                        Ok(_) => false,
-                        Err(broadcast::error::RecvError::Lagged(_)) => true,
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    };
-                    if lost && !member.has_alive_peers().await {
-                        warn!("every peer is gone; joining the seeds again");
-                        break;
-                    }
-                }
-            }
-        });
-    }
-
-    async fn has_alive_peers(&self) -> bool {
-        match self.inner.handle.members().await {
-            Ok(members) => members
-                .iter()
-                .any(|m| m.name != self.inner.name && m.status == MemberStatus::Alive),
-            // A stopped member has nothing to rejoin with.
-            Err(_) => true,
-        }
-    }
-
-    /// Tries the seeds until one answers, backing off between rounds.
-    async fn join_until_done(&self, seeds: &[String], ignore_old: bool) {
-        let mut backoff = BACKOFF_MIN;
-        let mut failures: u32 = 0;
-        loop {
-            match self.join_once(seeds, ignore_old).await {
-                Ok(contacted) => {
-                    info!(contacted, seeds = ?seeds, "joined the cluster");
-                    return;
-                }
-                Err(error) => {
-                    failures = failures.saturating_add(1);
-                    if failures.is_power_of_two() {
-                        warn!(seeds = ?seeds, failures, retry_in = ?backoff, error = %format!("{error:#}"), "no seed reachable");
-                    }
-                }
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-        }
-    }
-
-    async fn join_once(&self, seeds: &[String], ignore_old: bool) -> anyhow::Result<usize> {
-        let mut addrs = Vec::new();
-        for seed in seeds {
-            let with_port = if seed
-                .rsplit_once(':')
-                .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
-            {
-                seed.clone()
-            } else {
-                format!("{seed}:{SERF_PORT}")
-            };
-            match tokio::net::lookup_host(with_port).await {
-                Ok(found) => addrs.extend(found.filter(SocketAddr::is_ipv4).take(1)),
-                Err(error) => tracing::debug!(%seed, %error, "seed does not resolve"),
-            }
-        }
-        anyhow::ensure!(!addrs.is_empty(), "no seed resolves");
-        Ok(self.inner.handle.join(&addrs, ignore_old).await?)
-    }
-}
-
-/// The Serf side of advertising: health-gated tags (`set_tags`, keeping the tags others set),
-/// the leave on stop, `serf leave` over RPC as a stop request.
-impl Advertiser for LocalMember {
-    fn name(&self) -> &str {
-        Self::name(self)
-    }
-
-    fn follow_health(
-        &self,
-        advertisement: Advertisement,
-        applied: Option<BTreeMap<String, String>>,
-        health: watch::Receiver<Health>,
-        stop: CancellationToken,
-    ) -> BoxFuture<'static, ()> {
-        let member = self.clone();
-        Box::pin(registrar::advertise::apply_tags(
-            advertisement,
-            applied,
-            health,
-            move |tags| {
-                let member = member.clone();
-                let tags = crate::advertisement::with_current_extras(tags, member.tags());
-                async move { member.set_tags(tags).await.map_err(|e| format!("{e:#}")) }
-            },
-            stop,
-        ))
-    }
-
-    fn stop_requested(&self) -> BoxFuture<'_, ()> {
-        Box::pin(Self::stop_requested(self))
-    }
-
-    fn withdraw(&mut self, timeout: Duration) -> BoxFuture<'_, Result<&'static str, BoxError>> {
-        Box::pin(async move {
-            self.leave(timeout)
-                .await
-                .map_err(|error| BoxError::from(format!("{error:#}")))?;
-            Ok("left the cluster, peers show `left`")
-        })
-    }
-
-    fn shutdown(self: Box<Self>) -> BoxFuture<'static, ()> {
-        Box::pin(async move { Self::shutdown(&self).await })
-    }
-}
-
-/// The handler form of an event, and the responder for a query.
-fn to_handler_event(event: &Event) -> Option<(HandlerEvent, Option<serf::serf::ResponderId>)> {
-    let member = |kind: &'static str, member: &serf::serf::Member| HandlerEvent::Member {
-        kind,
-        members: vec![HandlerMember {
-            name: member.name.clone(),
-            addr: member.addr.to_string(),
-            tags: member.tags.clone(),
-        }],
-    };
-    Some(match event {
-        Event::MemberJoin(m) => (member("member-join", m), None),
-        Event::MemberLeave(m) => (member("member-leave", m), None),
-        Event::MemberFailed(m) => (member("member-failed", m), None),
-        Event::MemberUpdate(m) => (member("member-update", m), None),
-        Event::MemberReap(m) => (member("member-reap", m), None),
-        Event::UserEvent(user) => (
-            HandlerEvent::User {
-                name: user.name.clone(),
-                ltime: user.ltime.0,
-                payload: user.payload.clone(),
-            },
-            None,
-        ),
-        Event::Query(query) => (
-            HandlerEvent::Query {
-                name: query.name.clone(),
-                ltime: query.ltime.0,
-                payload: query.payload.clone(),
-            },
-            Some(query.id),
-        ),
-        _ => return None,
+/// A configuration the Serf layer refused is a usage error (exit 2).
+fn started(result: Result<LocalMember, registrar::serf::Error>) -> anyhow::Result<LocalMember> {
+    result.map_err(|error| match error {
+        registrar::serf::Error::Config(_) => UsageError(error.to_string()).into(),
+        other => other.into(),
     })
-}
-
-/// The hostname, as Go's `os.Hostname` gives it to `serf agent`.
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|name| name.trim().to_owned())
-        .ok()
-        .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| "amb-serf".to_owned())
-}
-
-/// The address to advertise when bound to every address: Go's private-address rule
-/// ([`crate::address`]), logged with the interface and why; loopback when nothing qualifies.
-pub(crate) fn advertised_ip() -> IpAddr {
-    match crate::address::local() {
-        Some(choice) => {
-            tracing::info!(address = %choice.ip, "advertising {choice}");
-            choice.ip
-        }
-        None => {
-            tracing::warn!("no private address on any interface that is up: advertising 127.0.0.1 (set --advertise)");
-            IpAddr::V4(Ipv4Addr::LOCALHOST)
-        }
-    }
 }
 
 #[cfg(test)]
@@ -1077,176 +534,6 @@ mod tests {
         assert!(parse_bind("host").is_err());
     }
 
-    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
-            .collect()
-    }
-
-    /// Seeds and their rules from `flags`, `env` and an `/etc/hosts` text.
-    fn seeds(flags: &[&str], env: &[(&str, &str)], hosts: Option<&str>) -> Vec<(String, String)> {
-        args(flags)
-            .gossip
-            .find_seeds(vars(env), hosts)
-            .expect("valid seeds")
-            .into_iter()
-            .map(|seed| (seed.addr, seed.rule))
-            .collect()
-    }
-
-    #[test]
-    fn seeds_come_from_flags_then_the_serf_link() {
-        let check = |flags: &[&str], env: &[(&str, &str)], expected: &[&str]| {
-            let found: Vec<String> = seeds(flags, env, None)
-                .into_iter()
-                .map(|(addr, _)| addr)
-                .collect();
-            assert_eq!(found, expected, "{flags:?} {env:?}");
-        };
-        check(&[], &[], &[]);
-        // AMB_JOIN='127.0.0.1:1, 127.0.0.1:27964,' as clap splits it.
-        check(
-            &["--join", "127.0.0.1:1, 127.0.0.1:27964,"],
-            &[],
-            &["127.0.0.1:1", "127.0.0.1:27964"],
-        );
-        check(
-            &[],
-            &[("SERF_1_PORT_7946_TCP", "tcp://172.17.0.2:7946")],
-            &["172.17.0.2:7946"],
-        );
-        // Only the 7946/tcp port of the link is a gossip address.
-        check(
-            &[],
-            &[
-                ("SERF_1_PORT_7373_TCP", "tcp://172.17.0.2:7373"),
-                ("SERF_1_PORT_7946_UDP", "udp://172.17.0.2:7946"),
-            ],
-            &[],
-        );
-        check(
-            &[
-                "--serf-link",
-                "seed",
-                "--join",
-                "a:1",
-                "--retry-join",
-                "b:2",
-            ],
-            &[
-                ("SEED_PORT_7946_TCP", "tcp://10.0.0.9:7946"),
-                ("SERF_1_PORT_7946_TCP", "tcp://172.17.0.2:7946"),
-            ],
-            &["a:1", "b:2", "10.0.0.9:7946"],
-        );
-        // The same seed twice is joined once, wherever it came from.
-        check(
-            &["--join", "a:1", "--retry-join", "a:1", "--join", "b:2"],
-            &[],
-            &["a:1", "b:2"],
-        );
-    }
-
-    /// `--link serf_1:serf_1` to an image with no `EXPOSE` (issue #26): Docker sets no port
-    /// variable, only `SERF_1_NAME` and the alias's `/etc/hosts` line. The alias is the seed.
-    #[test]
-    fn a_serf_link_without_a_port_variable_joins_its_alias() {
-        const HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n\
-                             172.17.0.2\tserf_1 3f2a9c1d77e0 amb-serf_1\n\
-                             172.17.0.3\tamb # serf_1 in a comment\n";
-        let check = |flags: &[&str],
-                     env: &[(&str, &str)],
-                     hosts: Option<&str>,
-                     expected: &[(&str, &str)]| {
-            let found = seeds(flags, env, hosts);
-            let expected: Vec<(String, String)> = expected
-                .iter()
-                .map(|(addr, rule)| ((*addr).to_owned(), (*rule).to_owned()))
-                .collect();
-            assert_eq!(found, expected, "{flags:?} {env:?} {hosts:?}");
-        };
-        let by_name = "link SERF_1_NAME without a port variable (the linked image exposes no port)";
-        let by_hosts = "/etc/hosts names the link alias serf_1 (no link variable)";
-        check(
-            &[],
-            &[("SERF_1_NAME", "/amb/serf_1")],
-            None,
-            &[("serf_1:7946", by_name)],
-        );
-        check(
-            &[],
-            &[("SERF_1_NAME", "/amb/serf_1")],
-            Some(HOSTS),
-            &[("serf_1:7946", by_name)],
-        );
-        check(&[], &[], Some(HOSTS), &[("serf_1:7946", by_hosts)]);
-        // With the port variable, it alone is the link's seed.
-        check(
-            &[],
-            &[
-                ("SERF_1_NAME", "/amb/serf_1"),
-                ("SERF_1_PORT_7946_TCP", "tcp://172.17.0.2:7946"),
-            ],
-            Some(HOSTS),
-            &[("172.17.0.2:7946", "link variable SERF_1_PORT_7946_TCP")],
-        );
-        // A link exposing only other ports still names the alias.
-        check(
-            &[],
-            &[
-                ("SERF_1_NAME", "/amb/serf_1"),
-                ("SERF_1_PORT_7373_TCP", "tcp://172.17.0.2:7373"),
-            ],
-            None,
-            &[("serf_1:7946", by_name)],
-        );
-        // Added to --join, as the port variable is.
-        check(
-            &["--join", "10.0.0.1"],
-            &[("SERF_1_NAME", "/amb/serf_1")],
-            None,
-            &[("10.0.0.1", "--join"), ("serf_1:7946", by_name)],
-        );
-        check(
-            &["--join", "serf_1:7946"],
-            &[],
-            Some(HOSTS),
-            &[("serf_1:7946", "--join")],
-        );
-        // Another alias, case-insensitive in /etc/hosts as name lookups are.
-        check(
-            &["--serf-link", "seed"],
-            &[],
-            Some("10.0.0.7 SEED\n"),
-            &[(
-                "seed:7946",
-                "/etc/hosts names the link alias seed (no link variable)",
-            )],
-        );
-        // Nothing names the alias: a cluster of one.
-        check(
-            &[],
-            &[("MYSQL_NAME", "/amb/mysql")],
-            Some("127.0.0.1 localhost\n"),
-            &[],
-        );
-        check(&[], &[], Some("172.17.0.3 amb # serf_1\nserf_1\n"), &[]);
-        check(&[], &[("SERF_1_NAME", "not-docker")], None, &[]);
-    }
-
-    #[test]
-    fn a_malformed_link_variable_is_a_usage_error_naming_it() {
-        let error = args(&[])
-            .gossip
-            .find_seeds(vars(&[("SERF_1_PORT_7946_TCP", "tcp://nowhere")]), None)
-            .unwrap_err();
-        assert!(
-            format!("{error:#}").contains("SERF_1_PORT_7946_TCP"),
-            "{error:#}"
-        );
-    }
-
     #[test]
     fn tags_and_advertise_flags() {
         assert_eq!(
@@ -1275,25 +562,6 @@ mod tests {
         assert_eq!(
             tags,
             BTreeMap::from([("a".into(), "1".into()), ("b".into(), "2".into())])
-        );
-    }
-
-    #[test]
-    fn the_advertised_address() {
-        let check = |flags: &[&str], bound: &str, expected: &str| {
-            let advertised = args(flags).gossip.advertise_for(bound.parse().unwrap());
-            assert_eq!(advertised, expected.parse().unwrap(), "{flags:?} {bound}");
-        };
-        check(&[], "127.0.0.2:7946", "127.0.0.2:7946");
-        check(
-            &["--advertise", "10.0.0.5"],
-            "0.0.0.0:7946",
-            "10.0.0.5:7946",
-        );
-        check(
-            &["--advertise", "10.0.0.5:9000"],
-            "0.0.0.0:7946",
-            "10.0.0.5:9000",
         );
     }
 }

@@ -79,18 +79,6 @@ impl DnsArgs {
             .with_context(|| format!("binding --dns-addr {addr} (tcp)"))?;
         Ok(Some(Bound { config, udp, tcp }))
     }
-
-    /// `--dns-addr` with a registry that has no Serf membership to answer from.
-    pub(crate) fn refuse_without_serf(&self) -> anyhow::Result<()> {
-        match self.dns_addr {
-            Some(_) => Err(UsageError(
-                "--dns-addr answers from Serf membership; it cannot be used with --registry etcd"
-                    .to_owned(),
-            )
-            .into()),
-            None => Ok(()),
-        }
-    }
 }
 
 /// Starts answering on `bound` from `discovery`'s membership until `shutdown`.

@@ -141,7 +141,7 @@ impl Reloadable {
         let tags = match self.tags {
             TagsOwner::Config => wanted.tags.clone(),
             TagsOwner::Advertiser => {
-                crate::advertisement::with_current_extras(member.tags(), wanted.tags.clone())
+                registrar::advertisement::with_current_extras(member.tags(), wanted.tags.clone())
             }
         };
         if tags != member.tags() {

@@ -18,12 +18,12 @@ use proxy::{CancellationToken, Proxy, TaskTracker};
 use tokio::sync::watch;
 use tracing::info;
 
-use super::serve::{self, raise_open_file_limit, ServeArgs, Signals};
+use super::serve::{self, raise_open_file_limit, ConsumeArgs, ServeArgs, Signals};
 use super::UsageError;
-use crate::consumer::{self, ConsumeArgs, Consumer};
 use crate::member::{self, MemberArgs};
 use crate::metrics;
 use crate::registry::RegistryArgs;
+use registrar::consumer::{self, Consumer};
 
 /// Flags of `amb-serf connect`.
 #[derive(Debug, clap::Args)]
@@ -63,7 +63,7 @@ pub(crate) struct Args {
 }
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
-    let specs = consumer::parse_specs(&args.roles)?;
+    let specs = consumer::parse_specs(&args.roles).map_err(|error| UsageError(error.0))?;
     if specs.is_empty() {
         return Err(UsageError(
             "connect: no role given: name one or more ROLE[=LISTEN_PORT] (or set AMB_CONNECT)"
@@ -75,7 +75,10 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     tags.entry(registrar::tags::ROLE.to_owned())
         .or_insert_with(|| "connect".to_owned());
     let registry = args.registry.registry(crate::environment::vars())?;
-    let seeds = registry.seeds(&args.member.gossip, crate::environment::vars())?;
+    let seeds = args
+        .member
+        .gossip
+        .seeds_for(&registry, crate::environment::vars())?;
     raise_open_file_limit();
     let mut signals = Signals::new().context("installing signal handlers")?;
 
@@ -90,9 +93,6 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let bound = consumer.bind(&mut proxy, &specs, args.consume.policy())?;
     let stats = proxy.stats();
     let metrics_listener = metrics::bind(args.serve.metrics_addr).await?;
-    if !registry.is_serf() {
-        args.serve.dns.refuse_without_serf()?;
-    }
     let dns = args.serve.dns.bind().await?;
 
     // With etcd there is no member and nothing registered: providers come from the watch of

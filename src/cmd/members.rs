@@ -7,7 +7,7 @@
 //! the table once and then one line per change.
 //!
 //! With `--registry etcd://…` the rows are the registrations under `--etcd-prefix`
-//! ([`crate::registry::rpc_members`]), filtered locally, and `--watch` follows etcd's watch.
+//! ([`registrar::registry::member_row`] over the etcd [`registrar::discovery::Discovery`]), filtered locally, and `--watch` follows etcd's watch.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -15,7 +15,9 @@ use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use anyhow::Context;
+use registrar::registry::{member_row, View};
 use serde::Serialize;
+use serf::serf::Member;
 use serf_agent::rpc::filter::MemberFilter;
 use serf_agent::rpc::{Client, MemberRow, MembersFilter, StreamEvent};
 
@@ -353,41 +355,47 @@ async fn watch(
         }
         let mut stdout = std::io::stdout().lock();
         for member in members.iter().filter(|member| local_filter.matches(member)) {
-            let line = match args.format {
-                Format::Text => format!(
-                    "{kind} {} {} {} {}",
-                    member.name,
-                    member.socket_addr(),
-                    member.status,
-                    tag_list(&member.tags)
-                ),
-                Format::Json => serde_json::json!({
-                    "event": kind.as_str(),
-                    "name": member.name,
-                    "addr": member.socket_addr().to_string(),
-                    "status": member.status,
-                    "tags": member.tags,
-                })
-                .to_string(),
-            };
-            let _ = writeln!(stdout, "{}", line.trim_end());
+            let _ = writeln!(stdout, "{}", event_line(args.format, kind.as_str(), member));
         }
         let _ = stdout.flush();
     }
+}
+
+/// One membership change as `--watch` prints it when stdout is not a terminal: `kind name
+/// addr status tags`, or a JSON object.
+fn event_line(format: Format, kind: &str, member: &MemberRow) -> String {
+    let line = match format {
+        Format::Text => format!(
+            "{kind} {} {} {} {}",
+            member.name,
+            member.socket_addr(),
+            member.status,
+            tag_list(&member.tags)
+        ),
+        Format::Json => serde_json::json!({
+            "event": kind,
+            "name": member.name,
+            "addr": member.socket_addr().to_string(),
+            "status": member.status,
+            "tags": member.tags,
+        })
+        .to_string(),
+    };
+    line.trim_end().to_owned()
 }
 
 /// `members` over etcd: the registrations under the prefix as member rows (node, its address,
 /// `alive`, its tags), filtered locally; `--watch` follows etcd's watch.
 async fn etcd_members(
     args: &Args,
-    etcd: &registry::Etcd,
+    etcd: &registrar::registry::Etcd,
     filter: &MemberFilter,
 ) -> anyhow::Result<()> {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
-    let mut discovery = etcd.discovery(shutdown);
-    let rows = |snapshot: &registrar::etcd::Snapshot| -> Vec<MemberRow> {
-        let mut members = registry::rpc_members(&etcd.prefix, snapshot);
+    let mut view = View::new(&etcd.discovery(shutdown));
+    let rows = |members: Vec<Member>| -> Vec<MemberRow> {
+        let mut members: Vec<MemberRow> = members.into_iter().map(member_row).collect();
         members.retain(|member| filter.matches(member));
         sorted(members)
     };
@@ -395,10 +403,8 @@ async fn etcd_members(
         Format::Text => render_table(members, args.detailed),
         Format::Json => render_json(members),
     };
-    let snapshot = etcd
-        .list(&mut discovery, registry::FIRST_LIST_TIMEOUT)
-        .await?;
-    let mut shown = rows(&snapshot);
+    let snapshot = etcd.first(&mut view, registry::FIRST_LIST_TIMEOUT).await?;
+    let mut shown = rows(snapshot);
     println!("{}", render(&shown));
     if !args.watch {
         return Ok(());
@@ -409,36 +415,19 @@ async fn etcd_members(
     loop {
         let snapshot = tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            snapshot = discovery.changed() => snapshot,
+            snapshot = view.next() => snapshot,
         };
         let Some(snapshot) = snapshot else {
             anyhow::bail!("the etcd watch stopped");
         };
-        let next = rows(&snapshot);
+        let next = rows(snapshot);
         let mut stdout = std::io::stdout().lock();
         if terminal {
             let _ = write!(stdout, "\x1b[H\x1b[2J");
             let _ = writeln!(stdout, "{}", render(&next));
         } else {
             for (kind, member) in membership_changes(&shown, &next) {
-                let line = match args.format {
-                    Format::Text => format!(
-                        "{kind} {} {} {} {}",
-                        member.name,
-                        member.socket_addr(),
-                        member.status,
-                        tag_list(&member.tags)
-                    ),
-                    Format::Json => serde_json::json!({
-                        "event": kind,
-                        "name": member.name,
-                        "addr": member.socket_addr().to_string(),
-                        "status": member.status,
-                        "tags": member.tags,
-                    })
-                    .to_string(),
-                };
-                let _ = writeln!(stdout, "{}", line.trim_end());
+                let _ = writeln!(stdout, "{}", event_line(args.format, kind, member));
             }
         }
         let _ = stdout.flush();

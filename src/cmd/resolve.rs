@@ -274,34 +274,40 @@ async fn resolve(
 /// prefix; `--wait` follows etcd's watch until one appears.
 async fn resolve_etcd(
     args: &Args,
-    etcd: &crate::registry::Etcd,
+    etcd: &registrar::registry::Etcd,
     filter: &serf_agent::rpc::filter::MemberFilter,
     wanted: &str,
 ) -> anyhow::Result<()> {
     use crate::registry;
+    use registrar::registry::{member_row, View};
     let shutdown = tokio_util::sync::CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
-    let mut discovery = etcd.discovery(shutdown);
-    let found = |snapshot: &registrar::etcd::Snapshot| {
-        let mut members = registry::rpc_members(&etcd.prefix, snapshot);
+    let mut view = View::new(&etcd.discovery(shutdown));
+    let found = |members: Vec<serf::serf::Member>| {
+        let mut members: Vec<MemberRow> = members.into_iter().map(member_row).collect();
         members.retain(|member| filter.matches(member));
         candidates(members)
     };
     let listed = etcd
-        .list(
-            &mut discovery,
+        .first(
+            &mut view,
             args.wait
                 .unwrap_or_default()
                 .max(registry::FIRST_LIST_TIMEOUT),
         )
         .await?;
-    let mut members = found(&listed);
+    let mut members = found(listed);
     if let (Some(wait), true) = (args.wait, members.is_empty()) {
-        let condition = |snapshot: &registrar::etcd::Snapshot| !found(snapshot).is_empty();
-        if let Ok(Some(snapshot)) = tokio::time::timeout(wait, discovery.wait_for(condition)).await
-        {
-            members = found(&snapshot);
-        }
+        // Until a change brings a candidate, or `wait` is over.
+        let _ = tokio::time::timeout(wait, async {
+            while let Some(next) = view.next().await {
+                members = found(next);
+                if !members.is_empty() {
+                    break;
+                }
+            }
+        })
+        .await;
     }
     if members.is_empty() {
         let waited = args

@@ -16,7 +16,7 @@
 //!    `--drain-timeout`, then exit 0. A second signal exits at once.
 //!
 //! With `--registry etcd://…` (or an `ETCD_PORT_2379_TCP` link) step 3 starts no Serf member but
-//! an etcd registrar fed by the same health channel ([`crate::registry`]), and step 5 revokes
+//! an etcd registrar fed by the same health channel ([`registrar::registry`]), and step 5 revokes
 //! its lease instead of leaving; the rest is identical.
 
 use std::collections::BTreeMap;
@@ -30,12 +30,13 @@ use registrar::tags::Health;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::serve::{self, raise_open_file_limit, ServeArgs, Signals};
+use super::serve::{self, raise_open_file_limit, ConsumeArgs, ServeArgs, Signals};
 use super::UsageError;
-use crate::consumer::{self, ConsumeArgs, Consumer};
 use crate::member::{self, MemberArgs};
-use crate::registry::{self, Registry, RegistryArgs};
-use crate::{advertisement, health, metrics};
+use crate::registry::{Registry, RegistryArgs};
+use crate::{health, metrics};
+use registrar::advertisement;
+use registrar::consumer::{self, Consumer};
 
 /// Flags of `amb-serf run`.
 #[derive(Debug, clap::Args)]
@@ -183,9 +184,6 @@ pub(crate) async fn run(args: Args, log_flag: Option<&str>) -> anyhow::Result<()
     };
     let stats = proxy.stats();
     let metrics_listener = metrics::bind(args.serve.metrics_addr).await?;
-    if !registry.is_serf() {
-        args.serve.dns.refuse_without_serf()?;
-    }
     let dns = args.serve.dns.bind().await?;
     print_summary(&proxy, &specs);
     if let Some((_, bound)) = &consumer {
@@ -224,7 +222,7 @@ pub(crate) async fn run(args: Args, log_flag: Option<&str>) -> anyhow::Result<()
     if !registry.is_serf() && !args.member.event_handlers.is_empty() {
         warn!("--event-handler needs Serf events; ignored with --registry etcd");
     }
-    let local_ip = registry::local_ip(
+    let local_ip = registrar::address::local_ip(
         args.member.gossip.advertise.map(|addr| addr.ip()),
         args.serve.listen_addr,
     );
@@ -237,10 +235,10 @@ pub(crate) async fn run(args: Args, log_flag: Option<&str>) -> anyhow::Result<()
                 seeds,
                 member::Extras { handler_env },
             ),
-            Some(registry::EtcdRegistration {
+            Some(registrar::registry::EtcdRegistration {
                 role: &role,
                 node: &node_name,
-                value: registry::registration(&advertisement, local_ip),
+                value: registrar::registry::registration(&advertisement, local_ip),
             }),
             health_rx.clone(),
             &shutdown,
@@ -352,8 +350,9 @@ fn plan(args: &Args, tags: BTreeMap<String, String>) -> anyhow::Result<Plan> {
     };
     let specs = link_env::parse(vars.iter().cloned(), &options)
         .map_err(|error| UsageError(error.to_string()))?;
-    let consume_specs = consumer::parse_specs(&args.connect)?;
-    let seeds = registry.seeds(&args.member.gossip, vars)?;
+    let consume_specs =
+        consumer::parse_specs(&args.connect).map_err(|error| UsageError(error.0))?;
+    let seeds = args.member.gossip.seeds_for(&registry, vars)?;
     let advertisement = advertisement::build(
         &specs,
         &args.forwards,

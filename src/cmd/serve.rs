@@ -13,6 +13,35 @@ use registrar::advertise::Advertiser;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{info, warn};
 
+/// Flags of every command that consumes roles (`connect`; `run --connect`).
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct ConsumeArgs {
+    /// Further providers tried within one client connection when one refuses (it is then
+    /// skipped for a short back-off).
+    #[arg(long, env = "AMB_CONNECT_RETRIES", default_value_t = 2)]
+    pub(crate) connect_retries: usize,
+
+    /// With no provider, how long a new client waits for one before it is closed.
+    #[arg(long, env = "AMB_WAIT_FOR_TARGET", default_value = "5s", value_parser = crate::duration::parse)]
+    pub(crate) wait_for_target: Duration,
+
+    /// Close open connections whose provider leaves, fails or turns critical (by default they
+    /// run to their end).
+    #[arg(long, env = "AMB_DRAIN_ON_REMOVAL")]
+    pub(crate) drain_on_removal: bool,
+}
+
+impl ConsumeArgs {
+    /// The forwarders' policy.
+    pub(crate) fn policy(&self) -> proxy::Policy {
+        proxy::Policy {
+            connect_retries: self.connect_retries,
+            wait_for_target: self.wait_for_target,
+            drain_on_removal: self.drain_on_removal,
+        }
+    }
+}
+
 /// Flags of every command that serves forwards (`run`, `connect`).
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct ServeArgs {

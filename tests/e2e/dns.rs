@@ -34,7 +34,7 @@ fn dns_seed(name: &str) -> (Agent, SocketAddr) {
 }
 
 /// `dig @SERVER -p PORT ARGS…`, one try of 2 s, its whole output.
-fn dig(server: SocketAddr, args: &[&str]) -> String {
+pub(crate) fn dig(server: SocketAddr, args: &[&str]) -> String {
     let mut command = Command::new(require("dig"));
     command
         .arg(format!("@{}", server.ip()))
@@ -45,7 +45,7 @@ fn dig(server: SocketAddr, args: &[&str]) -> String {
 }
 
 /// The `+short` answer lines as a set (their order is random).
-fn short(server: SocketAddr, args: &[&str]) -> BTreeSet<String> {
+pub(crate) fn short(server: SocketAddr, args: &[&str]) -> BTreeSet<String> {
     let mut args = args.to_vec();
     args.push("+short");
     dig(server, &args)
@@ -55,7 +55,7 @@ fn short(server: SocketAddr, args: &[&str]) -> BTreeSet<String> {
         .collect()
 }
 
-fn set(lines: &[&str]) -> BTreeSet<String> {
+pub(crate) fn set(lines: &[&str]) -> BTreeSet<String> {
     lines.iter().map(|line| (*line).to_owned()).collect()
 }
 

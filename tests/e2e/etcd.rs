@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use testkit::{eventually, free_port, loopback, time_until, Etcd, Redis, DEADLINE};
 
+use crate::dns::{set, short};
 use crate::support::{run_to_exit, Ambassador};
 
 /// What the issue asks for: a registration seen, or gone, within 1 s; the slack covers starting
@@ -437,5 +438,37 @@ fn an_unreachable_etcd_is_retried_and_a_dead_endpoint_failed_over() {
     );
     eventually(DEADLINE, "registered through the second endpoint", || {
         value(&etcd, "/services/6379/amb-e9")
+    });
+}
+
+/// `--dns-addr` with `--registry etcd`: the zone is built from the registrations, and follows
+/// them (a new one is answered, a revoked one is gone).
+#[test]
+fn dns_answers_from_the_registrations() {
+    let etcd = Etcd::start();
+    let redis = Redis::start(loopback(1));
+    let dns = std::net::SocketAddr::from((loopback(1), free_port(loopback(1))));
+    let dns_text = dns.to_string();
+    let _one = start(
+        loopback(210),
+        &etcd,
+        &redis,
+        "amb-dns1",
+        &["--dns-addr", &dns_text],
+    );
+    eventually(DEADLINE, "6379.role.serf answers amb-dns1", || {
+        (short(dns, &["6379.role.serf"]) == set(&["127.0.0.210"])).then_some(())
+    });
+    assert_eq!(short(dns, &["amb-dns1.node.serf"]), set(&["127.0.0.210"]));
+
+    let mut two = start(loopback(211), &etcd, &redis, "amb-dns2", &[]);
+    eventually(DEADLINE, "6379.role.serf answers both", || {
+        (short(dns, &["6379.role.serf"]) == set(&["127.0.0.210", "127.0.0.211"])).then_some(())
+    });
+    // A revoked registration (SIGTERM) leaves the zone.
+    two.signal(libc::SIGTERM);
+    two.wait_exit(DEADLINE);
+    eventually(DEADLINE, "amb-dns2 gone from 6379.role.serf", || {
+        (short(dns, &["6379.role.serf"]) == set(&["127.0.0.210"])).then_some(())
     });
 }

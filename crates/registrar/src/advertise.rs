@@ -101,6 +101,18 @@ pub async fn apply_tags<F, Fut, E>(
     }
 }
 
+/// `error` and its sources, `: `-separated (as anyhow's `{:#}` prints them).
+pub(crate) fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

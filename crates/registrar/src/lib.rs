@@ -15,9 +15,12 @@
 //!   and then followed with a watch (no polling), surviving etcd restarts.
 //!
 //! Both registries sit behind two traits: [`advertise::Advertiser`] (apply tags, withdraw,
-//! shut down; the etcd [`etcd::Lease`], and the binary's Serf member) and
-//! [`discovery::Discovery`] (a member snapshot, then changes; [`discovery::SerfDiscovery`] over a
+//! shut down; the etcd [`etcd::Lease`], and the Serf [`serf::LocalMember`]) and
+//! [`discovery::Discovery`] (a member snapshot, then changes; [`serf::SerfDiscovery`] over a
 //! member's events, [`etcd::EtcdDiscovery`] over a watch).
+//!
+//! [`registry::Registry`] is the choice between them; [`registry::Registry::start`] gives a
+//! command its [`registry::Presence`] (advertiser, discovery, the Serf member if any).
 //!
 //! Left out on purpose: TLS and authentication to etcd (the `etcd://` scheme is plain HTTP), and
 //! the command-line flags, which belong to the binary.
@@ -40,11 +43,18 @@
 //! # }
 //! ```
 #![deny(missing_docs)]
-#![forbid(unsafe_code)]
+// Only `address` (getifaddrs) may use unsafe code.
+#![deny(unsafe_code)]
 
+#[allow(unsafe_code)]
+pub mod address;
 pub mod advertise;
+pub mod advertisement;
 mod backoff;
+pub mod consumer;
 pub mod discovery;
 pub mod etcd;
+pub mod registry;
+pub mod serf;
 pub mod tags;
 pub mod targets;

@@ -8,10 +8,12 @@
 //! - [`rpc`]: Serf's agent RPC, both sides (client, server, the member backend).
 //! - [`snapshot`]: Go's snapshot file (`serf agent -snapshot`): the format, and the thread
 //!   that keeps it while [`member`] runs.
+//! - [`handlers`]: event handlers as `serf agent -event-handler` runs them.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod driver;
+pub mod handlers;
 pub mod member;
 pub mod rpc;
 pub mod snapshot;

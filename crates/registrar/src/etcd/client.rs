@@ -657,25 +657,14 @@ impl From<String> for ErrorText {
 
 impl From<hyper::Error> for ErrorText {
     fn from(error: hyper::Error) -> Self {
-        Self(chain(&error))
+        Self(crate::advertise::chain(&error))
     }
 }
 
 impl From<hyper_util::client::legacy::Error> for ErrorText {
     fn from(error: hyper_util::client::legacy::Error) -> Self {
-        Self(chain(&error))
+        Self(crate::advertise::chain(&error))
     }
-}
-
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// An int64 field: the gateway writes them as JSON strings, but accept numbers too.

@@ -8,8 +8,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::tags::{self, Advertisement};
 use proxy::{ForwardSpec, Origin, Protocol, Target};
-use registrar::tags::{self, Advertisement};
 
 /// The first link's first port (see the module docs), optionally TCP only.
 fn primary<'a>(
@@ -38,7 +38,7 @@ fn primary<'a>(
 
 /// The advertisement for `specs` (in forwarding order) and the flags; `extra` are the
 /// `--tag`/`--tags-file` tags. [`Advertisement::validate`] is the caller's next step.
-pub(crate) fn build(
+pub fn build(
     specs: &[ForwardSpec],
     forwards: &[String],
     role: Option<String>,
@@ -65,7 +65,7 @@ pub(crate) fn build(
 /// file, which the member rewrites with what it advertises, so a restart does not read its own
 /// tags back as the user's. Given with `--tag` (`flag_keys`), they stay, for
 /// [`Advertisement::validate`] to reject.
-pub(crate) fn user_tags(
+pub fn user_tags(
     mut all: BTreeMap<String, String>,
     flag_keys: &[&str],
 ) -> BTreeMap<String, String> {
@@ -76,7 +76,7 @@ pub(crate) fn user_tags(
 /// The tags to send: the managed tags from `desired`, every other tag as the member has it now
 /// (`current`), so a tag set or deleted over RPC (`serf tags -set/-delete`) is not undone by
 /// the next health change.
-pub(crate) fn with_current_extras(
+pub fn with_current_extras(
     desired: BTreeMap<String, String>,
     current: BTreeMap<String, String>,
 ) -> BTreeMap<String, String> {
@@ -94,14 +94,14 @@ pub(crate) fn with_current_extras(
 const MANAGED: [&str; 4] = [tags::ROLE, tags::HEALTH, tags::PORTS, tags::SERVICE];
 
 /// `--service-addr` must be `HOST:PORT` (what consumers on other hosts dial).
-pub(crate) fn check_service_addr(addr: &str) -> Result<(), String> {
+pub fn check_service_addr(addr: &str) -> Result<(), String> {
     addr.parse::<Target>()
         .map(|_| ())
         .map_err(|reason| format!("--service-addr {addr:?}: {reason}"))
 }
 
 /// The backend the health loop probes: `explicit`, else the primary TCP forward's target.
-pub(crate) fn health_target(
+pub fn health_target(
     specs: &[ForwardSpec],
     forwards: &[String],
     explicit: Option<Target>,

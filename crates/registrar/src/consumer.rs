@@ -2,13 +2,14 @@
 //!
 //! - [`parse_specs`]: `ROLE[=LISTEN_PORT]` entries (flags or `AMB_CONNECT`) → [`ConnectSpec`]s.
 //! - [`RolePool`]: the providers of one role as a [`proxy::Pool`]: least outstanding
-//!   connections, ties at random, refused providers backed off ([`registrar::targets::Targets`]).
+//!   connections, ties at random, refused providers backed off ([`crate::targets::Targets`]).
 //! - [`Consumer`]: the pools of a process and the member table they are computed from; it binds
 //!   one listener per spec into a [`Proxy`] and is fed a registry's changes
 //!   ([`Consumer::handle_change`]), so a provider is used or dropped as soon as its change
 //!   arrives, with no polling.
 //!
-//! A command that consumes (`connect`, and `run --connect`) flattens [`ConsumeArgs`], builds a
+//! A command that consumes (`connect`, and `run --connect`) flattens the binary's `ConsumeArgs`
+//! (a [`Policy`]), builds a
 //! [`Consumer`], binds it into its [`Proxy`] before spawning, and hands it the registry's
 //! [`Discovery`] (Serf or etcd) with [`Consumer::follow`]:
 //!
@@ -25,55 +26,30 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::discovery::{Change, Discovery};
+use crate::tags::Health;
+use crate::targets::{self, Dial, Targets};
 use proxy::link_env::{Host, Target};
 use proxy::{Candidate, Outcome, Policy, Proxy, Upstream};
 use rand::{rngs::StdRng, SeedableRng};
-use registrar::discovery::{Change, Discovery};
-use registrar::tags::Health;
-use registrar::targets::{self, Dial, Targets};
 use serf::serf::{Member, MemberStatus};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::cmd::UsageError;
-
-/// Flags of every command that consumes roles (`connect`; `run --connect`).
-#[derive(Debug, Clone, clap::Args)]
-pub(crate) struct ConsumeArgs {
-    /// Further providers tried within one client connection when one refuses (it is then
-    /// skipped for a short back-off).
-    #[arg(long, env = "AMB_CONNECT_RETRIES", default_value_t = 2)]
-    pub(crate) connect_retries: usize,
-
-    /// With no provider, how long a new client waits for one before it is closed.
-    #[arg(long, env = "AMB_WAIT_FOR_TARGET", default_value = "5s", value_parser = crate::duration::parse)]
-    pub(crate) wait_for_target: Duration,
-
-    /// Close open connections whose provider leaves, fails or turns critical (by default they
-    /// run to their end).
-    #[arg(long, env = "AMB_DRAIN_ON_REMOVAL")]
-    pub(crate) drain_on_removal: bool,
-}
-
-impl ConsumeArgs {
-    /// The forwarders' policy.
-    pub(crate) fn policy(&self) -> Policy {
-        Policy {
-            connect_retries: self.connect_retries,
-            wait_for_target: self.wait_for_target,
-            drain_on_removal: self.drain_on_removal,
-        }
-    }
-}
+/// A `ROLE[=LISTEN_PORT]` entry that is not valid, or two on one port; the message names the
+/// entries.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SpecError(pub String);
 
 /// One `ROLE[=LISTEN_PORT]`: serve the providers of `role` on `listen_port`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ConnectSpec {
+pub struct ConnectSpec {
     /// The `role` tag value providers advertise.
-    pub(crate) role: String,
+    pub role: String,
     /// The local port clients connect to.
-    pub(crate) listen_port: u16,
+    pub listen_port: u16,
 }
 
 impl fmt::Display for ConnectSpec {
@@ -84,7 +60,7 @@ impl fmt::Display for ConnectSpec {
 
 /// Parses one entry: `ROLE` (a numeric role listens on that port), `ROLE=PORT`, or `PORT=ROLE`
 /// (the port first, as in `--forward`); with two numbers the role comes first.
-pub(crate) fn parse_spec(entry: &str) -> Result<ConnectSpec, String> {
+pub fn parse_spec(entry: &str) -> Result<ConnectSpec, SpecError> {
     let entry = entry.trim();
     let port = |text: &str| match text.parse::<u16>() {
         Ok(0) | Err(_) => None,
@@ -94,14 +70,14 @@ pub(crate) fn parse_spec(entry: &str) -> Result<ConnectSpec, String> {
     let (role, listen_port) = match entry.split_once('=') {
         None => {
             let listen_port = port(entry).ok_or_else(|| {
-                if is_number(entry) {
+                SpecError(if is_number(entry) {
                     format!("connect {entry:?}: the role is not a valid port (1-65535)")
                 } else {
                     format!(
                         "connect {entry:?}: role {entry:?} is not a port number, so give the \
                          listen port: {entry}=PORT"
                     )
-                }
+                })
             })?;
             (entry, listen_port)
         }
@@ -112,15 +88,17 @@ pub(crate) fn parse_spec(entry: &str) -> Result<ConnectSpec, String> {
                 (right, left)
             };
             let listen_port = port(listen).ok_or_else(|| {
-                format!("connect {entry:?}: listen port {listen:?} is not a port number (1-65535)")
+                SpecError(format!(
+                    "connect {entry:?}: listen port {listen:?} is not a port number (1-65535)"
+                ))
             })?;
             (role, listen_port)
         }
     };
     if role.is_empty() || role.contains(|c: char| c.is_whitespace() || c == ',') {
-        return Err(format!(
+        return Err(SpecError(format!(
             "connect {entry:?}: role {role:?} must be non-empty, without spaces or commas"
-        ));
+        )));
     }
     Ok(ConnectSpec {
         role: role.to_owned(),
@@ -129,15 +107,15 @@ pub(crate) fn parse_spec(entry: &str) -> Result<ConnectSpec, String> {
 }
 
 /// Parses every entry; two entries on one listen port are an error.
-pub(crate) fn parse_specs(entries: &[String]) -> Result<Vec<ConnectSpec>, UsageError> {
+pub fn parse_specs(entries: &[String]) -> Result<Vec<ConnectSpec>, SpecError> {
     let mut specs: Vec<ConnectSpec> = Vec::new();
     for entry in entries.iter().filter(|entry| !entry.trim().is_empty()) {
-        let spec = parse_spec(entry).map_err(UsageError)?;
+        let spec = parse_spec(entry)?;
         if let Some(other) = specs.iter().find(|s| s.listen_port == spec.listen_port) {
             if *other == spec {
                 continue;
             }
-            return Err(UsageError(format!(
+            return Err(SpecError(format!(
                 "connect {other} and {spec}: both listen on port {}",
                 spec.listen_port
             )));
@@ -184,7 +162,7 @@ struct PoolState {
 
 /// The live providers of one role, as a [`proxy::Pool`].
 #[derive(Debug)]
-pub(crate) struct RolePool {
+pub struct RolePool {
     role: String,
     backoff: Duration,
     state: Mutex<PoolState>,
@@ -252,7 +230,7 @@ impl RolePool {
     }
 
     /// Whether there is no provider now.
-    pub(crate) fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.lock().providers.is_empty()
     }
 }
@@ -303,7 +281,7 @@ impl proxy::Pool for RolePool {
 
 /// The role pools of a process and the member table they follow.
 #[derive(Debug)]
-pub(crate) struct Consumer {
+pub struct Consumer {
     /// Our own node name: never a provider to ourselves (`run --connect` of our own role).
     local: String,
     members: BTreeMap<String, Member>,
@@ -314,7 +292,7 @@ pub(crate) struct Consumer {
 
 impl Consumer {
     /// One pool per distinct role of `specs`, all empty.
-    pub(crate) fn new(local: &str, specs: &[ConnectSpec]) -> Self {
+    pub fn new(local: &str, specs: &[ConnectSpec]) -> Self {
         let pools = specs
             .iter()
             .map(|spec| (spec.role.clone(), Arc::new(RolePool::new(&spec.role))))
@@ -329,7 +307,7 @@ impl Consumer {
 
     /// Binds one listener per spec into `proxy` (connections go to the spec's role pool under
     /// `policy`); returns each spec with its bound address.
-    pub(crate) fn bind(
+    pub fn bind(
         &self,
         proxy: &mut Proxy,
         specs: &[ConnectSpec],
@@ -351,7 +329,7 @@ impl Consumer {
     }
 
     /// Replaces the member table with a snapshot (after a join).
-    pub(crate) fn handle_members(&mut self, members: impl IntoIterator<Item = Member>) {
+    pub fn handle_members(&mut self, members: impl IntoIterator<Item = Member>) {
         self.members = members
             .into_iter()
             .filter(|member| member.name != self.local)
@@ -362,7 +340,7 @@ impl Consumer {
 
     /// Applies one change: a snapshot replaces the table, joins and updates add or change a
     /// member, leaves, failures and reaps drop it.
-    pub(crate) fn handle_change(&mut self, change: Change) {
+    pub fn handle_change(&mut self, change: Change) {
         match change {
             Change::Snapshot(members) => return self.handle_members(members),
             Change::Update(member) => {
@@ -382,17 +360,13 @@ impl Consumer {
     }
 
     /// `Passing` while every consumed role has at least one provider, else `Critical`.
-    pub(crate) fn health(&self) -> watch::Receiver<Health> {
+    pub fn health(&self) -> watch::Receiver<Health> {
         self.health.subscribe()
     }
 
     /// Follows `discovery` until `shutdown` or the registry stops: a snapshot first, then
     /// every change as it arrives.
-    pub(crate) async fn follow(
-        mut self,
-        discovery: Arc<dyn Discovery>,
-        shutdown: CancellationToken,
-    ) {
+    pub async fn follow(mut self, discovery: Arc<dyn Discovery>, shutdown: CancellationToken) {
         let mut changes = discovery.changes();
         let mut first = true;
         loop {
@@ -449,7 +423,7 @@ mod tests {
                 ),
                 Err(needle) => {
                     let error = got.expect_err(entry);
-                    assert!(error.contains(needle), "{entry}: {error}");
+                    assert!(error.0.contains(needle), "{entry}: {error}");
                 }
             }
         };

@@ -43,7 +43,7 @@ const OUR_SECRETS: [&str; 2] = ["AMB_ENCRYPT", "AMB_RPC_AUTH"];
 /// Whether a variable of the daemon's environment is kept from handlers: one of
 /// [`OUR_SECRETS`], or anything of the Docker link form `<ALIAS>_ENV_<NAME>` (the linked
 /// container's environment: passwords, keys).
-pub(crate) fn is_withheld(name: &OsStr) -> bool {
+pub fn is_withheld(name: &OsStr) -> bool {
     let name = name.as_bytes();
     if OUR_SECRETS.iter().any(|secret| secret.as_bytes() == name) {
         return true;
@@ -57,7 +57,7 @@ pub(crate) fn is_withheld(name: &OsStr) -> bool {
 /// A bounded, printable excerpt of handler output for the log: the first [`LOG_MAX_LINES`]
 /// lines, each cut at [`LOG_MAX_LINE_BYTES`], plus a note of the whole length when anything
 /// was left out.
-pub(crate) fn excerpt(output: &[u8]) -> String {
+pub fn excerpt(output: &[u8]) -> String {
     let text = String::from_utf8_lossy(output);
     let text = text.trim_end();
     let mut out = String::new();
@@ -113,14 +113,14 @@ struct Filter {
 
 /// One configured handler: the events it takes and its command.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Handler {
+pub struct Handler {
     filters: Vec<Filter>,
     command: String,
 }
 
 /// A handler specification that is not valid.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct HandlerSpecError {
+pub struct HandlerSpecError {
     spec: String,
     reason: String,
 }
@@ -135,7 +135,7 @@ impl std::error::Error for HandlerSpecError {}
 
 impl Handler {
     /// Parses `[type[:name][,…]=]command` as `serf agent -event-handler` does.
-    pub(crate) fn parse(spec: &str) -> Result<Self, HandlerSpecError> {
+    pub fn parse(spec: &str) -> Result<Self, HandlerSpecError> {
         let error = |reason: String| HandlerSpecError {
             spec: spec.to_owned(),
             reason,
@@ -189,35 +189,86 @@ impl Handler {
 
 /// A member as a handler sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct HandlerMember {
-    pub(crate) name: String,
-    pub(crate) addr: String,
-    pub(crate) tags: BTreeMap<String, String>,
+pub struct HandlerMember {
+    /// Node name.
+    pub name: String,
+    /// Gossip address, `IP:PORT`.
+    pub addr: String,
+    /// Its tags.
+    pub tags: BTreeMap<String, String>,
 }
 
 /// An event to hand to the handlers.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum HandlerEvent {
+pub enum HandlerEvent {
     /// `member-join`, `member-leave`, `member-failed`, `member-update`, `member-reap`.
     Member {
+        /// The event type, e.g. `member-join`.
         kind: &'static str,
+        /// The members it is about.
         members: Vec<HandlerMember>,
     },
     /// A user event.
     User {
+        /// The event's name.
         name: String,
+        /// Its Lamport time.
         ltime: u64,
+        /// Its payload.
         payload: Vec<u8>,
     },
     /// A query; the output of the handlers that take it is the response.
     Query {
+        /// The query's name.
         name: String,
+        /// Its Lamport time.
         ltime: u64,
+        /// Its payload.
         payload: Vec<u8>,
     },
 }
 
 impl HandlerEvent {
+    /// The handler form of a member's event, and the responder for a query; `None` for events
+    /// handlers never see (join and leave completion, …).
+    pub fn from_event(
+        event: &serf::serf::Event,
+    ) -> Option<(Self, Option<serf::serf::ResponderId>)> {
+        use serf::serf::Event;
+        let member = |kind: &'static str, member: &serf::serf::Member| Self::Member {
+            kind,
+            members: vec![HandlerMember {
+                name: member.name.clone(),
+                addr: member.addr.to_string(),
+                tags: member.tags.clone(),
+            }],
+        };
+        Some(match event {
+            Event::MemberJoin(m) => (member("member-join", m), None),
+            Event::MemberLeave(m) => (member("member-leave", m), None),
+            Event::MemberFailed(m) => (member("member-failed", m), None),
+            Event::MemberUpdate(m) => (member("member-update", m), None),
+            Event::MemberReap(m) => (member("member-reap", m), None),
+            Event::UserEvent(user) => (
+                Self::User {
+                    name: user.name.clone(),
+                    ltime: user.ltime.0,
+                    payload: user.payload.clone(),
+                },
+                None,
+            ),
+            Event::Query(query) => (
+                Self::Query {
+                    name: query.name.clone(),
+                    ltime: query.ltime.0,
+                    payload: query.payload.clone(),
+                },
+                Some(query.id),
+            ),
+            _ => return None,
+        })
+    }
+
     fn kind(&self) -> &str {
         match self {
             Self::Member { kind, .. } => kind,
@@ -229,16 +280,19 @@ impl HandlerEvent {
 
 /// Who we are, for `SERF_SELF_*` and `SERF_TAG_*`, plus extra environment.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct SelfInfo {
-    pub(crate) name: String,
-    pub(crate) tags: BTreeMap<String, String>,
-    pub(crate) extra_env: Vec<(String, String)>,
+pub struct SelfInfo {
+    /// Our node name (`SERF_SELF_NAME`).
+    pub name: String,
+    /// Our tags (`SERF_TAG_*`, `SERF_SELF_ROLE`).
+    pub tags: BTreeMap<String, String>,
+    /// Extra environment, e.g. `AMB_BACKEND_HOST`.
+    pub extra_env: Vec<(String, String)>,
 }
 
 /// Runs every handler that wants `event`, one after the other. Returns the output of the last
 /// handler that produced any (the response, for a query). Failures are logged, not returned:
 /// a broken handler must not stop the member.
-pub(crate) async fn dispatch(
+pub async fn dispatch(
     handlers: &[Handler],
     me: &SelfInfo,
     event: &HandlerEvent,
@@ -367,7 +421,7 @@ async fn invoke(command: &str, me: &SelfInfo, event: &HandlerEvent) -> std::io::
 /// next single quote; double quotes keep everything up to the next unescaped double quote, where
 /// a backslash escapes only `$`, `` ` ``, `"`, `\` and newline. `''` and `""` make empty words.
 /// `$`, `*`, `~`, `;`, `|` and the like are ordinary characters: there is no shell.
-pub(crate) fn split_words(command: &str) -> Result<Vec<String>, &'static str> {
+pub fn split_words(command: &str) -> Result<Vec<String>, &'static str> {
     let mut words = Vec::new();
     // The word being built; `None` between words (so `''` still makes a word).
     let mut word: Option<String> = None;

@@ -5,33 +5,36 @@
 //! multicast or a documentation or reserved block), and that is private in RFC 6890's sense
 //! (10/8, 172.16/12, 192.168/16, 100.64/10, 198.18/15, fc00::/7 …); ordered the default
 //! route's interface first, IPv4 before IPv6, the smaller network first. [`choose`] is that rule
-//! over a list; [`local`] reads the list from the system.
+//! over a list; [`local`] reads the list from the system, and [`advertised_ip`] logs the choice.
+//!
+//! Also the one reader of the hostname ([`hostname`]): the default node name of a Serf member
+//! and the container ID of an etcd registration.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// One address of one interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct IfAddr {
+pub struct IfAddr {
     /// The interface (`eth0`).
-    pub(crate) interface: String,
+    pub interface: String,
     /// The address.
-    pub(crate) ip: IpAddr,
+    pub ip: IpAddr,
     /// Its prefix length (24 for a /24).
-    pub(crate) prefix: u8,
+    pub prefix: u8,
     /// The interface is up.
-    pub(crate) up: bool,
+    pub up: bool,
 }
 
 /// The address chosen, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Choice {
+pub struct Choice {
     /// The address to advertise.
-    pub(crate) ip: IpAddr,
+    pub ip: IpAddr,
     /// Its interface.
-    pub(crate) interface: String,
+    pub interface: String,
     /// Whether that interface carries the default route.
-    pub(crate) default_route: bool,
+    pub default_route: bool,
 }
 
 impl fmt::Display for Choice {
@@ -50,7 +53,7 @@ impl fmt::Display for Choice {
 }
 
 /// Go's rule over `addrs`; `default_interfaces` carry a default route (IPv4 or IPv6).
-pub(crate) fn choose(addrs: &[IfAddr], default_interfaces: &[String]) -> Option<Choice> {
+pub fn choose(addrs: &[IfAddr], default_interfaces: &[String]) -> Option<Choice> {
     let is_default = |addr: &IfAddr| default_interfaces.contains(&addr.interface);
     let mut candidates: Vec<&IfAddr> = addrs
         .iter()
@@ -65,8 +68,45 @@ pub(crate) fn choose(addrs: &[IfAddr], default_interfaces: &[String]) -> Option<
 }
 
 /// The address to advertise on this host, if any qualifies.
-pub(crate) fn local() -> Option<Choice> {
+pub fn local() -> Option<Choice> {
     choose(&interfaces(), &default_interfaces())
+}
+
+/// The address to advertise when bound to every address: [`local`], logged with the interface
+/// and why; loopback when nothing qualifies.
+pub fn advertised_ip() -> IpAddr {
+    match local() {
+        Some(choice) => {
+            tracing::info!(address = %choice.ip, "advertising {choice}");
+            choice.ip
+        }
+        None => {
+            tracing::warn!("no private address on any interface that is up: advertising 127.0.0.1 (set --advertise)");
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        }
+    }
+}
+
+/// The IP consumers reach us at: `advertise`'s, else `listen` when it is a specific address,
+/// else [`advertised_ip`] (what a Serf member bound to every address advertises).
+pub fn local_ip(advertise: Option<IpAddr>, listen: IpAddr) -> IpAddr {
+    if let Some(ip) = advertise.filter(|ip| !ip.is_unspecified()) {
+        return ip;
+    }
+    if !listen.is_unspecified() {
+        return listen;
+    }
+    advertised_ip()
+}
+
+/// The hostname, as Go's `os.Hostname` gives it to `serf agent` (inside Docker, the container
+/// ID); `amb-serf` when it cannot be read.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "amb-serf".to_owned())
 }
 
 fn in_v4(ip: Ipv4Addr, net: [u8; 4], prefix: u32) -> bool {
