@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::driver::Core;
 use serf::coordinate::Coordinate;
+use serf::core::Core;
 use serf::memberlist::{JoinId, StreamId, StreamInput, Transmit};
 use serf::serf::Lifecycle;
 use serf::serf::{Config, Event, Member, Serf};

@@ -580,6 +580,44 @@ impl Serf {
     }
 }
 
+/// The driver's and the simulator's view of the member: the inherent methods above.
+impl crate::core::Core for Serf {
+    type Event = Event;
+
+    fn handle_packet(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        packet: &[u8],
+    ) -> Result<(), DecodeError> {
+        Self::handle_packet(self, now, from, packet)
+    }
+
+    fn handle_accept(&mut self, now: Instant, from: SocketAddr) -> StreamId {
+        Self::handle_accept(self, now, from)
+    }
+
+    fn handle_stream(&mut self, now: Instant, stream: StreamId, input: StreamInput<'_>) {
+        Self::handle_stream(self, now, stream, input);
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        Self::handle_timeout(self, now);
+    }
+
+    fn poll_transmit(&mut self) -> Option<Transmit> {
+        Self::poll_transmit(self)
+    }
+
+    fn poll_event(&mut self) -> Option<Event> {
+        Self::poll_event(self)
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        Self::poll_timeout(self)
+    }
+}
+
 /// Checks a config and returns the node meta and protocol versions it implies.
 fn validate(config: &Config) -> Result<(Vec<u8>, Vsn), Error> {
     if config.node_name.is_empty() {

@@ -127,6 +127,7 @@ fn false_suspicion_is_refuted() {
     let name = format!("node-{accused}");
     let incarnation = sim.nodes[1]
         .core
+        .memberlist
         .member(&name)
         .expect("converged")
         .incarnation;
@@ -144,9 +145,13 @@ fn false_suspicion_is_refuted() {
     );
     let took = sim.run_until(secs(10), |sim| {
         (0..n).all(|i| {
-            sim.nodes[i].core.member(&name).is_some_and(|node| {
-                node.state == NodeState::Alive && node.incarnation > incarnation
-            })
+            sim.nodes[i]
+                .core
+                .memberlist
+                .member(&name)
+                .is_some_and(|node| {
+                    node.state == NodeState::Alive && node.incarnation > incarnation
+                })
         })
     });
     assert!(took.is_some(), "seed {seed}: {name} did not refute");
@@ -164,7 +169,7 @@ fn false_suspicion_is_refuted() {
             "seed {seed}: node-{i} declared someone failed"
         );
     }
-    assert!(sim.nodes[accused].core.stats().refutes >= 1);
+    assert!(sim.nodes[accused].core.memberlist.stats().refutes >= 1);
 }
 
 #[test]
@@ -233,6 +238,7 @@ fn user_broadcasts_and_user_state_pass_through_the_delegate() {
     for i in 1..n {
         assert!(
             sim.nodes[i]
+                .core
                 .delegate
                 .remote_states
                 .contains(&(b"node-0".to_vec(), true)),
@@ -241,6 +247,7 @@ fn user_broadcasts_and_user_state_pass_through_the_delegate() {
         let joiner = format!("node-{i}").into_bytes();
         assert!(
             sim.nodes[0]
+                .core
                 .delegate
                 .remote_states
                 .contains(&(joiner, true)),
@@ -252,9 +259,11 @@ fn user_broadcasts_and_user_state_pass_through_the_delegate() {
         sim.broadcast_user(0, message);
     }
     let took = sim.run_until(secs(10), |sim| {
-        sim.nodes
-            .iter()
-            .all(|node| messages.iter().all(|m| node.delegate.messages.contains(m)))
+        sim.nodes.iter().all(|node| {
+            messages
+                .iter()
+                .all(|m| node.core.delegate.messages.contains(m))
+        })
     });
     assert!(
         took.is_some(),
