@@ -28,11 +28,12 @@
 //! # Example
 //!
 //! The application (or a driver) drives a [`serf::Serf`]: it passes in packets, stream bytes and timeouts,
-//! and sends out whatever [`serf::Serf::poll_transmit`] returns.
+//! and sends out whatever [`core::Core::poll_transmit`] returns.
 //!
 //! ```
 //! use std::time::Instant;
 //! use rand::{rngs::StdRng, SeedableRng};
+//! use serf::core::Core;
 //! use serf::memberlist::Transmit;
 //! use serf::serf::{Config, Event, QueryParams, Serf};
 //!

@@ -7,6 +7,7 @@
 //! (read and discarded). [`Client`] is cheap to clone; clones share the connection.
 
 use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -894,127 +895,149 @@ enum Next {
     Unknown,
 }
 
-async fn read_loop(inner: Arc<Inner>, mut read: OwnedReadHalf) {
-    let mut frames = FrameBuffer::new(MAX_FRAME);
-    let mut chunk = vec![0u8; 16 * 1024];
-    let mut pending: Option<Vec<u8>> = None;
-    let reason: String = 'outer: loop {
-        macro_rules! next_frame {
-            () => {
-                loop {
-                    match frames.next_frame() {
-                        Ok(Some(frame)) => break frame,
-                        Ok(None) => {}
-                        Err(error) => break 'outer error.to_string(),
-                    }
-                    match read.read(&mut chunk).await {
-                        Ok(0) => break 'outer "the agent closed the connection".to_owned(),
-                        Ok(n) => frames.extend(&chunk[..n]),
-                        Err(error) => break 'outer io_reason(&error),
-                    }
-                }
-            };
-        }
-        let frame = match pending.take() {
-            Some(frame) => frame,
-            None => next_frame!(),
-        };
-        let header: ResponseHeader = match decode("responseHeader", &frame) {
-            Ok(header) => header,
-            Err(error) => break error.to_string(),
-        };
-        let next = {
-            let mut dispatch = lock(&inner);
-            let seq = header.seq;
-            match dispatch.handlers.remove(&seq) {
-                Some(Handler::Reply { body, reply }) => {
-                    if body && !body_less(&header.error) {
-                        Next::Reply(reply, header)
-                    } else {
-                        let _ = reply.send((header, None));
-                        Next::Nothing
-                    }
-                }
-                Some(Handler::Stream {
-                    init: Some(init),
-                    records,
-                    query,
-                }) => {
-                    let failed = !header.error.is_empty();
-                    let _ = init.send(header);
-                    if !failed {
-                        dispatch.handlers.insert(
-                            seq,
-                            Handler::Stream {
-                                init: None,
-                                records,
-                                query,
-                            },
-                        );
-                    }
-                    Next::Nothing
-                }
-                Some(Handler::Stream {
-                    init: None,
-                    records,
-                    query,
-                }) => {
-                    let sender = records.clone();
-                    dispatch.handlers.insert(
-                        seq,
-                        Handler::Stream {
-                            init: None,
-                            records,
-                            query,
-                        },
-                    );
-                    Next::Record(sender, seq)
-                }
-                None if dispatch.stopped.contains(&seq) => Next::Discard,
-                None => Next::Unknown,
-            }
-        };
-        match next {
-            Next::Nothing => {}
-            Next::Reply(reply, header) => {
-                let body = next_frame!();
-                let _ = reply.send((header, Some(body)));
-            }
-            Next::Record(sender, seq) => {
-                let body = next_frame!();
-                let is_done = is_query_done(&inner, seq, &body);
-                match sender.try_send(body) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        warn!(seq, "dropping a stream record, the reader is too slow");
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
-                        let mut dispatch = lock(&inner);
-                        dispatch.handlers.remove(&seq);
-                        dispatch.stopped.insert(seq);
-                    }
-                }
-                if is_done {
-                    lock(&inner).handlers.remove(&seq);
-                }
-            }
-            Next::Discard => {
-                let _ = next_frame!();
-            }
-            Next::Unknown => {
-                // A header for a sequence we no longer track: its body, if any, is not a header.
-                let frame = next_frame!();
-                if looks_like_header(&frame) {
-                    pending = Some(frame);
-                }
-            }
-        }
+async fn read_loop(inner: Arc<Inner>, read: OwnedReadHalf) {
+    let mut frames = Frames {
+        buffer: FrameBuffer::new(MAX_FRAME),
+        chunk: vec![0u8; 16 * 1024],
+        read,
+    };
+    let reason = match read_responses(&inner, &mut frames).await {
+        Ok(never) => match never {},
+        Err(reason) => reason,
     };
     debug!(addr = %inner.addr, %reason, "rpc connection closed");
     let mut dispatch = lock(&inner);
     dispatch.closed = Some(reason);
     // Dropping the handlers fails pending replies and ends every stream.
     dispatch.handlers.clear();
+}
+
+/// The frames the agent sends.
+struct Frames {
+    buffer: FrameBuffer,
+    chunk: Vec<u8>,
+    read: OwnedReadHalf,
+}
+
+impl Frames {
+    /// The next whole frame, or why the connection is over.
+    async fn next(&mut self) -> Result<Vec<u8>, String> {
+        loop {
+            if let Some(frame) = self
+                .buffer
+                .next_frame()
+                .map_err(|error| error.to_string())?
+            {
+                return Ok(frame);
+            }
+            match self.read.read(&mut self.chunk).await {
+                Ok(0) => return Err("the agent closed the connection".to_owned()),
+                Ok(n) => self.buffer.extend(&self.chunk[..n]),
+                Err(error) => return Err(io_reason(&error)),
+            }
+        }
+    }
+}
+
+/// Reads headers and what follows them, handing each to its handler, until the connection
+/// fails; returns why.
+async fn read_responses(inner: &Inner, frames: &mut Frames) -> Result<Infallible, String> {
+    let mut pending: Option<Vec<u8>> = None;
+    loop {
+        let frame = match pending.take() {
+            Some(frame) => frame,
+            None => frames.next().await?,
+        };
+        let header: ResponseHeader =
+            decode("responseHeader", &frame).map_err(|error| error.to_string())?;
+        match route(inner, header) {
+            Next::Nothing => {}
+            Next::Reply(reply, header) => {
+                let body = frames.next().await?;
+                let _ = reply.send((header, Some(body)));
+            }
+            Next::Record(sender, seq) => {
+                let body = frames.next().await?;
+                pass_record(inner, &sender, seq, body);
+            }
+            Next::Discard => {
+                frames.next().await?;
+            }
+            Next::Unknown => {
+                // A header for a sequence we no longer track: its body, if any, is not a header.
+                let frame = frames.next().await?;
+                if looks_like_header(&frame) {
+                    pending = Some(frame);
+                }
+            }
+        }
+    }
+}
+
+/// What a response header means to its handler: a reply is answered here when no body
+/// follows, a stream's first header starts it (or ends it, with an error).
+fn route(inner: &Inner, header: ResponseHeader) -> Next {
+    let mut dispatch = lock(inner);
+    let seq = header.seq;
+    match dispatch.handlers.remove(&seq) {
+        Some(Handler::Reply { body, reply }) => {
+            if body && !body_less(&header.error) {
+                Next::Reply(reply, header)
+            } else {
+                let _ = reply.send((header, None));
+                Next::Nothing
+            }
+        }
+        Some(Handler::Stream {
+            init,
+            records,
+            query,
+        }) => {
+            let next = match init {
+                // The stream's first header: it started, or failed and is over.
+                Some(init) => {
+                    let failed = !header.error.is_empty();
+                    let _ = init.send(header);
+                    if failed {
+                        return Next::Nothing;
+                    }
+                    Next::Nothing
+                }
+                None => Next::Record(records.clone(), seq),
+            };
+            dispatch.handlers.insert(
+                seq,
+                Handler::Stream {
+                    init: None,
+                    records,
+                    query,
+                },
+            );
+            next
+        }
+        None if dispatch.stopped.contains(&seq) => Next::Discard,
+        None => Next::Unknown,
+    }
+}
+
+/// Hands a stream's record to its reader: dropped when the reader lags; a reader gone
+/// stops the stream, a query's last record ends it.
+fn pass_record(inner: &Inner, sender: &mpsc::Sender<Vec<u8>>, seq: u64, body: Vec<u8>) {
+    let is_done = is_query_done(inner, seq, &body);
+    match sender.try_send(body) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            warn!(seq, "dropping a stream record, the reader is too slow");
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            let mut dispatch = lock(inner);
+            dispatch.handlers.remove(&seq);
+            dispatch.stopped.insert(seq);
+        }
+    }
+    if is_done {
+        lock(inner).handlers.remove(&seq);
+    }
 }
 
 /// Errors after which the agent sends no body, whatever the command.

@@ -370,6 +370,77 @@ impl<B: Backend> Connection<B> {
     async fn dispatch(&mut self, header: RequestHeader) -> Result<(), ConnectionError> {
         let RequestHeader { command: name, seq } = header;
         debug!(command = %name, seq, "rpc request");
+        if !self.admit(&name, seq).await? {
+            return Ok(());
+        }
+        match name.as_str() {
+            // The session: version, key, streams and their end.
+            command::HANDSHAKE => self.handshake(seq).await,
+            command::AUTH => {
+                let request: AuthRequest = self.body("authRequest").await?;
+                self.auth(seq, &request.auth_key).await
+            }
+            command::STREAM => {
+                let request: StreamRequest = self.body("streamRequest").await?;
+                self.start_stream(seq, &request.kind).await
+            }
+            command::MONITOR => {
+                let request: MonitorRequest = self.body("monitorRequest").await?;
+                self.start_monitor(seq, &request.log_level).await
+            }
+            command::STOP => self.stop(seq).await,
+            // Membership.
+            command::MEMBERS => self.members(seq).await,
+            command::MEMBERS_FILTERED => self.members_filtered(seq).await,
+            command::JOIN => self.join(seq).await,
+            command::LEAVE => self.leave(seq).await,
+            command::FORCE_LEAVE => {
+                let request: ForceLeaveRequest = self.body("forceLeaveRequest").await?;
+                let result = self.backend.force_leave(request.node, request.prune).await;
+                self.ok(seq, result).await
+            }
+            command::TAGS => self.tags(seq).await,
+            command::STATS => {
+                let stats = self.backend.stats().await;
+                self.send(seq, "", Some(&stats)).await
+            }
+            command::GET_COORDINATE => self.coordinate(seq).await,
+            // Events and queries.
+            command::EVENT => {
+                let request: EventRequest = self.body("eventRequest").await?;
+                let result = self
+                    .backend
+                    .user_event(request.name, request.payload, request.coalesce)
+                    .await;
+                self.ok(seq, result).await
+            }
+            command::QUERY => {
+                let request: QueryRequest = self.body("queryRequest").await?;
+                self.start_query(seq, request).await
+            }
+            command::RESPOND => self.respond(seq).await,
+            // Keys.
+            command::INSTALL_KEY => self.change_key(seq, KeyOp::Install).await,
+            command::USE_KEY => self.change_key(seq, KeyOp::Use).await,
+            command::REMOVE_KEY => self.change_key(seq, KeyOp::Remove).await,
+            command::LIST_KEYS => {
+                let (response, result) = self.backend.keys(KeyOp::List).await;
+                let error = result.err().map(|error| error.0).unwrap_or_default();
+                self.send(seq, &error, Some(&response)).await
+            }
+            _ => {
+                self.send::<()>(seq, errors::UNSUPPORTED_COMMAND, None)
+                    .await?;
+                Err(ConnectionError::Protocol(format!(
+                    "command {name:?} not recognized"
+                )))
+            }
+        }
+    }
+
+    /// The handshake first, then the key (when one is set): false when `name` was answered
+    /// with an error instead (an error ends the connection only before the handshake).
+    async fn admit(&mut self, name: &str, seq: u64) -> Result<bool, ConnectionError> {
         if name != command::HANDSHAKE && self.version == 0 {
             self.send::<()>(seq, errors::HANDSHAKE_REQUIRED, None)
                 .await?;
@@ -381,170 +452,138 @@ impl<B: Backend> Connection<B> {
             if let Some(suppressed) = self.auth_log.allow() {
                 warn!(peer = %self.peer, command = %name, suppressed, "rpc client sending commands before auth");
             }
-            if is_known(&name) && has_body(&name) {
+            if is_known(name) && has_body(name) {
                 let _: serde::de::IgnoredAny = self.body("request body").await?;
             }
-            return self.send::<()>(seq, errors::AUTH_REQUIRED, None).await;
+            self.send::<()>(seq, errors::AUTH_REQUIRED, None).await?;
+            return Ok(false);
         }
-        match name.as_str() {
-            command::HANDSHAKE => {
-                let request: HandshakeRequest = self.body("handshakeRequest").await?;
-                let error = if request.version != 1 {
-                    errors::UNSUPPORTED_IPC_VERSION
-                } else if self.version != 0 {
-                    errors::DUPLICATE_HANDSHAKE
-                } else {
-                    self.version = request.version;
-                    ""
-                };
-                self.send::<()>(seq, error, None).await
+        Ok(true)
+    }
+
+    async fn handshake(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let request: HandshakeRequest = self.body("handshakeRequest").await?;
+        let error = if request.version != 1 {
+            errors::UNSUPPORTED_IPC_VERSION
+        } else if self.version != 0 {
+            errors::DUPLICATE_HANDSHAKE
+        } else {
+            self.version = request.version;
+            ""
+        };
+        self.send::<()>(seq, error, None).await
+    }
+
+    /// Ends the monitor or the stream started by request `stop`.
+    async fn stop(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let request: StopRequest = self.body("stopRequest").await?;
+        if let Some((monitor_seq, token)) = self.monitor.take() {
+            if monitor_seq == request.stop {
+                token.cancel();
+            } else {
+                self.monitor = Some((monitor_seq, token));
             }
-            command::AUTH => {
-                let request: AuthRequest = self.body("authRequest").await?;
-                self.auth(seq, &request.auth_key).await
-            }
-            command::EVENT => {
-                let request: EventRequest = self.body("eventRequest").await?;
-                let result = self
+        }
+        if let Some(token) = self.streams.remove(&request.stop) {
+            token.cancel();
+        }
+        self.send::<()>(seq, "", None).await
+    }
+
+    async fn members(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let members = self.backend.members().await;
+        self.send(seq, "", Some(&MembersResponse { members })).await
+    }
+
+    async fn members_filtered(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let request: MembersFilteredRequest = self.body("membersFilteredRequest").await?;
+        match MemberFilter::new(&request.tags, &request.status, &request.name) {
+            Ok(filter) => {
+                let members = self
                     .backend
-                    .user_event(request.name, request.payload, request.coalesce)
-                    .await;
-                self.ok(seq, result).await
-            }
-            command::MEMBERS => {
-                let members = self.backend.members().await;
+                    .members()
+                    .await
+                    .into_iter()
+                    .filter(|member| filter.matches(member))
+                    .collect();
                 self.send(seq, "", Some(&MembersResponse { members })).await
             }
-            command::MEMBERS_FILTERED => {
-                let request: MembersFilteredRequest = self.body("membersFilteredRequest").await?;
-                match MemberFilter::new(&request.tags, &request.status, &request.name) {
-                    Ok(filter) => {
-                        let members = self
-                            .backend
-                            .members()
-                            .await
-                            .into_iter()
-                            .filter(|member| filter.matches(member))
-                            .collect();
-                        self.send(seq, "", Some(&MembersResponse { members })).await
-                    }
-                    Err(error) => {
-                        self.send(seq, &error.to_string(), Some(&MembersResponse::default()))
-                            .await
-                    }
-                }
-            }
-            command::STREAM => {
-                let request: StreamRequest = self.body("streamRequest").await?;
-                self.start_stream(seq, &request.kind).await
-            }
-            command::MONITOR => {
-                let request: MonitorRequest = self.body("monitorRequest").await?;
-                self.start_monitor(seq, &request.log_level).await
-            }
-            command::STOP => {
-                let request: StopRequest = self.body("stopRequest").await?;
-                if let Some((monitor_seq, token)) = self.monitor.take() {
-                    if monitor_seq == request.stop {
-                        token.cancel();
-                    } else {
-                        self.monitor = Some((monitor_seq, token));
-                    }
-                }
-                if let Some(token) = self.streams.remove(&request.stop) {
-                    token.cancel();
-                }
-                self.send::<()>(seq, "", None).await
-            }
-            command::FORCE_LEAVE => {
-                let request: ForceLeaveRequest = self.body("forceLeaveRequest").await?;
-                let result = self.backend.force_leave(request.node, request.prune).await;
-                self.ok(seq, result).await
-            }
-            command::JOIN => {
-                let request: JoinRequest = self.body("joinRequest").await?;
-                let (num, result) = self.backend.join(request.existing, request.replay).await;
-                let error = result.err().map(|error| error.0).unwrap_or_default();
-                let response = JoinResponse {
-                    num: i32::try_from(num).unwrap_or(i32::MAX),
-                };
-                self.send(seq, &error, Some(&response)).await
-            }
-            command::LEAVE => {
-                info!("graceful leave triggered over rpc");
-                let result = self.backend.leave().await;
-                let error = result.err().map(|error| error.0).unwrap_or_default();
-                // Let the reply reach the client before the member goes away.
-                let (written, written_rx) = tokio::sync::oneshot::channel();
-                self.out
-                    .send(Outgoing {
-                        bytes: reply_bytes::<()>(seq, &error, None),
-                        written: Some(written),
-                    })
+            Err(error) => {
+                self.send(seq, &error.to_string(), Some(&MembersResponse::default()))
                     .await
-                    .map_err(|_| ConnectionError::WriterClosed)?;
-                let _ = tokio::time::timeout(self.config.write_timeout, written_rx).await;
-                self.backend.shutdown().await;
-                Ok(())
-            }
-            command::INSTALL_KEY | command::USE_KEY | command::REMOVE_KEY => {
-                let request: KeyRequest = self.body("keyRequest").await?;
-                let op = match name.as_str() {
-                    command::INSTALL_KEY => KeyOp::Install(request.key),
-                    command::USE_KEY => KeyOp::Use(request.key),
-                    _ => KeyOp::Remove(request.key),
-                };
-                let (mut response, result) = self.backend.keys(op).await;
-                response.keys = BTreeMap::new();
-                let error = result.err().map(|error| error.0).unwrap_or_default();
-                self.send(seq, &error, Some(&response)).await
-            }
-            command::LIST_KEYS => {
-                let (response, result) = self.backend.keys(KeyOp::List).await;
-                let error = result.err().map(|error| error.0).unwrap_or_default();
-                self.send(seq, &error, Some(&response)).await
-            }
-            command::TAGS => {
-                let request: TagsRequest = self.body("tagsRequest").await?;
-                let mut tags = self.backend.tags().await;
-                tags.retain(|key, _| !request.delete_tags.contains(key));
-                tags.extend(request.tags);
-                let result = self.backend.set_tags(tags).await;
-                self.ok(seq, result).await
-            }
-            command::QUERY => {
-                let request: QueryRequest = self.body("queryRequest").await?;
-                self.start_query(seq, request).await
-            }
-            command::RESPOND => {
-                let request: RespondRequest = self.body("respondRequest").await?;
-                let result = match self.queries.get(request.id) {
-                    Some(query) => query.respond(request.payload),
-                    None => Err(super::backend::BackendError::new(errors::INVALID_QUERY_ID)),
-                };
-                self.ok(seq, result).await
-            }
-            command::STATS => {
-                let stats = self.backend.stats().await;
-                self.send(seq, "", Some(&stats)).await
-            }
-            command::GET_COORDINATE => {
-                let request: CoordinateRequest = self.body("coordinateRequest").await?;
-                let coordinate = self.backend.coordinate(request.node).await;
-                let response = CoordinateResponse {
-                    ok: coordinate.is_some(),
-                    coord: coordinate.unwrap_or_default(),
-                };
-                self.send(seq, "", Some(&response)).await
-            }
-            _ => {
-                self.send::<()>(seq, errors::UNSUPPORTED_COMMAND, None)
-                    .await?;
-                Err(ConnectionError::Protocol(format!(
-                    "command {name:?} not recognized"
-                )))
             }
         }
+    }
+
+    async fn join(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let request: JoinRequest = self.body("joinRequest").await?;
+        let (num, result) = self.backend.join(request.existing, request.replay).await;
+        let error = result.err().map(|error| error.0).unwrap_or_default();
+        let response = JoinResponse {
+            num: i32::try_from(num).unwrap_or(i32::MAX),
+        };
+        self.send(seq, &error, Some(&response)).await
+    }
+
+    async fn leave(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        info!("graceful leave triggered over rpc");
+        let result = self.backend.leave().await;
+        let error = result.err().map(|error| error.0).unwrap_or_default();
+        // Let the reply reach the client before the member goes away.
+        let (written, written_rx) = tokio::sync::oneshot::channel();
+        self.out
+            .send(Outgoing {
+                bytes: reply_bytes::<()>(seq, &error, None),
+                written: Some(written),
+            })
+            .await
+            .map_err(|_| ConnectionError::WriterClosed)?;
+        let _ = tokio::time::timeout(self.config.write_timeout, written_rx).await;
+        self.backend.shutdown().await;
+        Ok(())
+    }
+
+    /// Sets and deletes tags, keeping the others.
+    async fn tags(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let request: TagsRequest = self.body("tagsRequest").await?;
+        let mut tags = self.backend.tags().await;
+        tags.retain(|key, _| !request.delete_tags.contains(key));
+        tags.extend(request.tags);
+        let result = self.backend.set_tags(tags).await;
+        self.ok(seq, result).await
+    }
+
+    async fn coordinate(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let request: CoordinateRequest = self.body("coordinateRequest").await?;
+        let coordinate = self.backend.coordinate(request.node).await;
+        let response = CoordinateResponse {
+            ok: coordinate.is_some(),
+            coord: coordinate.unwrap_or_default(),
+        };
+        self.send(seq, "", Some(&response)).await
+    }
+
+    async fn respond(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let request: RespondRequest = self.body("respondRequest").await?;
+        let result = match self.queries.get(request.id) {
+            Some(query) => query.respond(request.payload),
+            None => Err(super::backend::BackendError::new(errors::INVALID_QUERY_ID)),
+        };
+        self.ok(seq, result).await
+    }
+
+    /// `install-key`, `use-key` or `remove-key` (`operation` of the request's key): the
+    /// answer carries no key list.
+    async fn change_key(
+        &mut self,
+        seq: u64,
+        operation: fn(String) -> KeyOp,
+    ) -> Result<(), ConnectionError> {
+        let request: KeyRequest = self.body("keyRequest").await?;
+        let (mut response, result) = self.backend.keys(operation(request.key)).await;
+        response.keys = BTreeMap::new();
+        let error = result.err().map(|error| error.0).unwrap_or_default();
+        self.send(seq, &error, Some(&response)).await
     }
 
     /// Checks a key; a wrong one is answered as Go answers it, and the last allowed closes
