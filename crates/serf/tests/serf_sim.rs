@@ -10,6 +10,11 @@ use serf::memberlist;
 use serf::serf::{Config, Event, MemberStatus, QueryParams, Serf};
 use serf::sim::Net;
 
+/// The error's message contains `needle`.
+fn assert_says(error: &serf::serf::Error, needle: &str) {
+    assert!(error.to_string().contains(needle), "{error}");
+}
+
 /// One-way delay of every packet and stream message: a FIFO network.
 const HOP: Duration = Duration::from_millis(1);
 
@@ -225,7 +230,7 @@ fn query_collects_acks_and_responses_and_filters_by_tag() {
             let again = sim
                 .with(at, |serf, now| serf.respond(now, queries[0].id, b"again"))
                 .unwrap_err();
-            assert!(again.to_string().contains("already sent"), "{again}");
+            assert_says(&again, "already sent");
         }
     }
     sim.run(Duration::from_secs(4));
@@ -364,10 +369,7 @@ fn tag_change_propagates_as_an_update() {
     let error = sim
         .with(1, |serf, now| serf.set_tags(now, huge))
         .unwrap_err();
-    assert!(
-        error.to_string().contains("above the limit of 512 bytes"),
-        "{error}"
-    );
+    assert_says(&error, "above the limit of 512 bytes");
 }
 
 #[test]
@@ -507,15 +509,12 @@ fn respond_refuses_late_unknown_and_oversized_answers() {
     let error = sim
         .with(1, |serf, now| serf.respond(now, id, &[0u8; 1100]))
         .unwrap_err();
-    assert!(
-        error.to_string().contains("above the limit of 1024 bytes"),
-        "{error}"
-    );
+    assert_says(&error, "above the limit of 1024 bytes");
     sim.run(Duration::from_millis(1100));
     let error = sim
         .with(1, |serf, now| serf.respond(now, id, b"late"))
         .unwrap_err();
-    assert!(error.to_string().contains("past the deadline"), "{error}");
+    assert_says(&error, "past the deadline");
     sim.run(Duration::from_secs(2));
     let error = sim
         .with(1, |serf, now| serf.respond(now, id, b"later"))
@@ -530,10 +529,7 @@ fn respond_refuses_late_unknown_and_oversized_answers() {
     let error = sim
         .with(0, |serf, now| serf.query(now, "big", &big_query, &params))
         .unwrap_err();
-    assert!(
-        error.to_string().contains("above the limit of 1024 bytes"),
-        "{error}"
-    );
+    assert_says(&error, "above the limit of 1024 bytes");
 }
 
 #[test]

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use super::backend::{MemberEventKind, QueryReply};
+use super::backend::{MemberEventKind, QueryReply, StreamRecord};
 use super::codec::{decode, encode_into, FrameBuffer};
 use super::messages::{
     command, errors, query_record, AnyEventRecord, AuthRequest, Coordinate, CoordinateRequest,
@@ -134,39 +134,9 @@ pub struct Query {
     pub timeout: Option<Duration>,
 }
 
-/// One record of an event stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StreamEvent {
-    /// A membership change.
-    Member {
-        /// Which kind.
-        kind: MemberEventKind,
-        /// The members concerned.
-        members: Vec<MemberRow>,
-    },
-    /// A user event.
-    User {
-        /// Lamport time.
-        ltime: u64,
-        /// Name.
-        name: String,
-        /// Payload.
-        payload: Vec<u8>,
-        /// Coalescing allowed.
-        coalesce: bool,
-    },
-    /// A query to this agent; answer with [`Client::respond`] and `id`.
-    Query {
-        /// Per-connection ID for `respond`.
-        id: u64,
-        /// Lamport time.
-        ltime: u64,
-        /// Name.
-        name: String,
-        /// Payload.
-        payload: Vec<u8>,
-    },
-}
+/// One record of an event stream; answer its queries with [`Client::respond`] and the
+/// `responder` id.
+pub type StreamEvent = StreamRecord<u64>;
 
 enum Handler {
     Reply {
@@ -423,7 +393,7 @@ impl Client {
         name: &str,
         body: &B,
         query: bool,
-    ) -> Result<(u64, mpsc::Receiver<Vec<u8>>), Error> {
+    ) -> Result<Records, Error> {
         let seq = self.next_seq();
         let (init, init_rx) = oneshot::channel();
         let (records, records_rx) = mpsc::channel(STREAM_BUFFER);
@@ -446,7 +416,11 @@ impl Client {
             return Err(error);
         }
         match init_rx.await {
-            Ok(header) if header.error.is_empty() => Ok((seq, records_rx)),
+            Ok(header) if header.error.is_empty() => Ok(Records {
+                handle: StreamHandle(seq),
+                records: records_rx,
+                client: self.clone(),
+            }),
             Ok(header) => Err(self.agent_error(name, header.error)),
             Err(_) => {
                 let reason = self.dispatch().closed.clone();
@@ -543,12 +517,8 @@ impl Client {
         let request = StreamRequest {
             kind: filter.to_owned(),
         };
-        let (seq, records) = self.open_stream(command::STREAM, &request, false).await?;
-        Ok(EventStream {
-            handle: StreamHandle(seq),
-            records,
-            client: self.clone(),
-        })
+        let records = self.open_stream(command::STREAM, &request, false).await?;
+        Ok(EventStream { records })
     }
 
     /// Subscribes to the agent's log at `level` (`TRACE`, `DEBUG`, `INFO`, `WARN`, `ERR`).
@@ -556,12 +526,8 @@ impl Client {
         let request = MonitorRequest {
             log_level: level.to_owned(),
         };
-        let (seq, records) = self.open_stream(command::MONITOR, &request, false).await?;
-        Ok(LogStream {
-            handle: StreamHandle(seq),
-            records,
-            client: self.clone(),
-        })
+        let records = self.open_stream(command::MONITOR, &request, false).await?;
+        Ok(LogStream { records })
     }
 
     /// Stops a stream or monitor.
@@ -590,11 +556,9 @@ impl Client {
             name: query.name.clone(),
             payload: query.payload.clone(),
         };
-        let (seq, records) = self.open_stream(command::QUERY, &request, true).await?;
+        let records = self.open_stream(command::QUERY, &request, true).await?;
         Ok(QueryStream {
-            handle: StreamHandle(seq),
             records,
-            client: self.clone(),
             done: false,
         })
     }
@@ -713,46 +677,61 @@ fn lock(inner: &Inner) -> MutexGuard<'_, Dispatch> {
         .expect("client dispatch lock is never poisoned")
 }
 
-/// Stops a stream in the background when it is dropped without [`Client::stop`].
-fn stop_on_drop(client: &Client, handle: StreamHandle) {
-    let still_running = lock(&client.inner).handlers.contains_key(&handle.0);
-    if !still_running {
-        return;
+/// The records of one stream (events, log lines or query replies); stops the stream in the
+/// background when dropped without [`Client::stop`].
+#[derive(Debug)]
+struct Records {
+    handle: StreamHandle,
+    records: mpsc::Receiver<Vec<u8>>,
+    client: Client,
+}
+
+impl Records {
+    /// The next record, decoded as `what`; `None` once the stream is stopped or the
+    /// connection closes.
+    async fn next<T: DeserializeOwned>(&mut self, what: &'static str) -> Option<Result<T, Error>> {
+        let frame = self.records.recv().await?;
+        Some(decode(what, &frame).map_err(|error| Error::Protocol {
+            addr: self.client.inner.addr.clone(),
+            reason: error.to_string(),
+        }))
     }
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        let client = client.clone();
-        runtime.spawn(async move {
-            let _ = client.stop(handle).await;
-        });
+}
+
+impl Drop for Records {
+    fn drop(&mut self) {
+        let handle = self.handle;
+        let still_running = lock(&self.client.inner).handlers.contains_key(&handle.0);
+        if !still_running {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let client = self.client.clone();
+            runtime.spawn(async move {
+                let _ = client.stop(handle).await;
+            });
+        }
     }
 }
 
 /// Events from [`Client::stream`].
 #[derive(Debug)]
 pub struct EventStream {
-    handle: StreamHandle,
-    records: mpsc::Receiver<Vec<u8>>,
-    client: Client,
+    records: Records,
 }
 
 impl EventStream {
     /// The handle for [`Client::stop`].
     pub fn handle(&self) -> StreamHandle {
-        self.handle
+        self.records.handle
     }
 
     /// The next event; `None` once the stream is stopped or the connection closes.
     pub async fn recv(&mut self) -> Option<Result<StreamEvent, Error>> {
         loop {
-            let frame = self.records.recv().await?;
-            let record: AnyEventRecord = match decode("event record", &frame) {
+            let record: AnyEventRecord = match self.records.next("event record").await? {
                 Ok(record) => record,
-                Err(error) => {
-                    return Some(Err(Error::Protocol {
-                        addr: self.client.inner.addr.clone(),
-                        reason: error.to_string(),
-                    }))
-                }
+                Err(error) => return Some(Err(error)),
             };
             let event = match record.event.as_str() {
                 "user" => StreamEvent::User {
@@ -762,7 +741,7 @@ impl EventStream {
                     coalesce: record.coalesce,
                 },
                 "query" => StreamEvent::Query {
-                    id: record.id,
+                    responder: record.id,
                     ltime: record.ltime,
                     name: record.name,
                     payload: record.payload,
@@ -783,59 +762,36 @@ impl EventStream {
     }
 }
 
-impl Drop for EventStream {
-    fn drop(&mut self) {
-        stop_on_drop(&self.client, self.handle);
-    }
-}
-
 /// Log lines from [`Client::monitor`].
 #[derive(Debug)]
 pub struct LogStream {
-    handle: StreamHandle,
-    records: mpsc::Receiver<Vec<u8>>,
-    client: Client,
+    records: Records,
 }
 
 impl LogStream {
     /// The handle for [`Client::stop`].
     pub fn handle(&self) -> StreamHandle {
-        self.handle
+        self.records.handle
     }
 
     /// The next log line; `None` once stopped or closed.
     pub async fn recv(&mut self) -> Option<Result<String, Error>> {
-        let frame = self.records.recv().await?;
-        Some(
-            decode::<LogRecord>("log record", &frame)
-                .map(|record| record.log)
-                .map_err(|error| Error::Protocol {
-                    addr: self.client.inner.addr.clone(),
-                    reason: error.to_string(),
-                }),
-        )
-    }
-}
-
-impl Drop for LogStream {
-    fn drop(&mut self) {
-        stop_on_drop(&self.client, self.handle);
+        let record = self.records.next::<LogRecord>("log record").await?;
+        Some(record.map(|record| record.log))
     }
 }
 
 /// Acks and responses from [`Client::query`].
 #[derive(Debug)]
 pub struct QueryStream {
-    handle: StreamHandle,
-    records: mpsc::Receiver<Vec<u8>>,
-    client: Client,
+    records: Records,
     done: bool,
 }
 
 impl QueryStream {
     /// The handle (a query ends by itself at its deadline).
     pub fn handle(&self) -> StreamHandle {
-        self.handle
+        self.records.handle
     }
 
     /// The next ack or response; `None` when the query is done or the connection closed.
@@ -844,15 +800,9 @@ impl QueryStream {
             if self.done {
                 return None;
             }
-            let frame = self.records.recv().await?;
-            let record: QueryRecord = match decode("query record", &frame) {
+            let record: QueryRecord = match self.records.next("query record").await? {
                 Ok(record) => record,
-                Err(error) => {
-                    return Some(Err(Error::Protocol {
-                        addr: self.client.inner.addr.clone(),
-                        reason: error.to_string(),
-                    }))
-                }
+                Err(error) => return Some(Err(error)),
             };
             match record.kind.as_str() {
                 // A Go agent may send acks from "" once the query's ack channel closed (a
