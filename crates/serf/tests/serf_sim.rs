@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serf::memberlist;
-use serf::serf::{Config, Event, MemberStatus, QueryParams, Serf};
+use serf::serf::{Config, Event, MemberStatus, QueryHandle, QueryParams, Serf};
 use serf::sim::Net;
 
 /// The error's message contains `needle`.
@@ -120,6 +120,27 @@ impl Sim {
             .flatten()
     }
 
+    /// Member `at` starts a query asking for acks.
+    fn query_with_acks(&mut self, at: usize, name: &str) -> QueryHandle {
+        let params = QueryParams {
+            request_ack: true,
+            ..QueryParams::default()
+        };
+        self.with(at, |serf, now| serf.query(now, name, b"", &params))
+            .expect("query fits")
+    }
+
+    /// Who acked member `at`'s query `handle`, in order.
+    fn acks(&self, at: usize, handle: QueryHandle) -> Vec<String> {
+        self.events(at)
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::QueryAck { query, from } if query == handle => Some(from),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn user_events(&self, at: usize) -> Vec<(String, Vec<u8>)> {
         self.events(at)
             .into_iter()
@@ -202,13 +223,7 @@ fn query_collects_acks_and_responses_and_filters_by_tag() {
     sim.join(1, 0, true);
     sim.join(2, 0, true);
     sim.run(Duration::from_secs(3));
-    let params = QueryParams {
-        request_ack: true,
-        ..QueryParams::default()
-    };
-    let handle = sim
-        .with(0, |serf, now| serf.query(now, "uptime", b"", &params))
-        .expect("query fits");
+    let handle = sim.query_with_acks(0, "uptime");
     sim.run(Duration::from_millis(500));
     // Everyone (the sender included) got the query once; b and c answer.
     for at in 0..3 {
@@ -285,37 +300,16 @@ fn query_collects_acks_and_responses_and_filters_by_tag() {
         })
         .collect();
     assert_eq!(got, HashSet::from([2]));
-    let acked: Vec<_> = sim
-        .events(0)
-        .iter()
-        .filter_map(|e| match e {
-            Event::QueryAck { query, from } if *query == handle => Some(from.clone()),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(acked, ["c"]);
+    assert_eq!(sim.acks(0, handle), ["c"]);
 }
 
 #[test]
 fn internal_ping_query_is_acked_but_not_shown_to_the_application() {
     let mut sim = Sim::new(4);
     sim.cluster(&["a", "b"]);
-    let params = QueryParams {
-        request_ack: true,
-        ..QueryParams::default()
-    };
-    let handle = sim
-        .with(0, |serf, now| serf.query(now, "_serf_ping", b"", &params))
-        .expect("query fits");
+    let handle = sim.query_with_acks(0, "_serf_ping");
     sim.run(Duration::from_secs(4));
-    let acks: Vec<_> = sim
-        .events(0)
-        .iter()
-        .filter_map(|e| match e {
-            Event::QueryAck { query, from } if *query == handle => Some(from.clone()),
-            _ => None,
-        })
-        .collect();
+    let acks = sim.acks(0, handle);
     assert_eq!(acks.len(), 2, "{acks:?}");
     assert!(!sim.events(1).iter().any(|e| matches!(e, Event::Query(_))));
 }

@@ -68,6 +68,19 @@ fn state_of(memberlist: &Memberlist, name: &str) -> NodeState {
     memberlist.member(name).expect("known").state
 }
 
+/// Member `b` at `addr(2)`, alive, as a push-pull lists it.
+fn push_state_of_b(incarnation: u32, vsn: Vec<u8>) -> PushNodeState {
+    PushNodeState {
+        name: "b".into(),
+        addr: vec![10, 0, 0, 2],
+        port: 7946,
+        meta: Vec::new(),
+        incarnation,
+        state: NodeStateKind::Alive.to_wire(),
+        vsn,
+    }
+}
+
 /// Every UDP packet sent, decoded, and the stream transmits, in order.
 fn drain(memberlist: &mut Memberlist) -> (Vec<(SocketAddr, Vec<Message>)>, Vec<Transmit>) {
     let mut packets = Vec::new();
@@ -134,15 +147,7 @@ fn new_member_announces_itself_with_six_version_bytes() {
     // The seed answers with its own state: B is merged and the join reports one contact.
     let reply = PushPull {
         join: true,
-        nodes: vec![PushNodeState {
-            name: "b".into(),
-            addr: vec![10, 0, 0, 2],
-            port: 7946,
-            meta: Vec::new(),
-            incarnation: 3,
-            state: NodeStateKind::Alive.to_wire(),
-            vsn: vec![1, 5, 2, 2, 5, 5],
-        }],
+        nodes: vec![push_state_of_b(3, vec![1, 5, 2, 2, 5, 5])],
         user_state: Vec::new(),
     };
     let bytes = encode_stream(&StreamMessage::PushPull(reply), true);
@@ -927,15 +932,7 @@ fn inbound_push_pull_is_answered_then_merged() {
     let stream = memberlist.handle_accept(now, addr(2));
     let remote = PushPull {
         join: true,
-        nodes: vec![PushNodeState {
-            name: "b".into(),
-            addr: vec![10, 0, 0, 2],
-            port: 7946,
-            meta: Vec::new(),
-            incarnation: 1,
-            state: 0,
-            vsn: vec![1, 5, 2, 2, 5, 5],
-        }],
+        nodes: vec![push_state_of_b(1, vec![1, 5, 2, 2, 5, 5])],
         user_state: b"remote".to_vec(),
     };
     let bytes = encode_stream(&StreamMessage::PushPull(remote), false);
@@ -1013,16 +1010,8 @@ fn incompatible_protocol_versions_refuse_the_merge() {
     let stream = memberlist.handle_accept(now, addr(2));
     let remote = PushPull {
         join: false,
-        nodes: vec![PushNodeState {
-            name: "b".into(),
-            addr: vec![10, 0, 0, 2],
-            port: 7946,
-            meta: Vec::new(),
-            incarnation: 1,
-            state: 0,
-            // Speaks delegate protocol 1, below our minimum of 2.
-            vsn: vec![1, 5, 2, 1, 1, 1],
-        }],
+        // Speaks delegate protocol 1, below our minimum of 2.
+        nodes: vec![push_state_of_b(1, vec![1, 5, 2, 1, 1, 1])],
         user_state: Vec::new(),
     };
     let bytes = encode_stream(&StreamMessage::PushPull(remote), true);

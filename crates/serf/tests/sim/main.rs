@@ -20,6 +20,20 @@ fn secs(seconds: u64) -> Duration {
     Duration::from_secs(seconds)
 }
 
+/// No member emitted a `NodeFailed` (`when` ends the message).
+fn assert_nobody_failed(sim: &Sim, when: &str) {
+    for (i, node) in sim.nodes.iter().enumerate() {
+        assert!(
+            !node
+                .events
+                .iter()
+                .any(|(_, event)| matches!(event, Event::NodeFailed(_))),
+            "seed {}: node-{i} declared someone failed{when}",
+            sim.seed
+        );
+    }
+}
+
 fn converge(n: usize, default_seed: u64, limit: Duration) -> Sim {
     let seed = seed(default_seed);
     let mut sim = Sim::new(seed, n, Config::lan(), Net::default());
@@ -160,15 +174,7 @@ fn false_suspicion_is_refuted() {
         sim.converged(),
         "seed {seed}: not converged after the refutation"
     );
-    for (i, node) in sim.nodes.iter().enumerate() {
-        assert!(
-            !node
-                .events
-                .iter()
-                .any(|(_, event)| matches!(event, Event::NodeFailed(_))),
-            "seed {seed}: node-{i} declared someone failed"
-        );
-    }
+    assert_nobody_failed(&sim, "");
     assert!(sim.nodes[accused].core.memberlist.stats().refutes >= 1);
 }
 
@@ -218,15 +224,7 @@ fn short_partition_heals_without_deaths() {
         "seed {seed}: no convergence after a 2 s partition; {} pairs missing",
         sim.missing_pairs()
     );
-    for (i, node) in sim.nodes.iter().enumerate() {
-        assert!(
-            !node
-                .events
-                .iter()
-                .any(|(_, event)| matches!(event, Event::NodeFailed(_))),
-            "seed {seed}: node-{i} declared someone failed during a 2 s partition"
-        );
-    }
+    assert_nobody_failed(&sim, " during a 2 s partition");
 }
 
 #[test]
