@@ -376,58 +376,28 @@ impl<B: Backend> Connection<B> {
         match name.as_str() {
             // The session: version, key, streams and their end.
             command::HANDSHAKE => self.handshake(seq).await,
-            command::AUTH => {
-                let request: AuthRequest = self.body("authRequest").await?;
-                self.auth(seq, &request.auth_key).await
-            }
-            command::STREAM => {
-                let request: StreamRequest = self.body("streamRequest").await?;
-                self.start_stream(seq, &request.kind).await
-            }
-            command::MONITOR => {
-                let request: MonitorRequest = self.body("monitorRequest").await?;
-                self.start_monitor(seq, &request.log_level).await
-            }
+            command::AUTH => self.auth(seq).await,
+            command::STREAM => self.start_stream(seq).await,
+            command::MONITOR => self.start_monitor(seq).await,
             command::STOP => self.stop(seq).await,
             // Membership.
             command::MEMBERS => self.members(seq).await,
             command::MEMBERS_FILTERED => self.members_filtered(seq).await,
             command::JOIN => self.join(seq).await,
             command::LEAVE => self.leave(seq).await,
-            command::FORCE_LEAVE => {
-                let request: ForceLeaveRequest = self.body("forceLeaveRequest").await?;
-                let result = self.backend.force_leave(request.node, request.prune).await;
-                self.ok(seq, result).await
-            }
+            command::FORCE_LEAVE => self.force_leave(seq).await,
             command::TAGS => self.tags(seq).await,
-            command::STATS => {
-                let stats = self.backend.stats().await;
-                self.send(seq, "", Some(&stats)).await
-            }
+            command::STATS => self.stats(seq).await,
             command::GET_COORDINATE => self.coordinate(seq).await,
             // Events and queries.
-            command::EVENT => {
-                let request: EventRequest = self.body("eventRequest").await?;
-                let result = self
-                    .backend
-                    .user_event(request.name, request.payload, request.coalesce)
-                    .await;
-                self.ok(seq, result).await
-            }
-            command::QUERY => {
-                let request: QueryRequest = self.body("queryRequest").await?;
-                self.start_query(seq, request).await
-            }
+            command::EVENT => self.user_event(seq).await,
+            command::QUERY => self.start_query(seq).await,
             command::RESPOND => self.respond(seq).await,
             // Keys.
             command::INSTALL_KEY => self.change_key(seq, KeyOp::Install).await,
             command::USE_KEY => self.change_key(seq, KeyOp::Use).await,
             command::REMOVE_KEY => self.change_key(seq, KeyOp::Remove).await,
-            command::LIST_KEYS => {
-                let (response, result) = self.backend.keys(KeyOp::List).await;
-                let error = result.err().map(|error| error.0).unwrap_or_default();
-                self.send(seq, &error, Some(&response)).await
-            }
+            command::LIST_KEYS => self.list_keys(seq).await,
             _ => {
                 self.send::<()>(seq, errors::UNSUPPORTED_COMMAND, None)
                     .await?;
@@ -515,6 +485,32 @@ impl<B: Backend> Connection<B> {
         }
     }
 
+    async fn force_leave(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let request: ForceLeaveRequest = self.body("forceLeaveRequest").await?;
+        let result = self.backend.force_leave(request.node, request.prune).await;
+        self.ok(seq, result).await
+    }
+
+    async fn stats(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let stats = self.backend.stats().await;
+        self.send(seq, "", Some(&stats)).await
+    }
+
+    async fn user_event(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let request: EventRequest = self.body("eventRequest").await?;
+        let result = self
+            .backend
+            .user_event(request.name, request.payload, request.coalesce)
+            .await;
+        self.ok(seq, result).await
+    }
+
+    async fn list_keys(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let (response, result) = self.backend.keys(KeyOp::List).await;
+        let error = result.err().map(|error| error.0).unwrap_or_default();
+        self.send(seq, &error, Some(&response)).await
+    }
+
     async fn join(&mut self, seq: u64) -> Result<(), ConnectionError> {
         let request: JoinRequest = self.body("joinRequest").await?;
         let (num, result) = self.backend.join(request.existing, request.replay).await;
@@ -588,7 +584,9 @@ impl<B: Backend> Connection<B> {
 
     /// Checks a key; a wrong one is answered as Go answers it, and the last allowed closes
     /// the connection once the answer is written.
-    async fn auth(&mut self, seq: u64, given: &str) -> Result<(), ConnectionError> {
+    async fn auth(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let request: AuthRequest = self.body("authRequest").await?;
+        let given = request.auth_key.as_str();
         let expected = self.config.auth_key.as_deref().unwrap_or_default();
         if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
             self.authed = true;
@@ -609,8 +607,9 @@ impl<B: Backend> Connection<B> {
         Ok(())
     }
 
-    async fn start_stream(&mut self, seq: u64, spec: &str) -> Result<(), ConnectionError> {
-        let Some(filters) = parse_event_filter(spec) else {
+    async fn start_stream(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let request: StreamRequest = self.body("streamRequest").await?;
+        let Some(filters) = parse_event_filter(&request.kind) else {
             return self.send::<()>(seq, errors::INVALID_FILTER, None).await;
         };
         if self.streams.contains_key(&seq) {
@@ -702,7 +701,9 @@ impl<B: Backend> Connection<B> {
         Ok(())
     }
 
-    async fn start_monitor(&mut self, seq: u64, level: &str) -> Result<(), ConnectionError> {
+    async fn start_monitor(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let request: MonitorRequest = self.body("monitorRequest").await?;
+        let level = request.log_level.as_str();
         let Some(min_level) = LogLevel::parse(level) else {
             let error = format!("Unknown log level: {}", level.to_uppercase());
             return self.send::<()>(seq, &error, None).await;
@@ -749,11 +750,8 @@ impl<B: Backend> Connection<B> {
         Ok(())
     }
 
-    async fn start_query(
-        &mut self,
-        seq: u64,
-        request: QueryRequest,
-    ) -> Result<(), ConnectionError> {
+    async fn start_query(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let request: QueryRequest = self.body("queryRequest").await?;
         // The agent reserves the internal prefix, except for the plain `_serf_ping`.
         if request.name.starts_with(INTERNAL_QUERY_PREFIX)
             && (request.name != "_serf_ping" || !request.payload.is_empty())
