@@ -53,6 +53,11 @@ fn all_output(output: &Output) -> String {
     )
 }
 
+/// The client's error message ends with the agent's `message`.
+fn assert_error_ends_with(error: &serf_agent::rpc::Error, message: &str) {
+    assert!(error.to_string().ends_with(message), "{error}");
+}
+
 /// The command failed and said `needle`.
 fn assert_failed_with(output: &Output, needle: &str) {
     assert!(!output.status.success(), "{}", describe(output));
@@ -447,10 +452,7 @@ async fn client_drives_a_two_agent_cluster() {
 
     // monitor
     let error = client_a.monitor("bogus").await.unwrap_err();
-    assert!(
-        error.to_string().ends_with("Unknown log level: BOGUS"),
-        "{error}"
-    );
+    assert_error_ends_with(&error, "Unknown log level: BOGUS");
     let mut logs = client_a.monitor("debug").await.unwrap();
     client_a.user_event("logged", b"", false).await.unwrap();
     let line = with_deadline("a log line", async {
@@ -854,15 +856,9 @@ async fn streams_stop_cleanly_and_disconnects_cost_nothing() {
     );
     assert_eq!(backend.subscribers(), 2);
     let error = client.monitor("INFO").await.unwrap_err();
-    assert!(
-        error.to_string().ends_with("Monitor already exists"),
-        "{error}"
-    );
+    assert_error_ends_with(&error, "Monitor already exists");
     let error = client.stream("bogus").await.unwrap_err();
-    assert!(
-        error.to_string().ends_with("Invalid event filter"),
-        "{error}"
-    );
+    assert_error_ends_with(&error, "Invalid event filter");
 
     backend.add_member(member("n2", gossip(2, 7946), &[("role", "db")]));
     let event = with_deadline("member-join", events.recv())

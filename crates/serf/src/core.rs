@@ -1,5 +1,5 @@
 //! [`Core`]: the sans-IO seam every driver runs. The tokio driver (`serf-agent`) and the
-//! deterministic simulator ([`crate::sim`], feature `sim`) feed a core the same inputs,
+//! deterministic simulator (`serf::sim`, feature `sim`) feed a core the same inputs,
 //! datagrams, streams and its deadline, with the time read once per input, and perform what
 //! it polls out. [`crate::serf::Serf`], the whole member, is one.
 

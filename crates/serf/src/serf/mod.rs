@@ -573,7 +573,7 @@ impl crate::core::Core for Serf {
         self.events.pop_front()
     }
 
-    /// When [`handle_timeout`](Self::handle_timeout) is due next.
+    /// When [`handle_timeout`](crate::core::Core::handle_timeout) is due next.
     fn poll_timeout(&self) -> Option<Instant> {
         if self.state.lifecycle == Lifecycle::Shutdown {
             return None;
