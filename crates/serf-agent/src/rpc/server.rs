@@ -31,7 +31,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use super::backend::{Backend, Event, KeyOp, LogLevel, QueryParams, QueryReply, QueryResponder};
+use super::backend::{
+    Backend, BackendError, Event, KeyOp, LogLevel, QueryParams, QueryReply, QueryResponder,
+};
 use super::codec::{decode, encode_into, DecodeError, FrameBuffer, FrameError};
 use super::filter::{event_matches, parse_event_filter, MemberFilter};
 use super::messages::{
@@ -288,6 +290,11 @@ impl From<Vec<u8>> for Outgoing {
     }
 }
 
+/// The `Error` field of a reply: empty on success, else the backend's message.
+fn error_text<T>(result: Result<T, BackendError>) -> String {
+    result.err().map(|error| error.0).unwrap_or_default()
+}
+
 fn reply_bytes<T: Serialize>(seq: u64, error: &str, body: Option<&T>) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(64);
     encode_into(
@@ -350,12 +357,8 @@ impl<B: Backend> Connection<B> {
             .map_err(|_| ConnectionError::WriterClosed)
     }
 
-    async fn ok(
-        &self,
-        seq: u64,
-        result: Result<(), super::backend::BackendError>,
-    ) -> Result<(), ConnectionError> {
-        let error = result.err().map(|error| error.0).unwrap_or_default();
+    async fn ok(&self, seq: u64, result: Result<(), BackendError>) -> Result<(), ConnectionError> {
+        let error = error_text(result);
         self.send::<()>(seq, &error, None).await
     }
 
@@ -507,14 +510,14 @@ impl<B: Backend> Connection<B> {
 
     async fn list_keys(&mut self, seq: u64) -> Result<(), ConnectionError> {
         let (response, result) = self.backend.keys(KeyOp::List).await;
-        let error = result.err().map(|error| error.0).unwrap_or_default();
+        let error = error_text(result);
         self.send(seq, &error, Some(&response)).await
     }
 
     async fn join(&mut self, seq: u64) -> Result<(), ConnectionError> {
         let request: JoinRequest = self.body("joinRequest").await?;
         let (num, result) = self.backend.join(request.existing, request.replay).await;
-        let error = result.err().map(|error| error.0).unwrap_or_default();
+        let error = error_text(result);
         let response = JoinResponse {
             num: i32::try_from(num).unwrap_or(i32::MAX),
         };
@@ -524,7 +527,7 @@ impl<B: Backend> Connection<B> {
     async fn leave(&mut self, seq: u64) -> Result<(), ConnectionError> {
         info!("graceful leave triggered over rpc");
         let result = self.backend.leave().await;
-        let error = result.err().map(|error| error.0).unwrap_or_default();
+        let error = error_text(result);
         // Let the reply reach the client before the member goes away.
         let (written, written_rx) = tokio::sync::oneshot::channel();
         self.out
@@ -563,7 +566,7 @@ impl<B: Backend> Connection<B> {
         let request: RespondRequest = self.body("respondRequest").await?;
         let result = match self.queries.get(request.id) {
             Some(query) => query.respond(request.payload),
-            None => Err(super::backend::BackendError::new(errors::INVALID_QUERY_ID)),
+            None => Err(BackendError::new(errors::INVALID_QUERY_ID)),
         };
         self.ok(seq, result).await
     }
@@ -578,7 +581,7 @@ impl<B: Backend> Connection<B> {
         let request: KeyRequest = self.body("keyRequest").await?;
         let (mut response, result) = self.backend.keys(operation(request.key)).await;
         response.keys = BTreeMap::new();
-        let error = result.err().map(|error| error.0).unwrap_or_default();
+        let error = error_text(result);
         self.send(seq, &error, Some(&response)).await
     }
 
