@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use libfuzzer_sys::fuzz_target;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use serf::core::Core;
 use serf::memberlist::{self, StreamInput, MAX_NODES};
 use serf::serf::{Config, QueryParams, Serf};
 use serf::wire::memberlist::{Message, NodeStateKind, PushNodeState};

@@ -80,7 +80,7 @@ fn render_event(event: &StreamEvent) -> String {
             ("Coalesce", coalesce.to_string()),
         ],
         StreamEvent::Query {
-            id,
+            responder: id,
             ltime,
             name,
             payload,

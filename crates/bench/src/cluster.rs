@@ -612,7 +612,7 @@ fn simulate(plan: &ClusterPlan, seed: u64, results: &mut ClusterResults) {
         let reached = |sim: &Sim| {
             sim.nodes
                 .iter()
-                .all(|node| node.delegate.messages.contains(&message))
+                .all(|node| node.core.delegate.messages.contains(&message))
         };
         let begin = sim.elapsed();
         while !reached(&sim) && sim.elapsed() - begin < limit {

@@ -33,6 +33,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, trace, warn, Instrument};
 
+use serf::core::Core;
 use serf::memberlist::{
     self, Config, Delegate, Event, Incarnation, JoinId, LocalNode, Memberlist, Node, StreamId,
     StreamInput, Transmit, Vsn,
@@ -126,34 +127,6 @@ impl Options {
     }
 }
 
-/// A sans-IO state machine the driver runs: the memberlist core with a delegate
-/// ([`Gossip`]), or a whole Serf member ([`serf::serf::Serf`], through
-/// [`crate::member`]). The driver feeds it datagrams, streams and its deadline with the
-/// time read once per input, and performs what it polls out.
-pub trait Core: Send + 'static {
-    /// What the core tells the application.
-    type Event: Send + 'static;
-    /// One datagram, already decrypted.
-    fn handle_packet(
-        &mut self,
-        now: Instant,
-        from: SocketAddr,
-        packet: &[u8],
-    ) -> Result<(), DecodeError>;
-    /// An accepted TCP connection.
-    fn handle_accept(&mut self, now: Instant, from: SocketAddr) -> StreamId;
-    /// Bytes, EOF or failure on a stream.
-    fn handle_stream(&mut self, now: Instant, stream: StreamId, input: StreamInput<'_>);
-    /// The deadline of [`poll_timeout`](Self::poll_timeout) passed.
-    fn handle_timeout(&mut self, now: Instant);
-    /// The next packet or stream operation to perform.
-    fn poll_transmit(&mut self) -> Option<Transmit>;
-    /// The next event for the application.
-    fn poll_event(&mut self) -> Option<Self::Event>;
-    /// When [`handle_timeout`](Self::handle_timeout) is due.
-    fn poll_timeout(&self) -> Option<Instant>;
-}
-
 type Job<C> = Box<dyn FnOnce(&mut C, Instant) + Send>;
 
 enum Command<C> {
@@ -185,7 +158,7 @@ impl<C> std::fmt::Debug for Handle<C> {
     }
 }
 
-impl<C: Core> Handle<C> {
+impl<C: Core + Send + 'static> Handle<C> {
     /// The gossip address (UDP and TCP) actually bound.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -377,10 +350,15 @@ pub async fn start<D: Delegate + Send + 'static>(
 /// Binds `options.bind` (UDP and TCP), builds the core with `make` (memberlist's config, the
 /// advertised address, the RNG, the time) and spawns the driver loop on the current tokio
 /// runtime. With a keyring, the config given to `make` counts the encryption overhead.
-pub async fn spawn<C: Core, E: From<Error>>(
+pub async fn spawn<C, E>(
     options: Options,
     make: impl FnOnce(Config, SocketAddr, StdRng, Instant) -> Result<C, E>,
-) -> Result<(Handle<C>, mpsc::UnboundedReceiver<C::Event>), E> {
+) -> Result<(Handle<C>, mpsc::UnboundedReceiver<C::Event>), E>
+where
+    C: Core + Send + 'static,
+    C::Event: Send,
+    E: From<Error>,
+{
     let (udp, listener) = bind(options.bind).await?;
     let bound = udp.local_addr().map_err(|source| Error::Bind {
         protocol: "udp",
@@ -496,7 +474,11 @@ struct Driver<C: Core> {
     keyring: Option<SharedKeyring>,
 }
 
-impl<C: Core> Driver<C> {
+impl<C> Driver<C>
+where
+    C: Core + Send + 'static,
+    C::Event: Send,
+{
     async fn run(mut self) {
         let mut buffer = vec![0u8; UDP_RECEIVE_BUFFER];
         loop {

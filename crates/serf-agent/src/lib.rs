@@ -1,7 +1,7 @@
 //! The tokio side of a native Serf member: everything that does I/O around the sans-IO
 //! [`serf`] crate.
 //!
-//! - [`driver`]: the one driver of a sans-IO core ([`driver::Core`]) on one UDP socket and one
+//! - [`driver`]: the one driver of a sans-IO core ([`serf::core::Core`]) on one UDP socket and one
 //!   TCP listener, with gossip encryption at its edge.
 //! - [`member`]: a whole Serf member on it — the very [`serf::serf::Serf`] the simulation
 //!   tests drive — with an async [`member::Handle`] and a channel of [`serf::serf::Event`]s.

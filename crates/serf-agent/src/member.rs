@@ -35,10 +35,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::driver::Core;
 use crate::snapshot::writer::{self as snapshot_writer, Message};
 use crate::snapshot::{Record, Tracker};
 use serf::coordinate::Coordinate;
+use serf::core::Core;
 use serf::memberlist::{JoinId, StreamId, StreamInput, Transmit};
 use serf::serf::Lifecycle;
 use serf::serf::{Config, Event, Member, Serf};

@@ -53,6 +53,17 @@ fn all_output(output: &Output) -> String {
     )
 }
 
+/// The client's error message ends with the agent's `message`.
+fn assert_error_ends_with(error: &serf_agent::rpc::Error, message: &str) {
+    assert!(error.to_string().ends_with(message), "{error}");
+}
+
+/// The command failed and said `needle`.
+fn assert_failed_with(output: &Output, needle: &str) {
+    assert!(!output.status.success(), "{}", describe(output));
+    assert!(all_output(output).contains(needle), "{}", describe(output));
+}
+
 fn describe(output: &Output) -> String {
     format!(
         "status {:?}\nstdout:\n{}\nstderr:\n{}",
@@ -363,7 +374,10 @@ async fn client_drives_a_two_agent_cluster() {
         .unwrap()
         .unwrap();
     let StreamEvent::Query {
-        id, name, payload, ..
+        responder: id,
+        name,
+        payload,
+        ..
     } = event
     else {
         panic!("expected a query, got {event:?}");
@@ -438,10 +452,7 @@ async fn client_drives_a_two_agent_cluster() {
 
     // monitor
     let error = client_a.monitor("bogus").await.unwrap_err();
-    assert!(
-        error.to_string().ends_with("Unknown log level: BOGUS"),
-        "{error}"
-    );
+    assert_error_ends_with(&error, "Unknown log level: BOGUS");
     let mut logs = client_a.monitor("debug").await.unwrap();
     client_a.user_event("logged", b"", false).await.unwrap();
     let line = with_deadline("a log line", async {
@@ -551,12 +562,7 @@ async fn serf_members_matches_a_real_agent() {
     }
     // A bad regex is an error at both (Go closes the connection; we say why).
     let ours = serf_cli(server.addr, &["members", "-name=("]).await;
-    assert!(!ours.status.success());
-    assert!(
-        all_output(&ours).contains("Failed to compile regex"),
-        "{}",
-        describe(&ours)
-    );
+    assert_failed_with(&ours, "Failed to compile regex");
     server.stop().await;
 }
 
@@ -586,12 +592,7 @@ async fn serf_info_rtt_and_reachability_match_a_real_agent() {
         assert!(pattern.is_match(&stdout(&output)), "{}", describe(&output));
     }
     let output = serf_cli(server.addr, &["rtt", "nobody"]).await;
-    assert!(!output.status.success());
-    assert!(
-        all_output(&output).contains("Could not find a coordinate for node \"nobody\""),
-        "{}",
-        describe(&output)
-    );
+    assert_failed_with(&output, "Could not find a coordinate for node \"nobody\"");
 
     // `serf reachability`: one live member (the failed one is not counted).
     let real = serf_cli(agent.rpc, &["reachability"]).await;
@@ -636,8 +637,7 @@ async fn serf_commands_print_what_they_print_against_a_real_agent() {
         "Successfully joined cluster by contacting 1 nodes.\n"
     );
     let bad = serf_cli(server.addr, &["join", "127.0.0.1:1"]).await;
-    assert!(!bad.status.success());
-    assert!(all_output(&bad).contains("Error joining the cluster"));
+    assert_failed_with(&bad, "Error joining the cluster");
 
     // event (watched through a stream of our own)
     let client = Client::connect(&server.addr.to_string(), None)
@@ -664,12 +664,9 @@ async fn serf_commands_print_what_they_print_against_a_real_agent() {
     );
     let too_big = "x".repeat(600);
     let bad = serf_cli(server.addr, &["event", "big", &too_big]).await;
-    assert!(!bad.status.success());
-    assert!(
-        all_output(&bad)
-            .contains("Error sending event: user event exceeds configured limit of 512 bytes"),
-        "{}",
-        describe(&bad)
+    assert_failed_with(
+        &bad,
+        "Error sending event: user event exceeds configured limit of 512 bytes",
     );
 
     // query: acks from both members, a response from sp
@@ -817,12 +814,9 @@ async fn serf_cli_with_rpc_auth() {
         assert!(output.status.success(), "{}", describe(&output));
         assert!(stdout(&output).starts_with("au "), "{}", describe(&output));
         let output = serf_cli(rpc, &["members", "-rpc-auth=nope"]).await;
-        assert!(!output.status.success());
-        assert!(
-            all_output(&output)
-                .contains("Error connecting to Serf agent: Invalid authentication token"),
-            "{}",
-            describe(&output)
+        assert_failed_with(
+            &output,
+            "Error connecting to Serf agent: Invalid authentication token",
         );
         refusals.push((
             output.status.code(),
@@ -832,12 +826,7 @@ async fn serf_cli_with_rpc_auth() {
     // A wrong key reads exactly as from a Go agent.
     assert_eq!(refusals[0], refusals[1]);
     let output = serf_cli(server.addr, &["info"]).await;
-    assert!(!output.status.success());
-    assert!(
-        all_output(&output).contains("Authentication required"),
-        "{}",
-        describe(&output)
-    );
+    assert_failed_with(&output, "Authentication required");
     server.stop().await;
 }
 
@@ -867,15 +856,9 @@ async fn streams_stop_cleanly_and_disconnects_cost_nothing() {
     );
     assert_eq!(backend.subscribers(), 2);
     let error = client.monitor("INFO").await.unwrap_err();
-    assert!(
-        error.to_string().ends_with("Monitor already exists"),
-        "{error}"
-    );
+    assert_error_ends_with(&error, "Monitor already exists");
     let error = client.stream("bogus").await.unwrap_err();
-    assert!(
-        error.to_string().ends_with("Invalid event filter"),
-        "{error}"
-    );
+    assert_error_ends_with(&error, "Invalid event filter");
 
     backend.add_member(member("n2", gossip(2, 7946), &[("role", "db")]));
     let event = with_deadline("member-join", events.recv())

@@ -10,21 +10,30 @@
 //!   queries (with filters, acks, relays and the internal `_serf_ping` / `_serf_conflict`),
 //!   push-pull user state. [`serf::Serf`] is the whole member.
 //! - [`coordinate`]: Vivaldi network coordinates carried in ping acks (`serf rtt`).
+//! - [`core::Core`]: the sans-IO seam (`handle_*` in, `poll_*` out) that drivers run;
+//!   [`serf::Serf`] implements it.
 //!
 //! No I/O here, and no tokio: the `serf-agent` crate holds the one tokio driver (which runs
 //! the very [`serf::Serf`] the simulation tests drive, with gossip encryption at its edge), the
 //! agent RPC and the member handle.
+//!
+//! # Features
+//!
+//! - `sim` (off by default): `serf::sim`, a deterministic simulator of N [`core::Core`]s
+//!   (virtual clock, seeded RNG, a network with delay, loss and partitions) for tests and
+//!   benchmarks. The crate's own tests enable it through a dev-dependency on itself.
 //!
 //! Left out on purpose: snapshots and the agent's event coalescing.
 //!
 //! # Example
 //!
 //! The application (or a driver) drives a [`serf::Serf`]: it passes in packets, stream bytes and timeouts,
-//! and sends out whatever [`serf::Serf::poll_transmit`] returns.
+//! and sends out whatever [`core::Core::poll_transmit`] returns.
 //!
 //! ```
 //! use std::time::Instant;
 //! use rand::{rngs::StdRng, SeedableRng};
+//! use serf::core::Core;
 //! use serf::memberlist::Transmit;
 //! use serf::serf::{Config, Event, QueryParams, Serf};
 //!
@@ -65,7 +74,9 @@
 #![forbid(unsafe_code)]
 
 pub mod coordinate;
+pub mod core;
 pub mod memberlist;
 pub mod serf;
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod wire;

@@ -1,9 +1,14 @@
-//! A deterministic simulation of N memberlist cores: a virtual clock, one seeded RNG, and a
+//! A deterministic simulation of N sans-IO [`Core`]s: a virtual clock, one seeded RNG, and a
 //! network with delay, loss and partitions. TCP streams are modelled as ordered, lossless
 //! pipes that fail to open across a partition or to a killed member.
 //!
-//! Test and benchmark support (the sim tests in `tests/sim/`, `crates/bench`), not product: it
-//! panics when a core sends a packet another core cannot decode. It counts what the cores send
+//! [`Sim`] runs any core: [`crate::serf::Serf`], the member the agent ships (`tests/serf_sim.rs`,
+//! cores added with [`Sim::add`]), or [`Gossip`], a bare memberlist with a small flooding
+//! delegate ([`Sim::new`], `tests/sim/`, `crates/bench`). [`Net::fixed`] is a FIFO network
+//! with one fixed delay.
+//!
+//! Behind the `sim` feature. Test and benchmark support, not product: it panics when a core
+//! sends a packet another core cannot decode. It counts what the cores send
 //! ([`Sim::bytes_sent`]: datagram payloads and stream bytes, no IP/UDP/TCP headers).
 
 use std::cmp::Reverse;
@@ -11,10 +16,12 @@ use std::collections::{BinaryHeap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use crate::core::Core;
 use crate::memberlist::{
     BroadcastQueue, Config, Delegate, Event, LocalNode, Memberlist, NodeState, StreamId,
     StreamInput, Transmit,
 };
+use crate::wire::DecodeError;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -27,6 +34,17 @@ pub struct Net {
     pub max_delay: Duration,
     /// Probability that a UDP packet is lost.
     pub loss: f64,
+}
+
+impl Net {
+    /// No loss and one fixed delay: a FIFO network (nothing is reordered).
+    pub fn fixed(delay: Duration) -> Self {
+        Self {
+            min_delay: delay,
+            max_delay: delay,
+            loss: 0.0,
+        }
+    }
 }
 
 impl Default for Net {
@@ -97,28 +115,95 @@ impl Delegate for SimDelegate {
     }
 }
 
-/// A member of the simulation.
-pub struct SimNode {
+/// A bare memberlist core with a [`SimDelegate`], as one [`Core`]: the member of the
+/// memberlist simulations ([`Sim::new`]).
+pub struct Gossip {
     /// The core.
-    pub core: Memberlist,
+    pub memberlist: Memberlist,
     /// Its delegate.
     pub delegate: SimDelegate,
+}
+
+impl Gossip {
+    /// A fresh member called `name` at `addr`, knowing only itself.
+    pub fn new(config: Config, name: &str, addr: SocketAddr, rng: StdRng, now: Instant) -> Self {
+        let local = LocalNode::new(name, addr);
+        let memberlist = Memberlist::new(config, local, rng, now).expect("valid simulation config");
+        Self {
+            memberlist,
+            delegate: SimDelegate::new(name.to_owned()),
+        }
+    }
+
+    /// Tells the delegate the current cluster size (its broadcasts' retransmit limit).
+    fn count_members(&mut self) {
+        self.delegate.n_members = self.memberlist.num_members();
+    }
+}
+
+impl Core for Gossip {
+    type Event = Event;
+
+    fn handle_packet(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        packet: &[u8],
+    ) -> Result<(), DecodeError> {
+        self.count_members();
+        self.memberlist
+            .handle_packet(now, from, packet, &mut self.delegate)
+    }
+
+    fn handle_accept(&mut self, now: Instant, from: SocketAddr) -> StreamId {
+        self.memberlist.handle_accept(now, from)
+    }
+
+    fn handle_stream(&mut self, now: Instant, stream: StreamId, input: StreamInput<'_>) {
+        self.count_members();
+        self.memberlist
+            .handle_stream(now, stream, input, &mut self.delegate);
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        self.count_members();
+        self.memberlist.handle_timeout(now, &mut self.delegate);
+    }
+
+    fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.memberlist.poll_transmit()
+    }
+
+    fn poll_event(&mut self) -> Option<Event> {
+        self.memberlist.poll_event()
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.memberlist.poll_timeout()
+    }
+}
+
+/// A member of the simulation.
+pub struct SimNode<C: Core> {
+    /// The core.
+    pub core: C,
     /// Its address.
     pub addr: SocketAddr,
     /// False once killed: it neither receives nor sends nor ticks.
     pub running: bool,
-    /// Every event it emitted, with the virtual time since the start.
-    pub events: Vec<(Duration, Event)>,
+    /// Every event it emitted, with the virtual time since the start (kept across a
+    /// [`Sim::restart`]: the history of the address).
+    pub events: Vec<(Duration, C::Event)>,
     /// Partition group: packets only flow within a group.
     pub group: u8,
 }
 
 /// The simulation.
-pub struct Sim {
+pub struct Sim<C: Core = Gossip> {
     /// The seed everything derives from (printed by failing assertions).
     pub seed: u64,
     /// The members.
-    pub nodes: Vec<SimNode>,
+    pub nodes: Vec<SimNode<C>>,
     /// Network conditions (may be changed between steps).
     pub net: Net,
     start: Instant,
@@ -131,63 +216,28 @@ pub struct Sim {
     /// (node, its stream) -> (peer node, peer's stream).
     links: HashMap<(usize, StreamId), (usize, StreamId)>,
     by_addr: HashMap<SocketAddr, usize>,
-    config: Config,
     /// Packets delivered so far.
     pub packets: u64,
     /// Bytes the members sent so far: datagram payloads (delivered or not) and stream bytes.
     pub bytes_sent: u64,
 }
 
-impl Sim {
-    /// `n` members named `node-<i>` at `10.0.<i/250>.<i%250+1>:7946`, not yet joined.
+/// Member `i`'s address: `10.0.<i/250>.<i%250+1>:7946`.
+pub fn addr_of(i: usize) -> SocketAddr {
+    let ip = Ipv4Addr::new(10, 0, (i / 250) as u8, (i % 250 + 1) as u8);
+    SocketAddr::from((ip, 7946))
+}
+
+impl Sim<Gossip> {
+    /// `n` memberlist members named `node-<i>` at [`addr_of`]`(i)`, not yet joined.
     pub fn new(seed: u64, n: usize, config: Config, net: Net) -> Self {
-        let start = Instant::now();
-        let mut rng = StdRng::seed_from_u64(seed);
-        let mut nodes = Vec::with_capacity(n);
-        let mut by_addr = HashMap::new();
+        let mut sim = Self::empty(seed, net);
         for i in 0..n {
-            let ip = Ipv4Addr::new(10, 0, (i / 250) as u8, (i % 250 + 1) as u8);
-            let addr = SocketAddr::from((ip, 7946));
-            let local = LocalNode::new(format!("node-{i}"), addr);
-            let core_rng = StdRng::seed_from_u64(rng.random());
-            let core = Memberlist::new(config.clone(), local, core_rng, start)
-                .expect("valid simulation config");
-            by_addr.insert(addr, i);
-            nodes.push(SimNode {
-                core,
-                delegate: SimDelegate::new(format!("node-{i}")),
-                addr,
-                running: true,
-                events: Vec::new(),
-                group: 0,
+            sim.add(|addr, rng, now| {
+                Gossip::new(config.clone(), &format!("node-{i}"), addr, rng, now)
             });
         }
-        let mut sim = Self {
-            seed,
-            nodes,
-            net,
-            start,
-            now: start,
-            rng,
-            queue: BinaryHeap::new(),
-            deliveries: HashMap::new(),
-            next_delivery: 0,
-            timers: BinaryHeap::new(),
-            links: HashMap::new(),
-            by_addr,
-            config,
-            packets: 0,
-            bytes_sent: 0,
-        };
-        for i in 0..n {
-            sim.flush(i);
-        }
         sim
-    }
-
-    /// Virtual time since the start.
-    pub fn elapsed(&self) -> Duration {
-        self.now - self.start
     }
 
     /// Every member `i` in `members` joins through `seed_node`.
@@ -197,39 +247,153 @@ impl Sim {
             if i == seed_node {
                 continue;
             }
-            let now = self.now;
-            let node = self.node(i);
-            node.core
-                .join(now, &[seed_addr], &mut node.delegate)
-                .expect("join before leave");
-            self.flush(i);
+            self.with(i, |gossip, now| {
+                gossip.count_members();
+                gossip
+                    .memberlist
+                    .join(now, &[seed_addr], &mut gossip.delegate)
+                    .expect("join before leave");
+            });
         }
     }
 
     /// Member `i` leaves gracefully: it gossips its own death, then stays up answering.
     pub fn leave(&mut self, i: usize, timeout: Duration) {
-        let now = self.now;
-        self.nodes[i].core.leave(now, timeout);
-        self.flush(i);
+        self.with(i, |gossip, now| gossip.memberlist.leave(now, timeout));
     }
 
     /// Replaces member `i` by a fresh member called `name` at the same address, not yet
     /// joined: a container replaced under a new name. Its old streams are cut.
     pub fn replace(&mut self, i: usize, name: &str) {
-        self.links.retain(|(a, _), (b, _)| *a != i && *b != i);
-        let local = LocalNode::new(name, self.nodes[i].addr);
-        let core_rng = StdRng::seed_from_u64(self.rng.random());
-        let core = Memberlist::new(self.config.clone(), local, core_rng, self.now)
-            .expect("valid simulation config");
-        self.nodes[i] = SimNode {
+        let config = self.nodes[i].core.memberlist.config().clone();
+        self.restart(i, |addr, rng, now| {
+            Gossip::new(config, name, addr, rng, now)
+        });
+    }
+
+    /// Member `i`'s view: name -> state of every member in its table.
+    pub fn view(&self, i: usize) -> HashMap<String, NodeState> {
+        self.nodes[i]
+            .core
+            .memberlist
+            .members()
+            .map(|node| (node.name, node.state))
+            .collect()
+    }
+
+    /// Whether every running member sees exactly the running members as alive.
+    pub fn converged(&self) -> bool {
+        let running = self.running();
+        // Cheap first (alive or suspect, counted): the full check builds every member's view.
+        if running
+            .iter()
+            .any(|&i| self.nodes[i].core.memberlist.num_alive() < running.len())
+        {
+            return false;
+        }
+        running.iter().all(|&i| {
+            let view = self.view(i);
+            running
+                .iter()
+                .all(|&j| view.get(&format!("node-{j}")) == Some(&NodeState::Alive))
+        })
+    }
+
+    /// How many (observer, member) pairs among running members are not yet alive.
+    pub fn missing_pairs(&self) -> usize {
+        let running = self.running();
+        running
+            .iter()
+            .map(|&i| {
+                let view = self.view(i);
+                running
+                    .iter()
+                    .filter(|&&j| view.get(&format!("node-{j}")) != Some(&NodeState::Alive))
+                    .count()
+            })
+            .sum()
+    }
+
+    /// Member `i` originates a user broadcast (through its delegate's queue).
+    pub fn broadcast_user(&mut self, i: usize, message: &[u8]) {
+        self.with(i, |gossip, _| {
+            gossip.count_members();
+            gossip.delegate.remember(message);
+        });
+    }
+}
+
+impl<C: Core> Sim<C> {
+    /// A simulation with no member yet ([`add`](Self::add) them).
+    pub fn empty(seed: u64, net: Net) -> Self {
+        let start = Instant::now();
+        Self {
+            seed,
+            nodes: Vec::new(),
+            net,
+            start,
+            now: start,
+            rng: StdRng::seed_from_u64(seed),
+            queue: BinaryHeap::new(),
+            deliveries: HashMap::new(),
+            next_delivery: 0,
+            timers: BinaryHeap::new(),
+            links: HashMap::new(),
+            by_addr: HashMap::new(),
+            packets: 0,
+            bytes_sent: 0,
+        }
+    }
+
+    /// Adds a member at [`addr_of`] its index, built by `build` from its address, an RNG
+    /// seeded from the simulation's and the current time; returns its index.
+    pub fn add(&mut self, build: impl FnOnce(SocketAddr, StdRng, Instant) -> C) -> usize {
+        let i = self.nodes.len();
+        let addr = addr_of(i);
+        let core = build(addr, StdRng::seed_from_u64(self.rng.random()), self.now);
+        self.by_addr.insert(addr, i);
+        self.nodes.push(SimNode {
             core,
-            delegate: SimDelegate::new(name.to_owned()),
-            addr: self.nodes[i].addr,
+            addr,
             running: true,
             events: Vec::new(),
             group: 0,
-        };
+        });
         self.flush(i);
+        i
+    }
+
+    /// Replaces member `i`'s core by a fresh one built by `build` (as in [`add`](Self::add))
+    /// at the same address, running and in no partition: a restart. Its old streams are cut.
+    pub fn restart(&mut self, i: usize, build: impl FnOnce(SocketAddr, StdRng, Instant) -> C) {
+        self.links.retain(|(a, _), (b, _)| *a != i && *b != i);
+        let node = &mut self.nodes[i];
+        node.core = build(
+            node.addr,
+            StdRng::seed_from_u64(self.rng.random()),
+            self.now,
+        );
+        node.running = true;
+        node.group = 0;
+        self.flush(i);
+    }
+
+    /// The current virtual time.
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    /// Virtual time since the start.
+    pub fn elapsed(&self) -> Duration {
+        self.now - self.start
+    }
+
+    /// Runs `job` on member `i`'s core at the current time (a command, like the driver's
+    /// `Handle::with`), then moves what it caused onto the network.
+    pub fn with<R>(&mut self, i: usize, job: impl FnOnce(&mut C, Instant) -> R) -> R {
+        let result = job(&mut self.nodes[i].core, self.now);
+        self.flush(i);
+        result
     }
 
     /// Stops member `i` dead: no more packets, streams or timers (a SIGKILL).
@@ -275,50 +439,20 @@ impl Sim {
         None
     }
 
-    /// Member `i`'s view: name -> state of every member in its table.
-    pub fn view(&self, i: usize) -> HashMap<String, NodeState> {
-        self.nodes[i]
-            .core
-            .members()
-            .map(|node| (node.name, node.state))
+    /// Hands member `i` a packet as if `from` had sent it.
+    pub fn inject(&mut self, i: usize, from: SocketAddr, packet: &[u8]) {
+        let result = self.with(i, |core, now| core.handle_packet(now, from, packet));
+        assert!(
+            result.is_ok(),
+            "seed {}: injected packet rejected: {result:?}",
+            self.seed
+        );
+    }
+
+    fn running(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].running)
             .collect()
-    }
-
-    /// Whether every running member sees exactly the running members as alive.
-    pub fn converged(&self) -> bool {
-        let running: Vec<usize> = (0..self.nodes.len())
-            .filter(|&i| self.nodes[i].running)
-            .collect();
-        // Cheap first (alive or suspect, counted): the full check builds every member's view.
-        if running
-            .iter()
-            .any(|&i| self.nodes[i].core.num_alive() < running.len())
-        {
-            return false;
-        }
-        running.iter().all(|&i| {
-            let view = self.view(i);
-            running
-                .iter()
-                .all(|&j| view.get(&format!("node-{j}")) == Some(&NodeState::Alive))
-        })
-    }
-
-    /// How many (observer, member) pairs among running members are not yet alive.
-    pub fn missing_pairs(&self) -> usize {
-        let running: Vec<usize> = (0..self.nodes.len())
-            .filter(|&i| self.nodes[i].running)
-            .collect();
-        running
-            .iter()
-            .map(|&i| {
-                let view = self.view(i);
-                running
-                    .iter()
-                    .filter(|&&j| view.get(&format!("node-{j}")) != Some(&NodeState::Alive))
-                    .count()
-            })
-            .sum()
     }
 
     /// Processes the next delivery or timer due before `until`; false when none is left.
@@ -365,23 +499,18 @@ impl Sim {
             }
             let Reverse((at, i)) = self.timers.pop().expect("peeked");
             self.now = at;
-            let now = self.now;
-            let node = self.node(i);
-            node.core.handle_timeout(now, &mut node.delegate);
-            self.flush(i);
+            self.with(i, |core, now| core.handle_timeout(now));
         }
         true
     }
 
     fn deliver(&mut self, to: usize, delivery: Delivery) {
         let now = self.now;
+        let core = &mut self.nodes[to].core;
         match delivery {
             Delivery::Packet { from, bytes } => {
                 self.packets += 1;
-                let node = self.node(to);
-                let result = node
-                    .core
-                    .handle_packet(now, from, &bytes, &mut node.delegate);
+                let result = core.handle_packet(now, from, &bytes);
                 assert!(
                     result.is_ok(),
                     "seed {}: a core sent an undecodable packet: {result:?}",
@@ -389,23 +518,11 @@ impl Sim {
                 );
             }
             Delivery::Data { stream, bytes } => {
-                let node = self.node(to);
-                node.core
-                    .handle_stream(now, stream, StreamInput::Data(&bytes), &mut node.delegate);
+                core.handle_stream(now, stream, StreamInput::Data(&bytes));
             }
-            Delivery::Closed { stream } => {
-                let node = self.node(to);
-                node.core
-                    .handle_stream(now, stream, StreamInput::Closed, &mut node.delegate);
-            }
+            Delivery::Closed { stream } => core.handle_stream(now, stream, StreamInput::Closed),
             Delivery::Failed { stream } => {
-                let node = self.node(to);
-                node.core.handle_stream(
-                    now,
-                    stream,
-                    StreamInput::Failed("connection refused"),
-                    &mut node.delegate,
-                );
+                core.handle_stream(now, stream, StreamInput::Failed("connection refused"));
             }
         }
     }
@@ -465,9 +582,8 @@ impl Sim {
             Transmit::StreamOpen { stream, to } => match self.by_addr.get(&to) {
                 Some(&j) if self.reachable(i, j) => {
                     // The accept happens at once; only the bytes take time.
-                    let now = self.now;
                     let from = self.nodes[i].addr;
-                    let peer_stream = self.nodes[j].core.handle_accept(now, from);
+                    let peer_stream = self.nodes[j].core.handle_accept(self.now, from);
                     self.links.insert((i, stream), (j, peer_stream));
                     self.links.insert((j, peer_stream), (i, stream));
                     self.flush(j);
@@ -499,36 +615,5 @@ impl Sim {
                 }
             }
         }
-    }
-}
-
-impl Sim {
-    /// Hands member `i` a packet as if `from` had sent it.
-    pub fn inject(&mut self, i: usize, from: SocketAddr, packet: &[u8]) {
-        let now = self.now;
-        let node = self.node(i);
-        let result = node
-            .core
-            .handle_packet(now, from, packet, &mut node.delegate);
-        assert!(
-            result.is_ok(),
-            "seed {}: injected packet rejected: {result:?}",
-            self.seed
-        );
-        self.flush(i);
-    }
-}
-
-impl Sim {
-    /// Member `i`, with its delegate told the current cluster size.
-    fn node(&mut self, i: usize) -> &mut SimNode {
-        let node = &mut self.nodes[i];
-        node.delegate.n_members = node.core.num_members();
-        node
-    }
-
-    /// Member `i` originates a user broadcast (through its delegate's queue).
-    pub fn broadcast_user(&mut self, i: usize, message: &[u8]) {
-        self.node(i).delegate.remember(message);
     }
 }

@@ -1,70 +1,34 @@
 //! Deterministic simulation of several native Serf members on a virtual network and clock:
-//! joins, intents, user events, queries, leave, failure, tags, late joiners, reaping.
+//! joins, intents, user events, queries, leave, failure, tags, late joiners, reaping. The
+//! members are [`serf::serf::Serf`], the composition the agent runs, on [`serf::sim`].
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use rand::rngs::StdRng;
-use rand::SeedableRng;
-use serf::memberlist::{self, StreamId, StreamInput, Transmit};
-use serf::serf::{Config, Event, MemberStatus, QueryParams, Serf};
+use serf::memberlist;
+use serf::serf::{Config, Event, MemberStatus, QueryHandle, QueryParams, Serf};
+use serf::sim::Net;
 
+/// The error's message contains `needle`.
+fn assert_says(error: &serf::serf::Error, needle: &str) {
+    assert!(error.to_string().contains(needle), "{error}");
+}
+
+/// One-way delay of every packet and stream message: a FIFO network.
 const HOP: Duration = Duration::from_millis(1);
 
-enum Delivery {
-    Packet {
-        to: usize,
-        from: SocketAddr,
-        bytes: Vec<u8>,
-    },
-    Data {
-        to: usize,
-        stream: StreamId,
-        bytes: Vec<u8>,
-    },
-    Closed {
-        to: usize,
-        stream: StreamId,
-    },
-    Failed {
-        to: usize,
-        stream: StreamId,
-    },
-}
-
-/// N members, a FIFO network with a fixed one-hop delay, a virtual clock.
+/// Named Serf members on [`serf::sim::Sim`].
 struct Sim {
-    now: Instant,
-    nodes: Vec<Option<Serf>>,
-    addrs: Vec<SocketAddr>,
+    sim: serf::sim::Sim<Serf>,
     names: Vec<String>,
-    events: Vec<Vec<Event>>,
-    queue: VecDeque<(Instant, Delivery)>,
-    streams: HashMap<(usize, StreamId), (usize, StreamId)>,
-    seed: u64,
-    starts: u64,
-    /// Pairs of members that cannot reach each other (both directions).
-    partitioned: HashSet<(usize, usize)>,
-}
-
-fn addr(index: usize) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, index as u8 + 1)), 7946)
 }
 
 impl Sim {
     fn new(seed: u64) -> Self {
         Self {
-            now: Instant::now(),
-            nodes: Vec::new(),
-            addrs: Vec::new(),
+            sim: serf::sim::Sim::empty(seed, Net::fixed(HOP)),
             names: Vec::new(),
-            events: Vec::new(),
-            queue: VecDeque::new(),
-            streams: HashMap::new(),
-            seed,
-            starts: 0,
-            partitioned: HashSet::new(),
         }
     }
 
@@ -75,191 +39,113 @@ impl Sim {
         }
     }
 
+    fn seed(&self) -> u64 {
+        self.sim.seed
+    }
+
     /// Adds (or restarts, for an existing name) a member.
     fn start(&mut self, config: Config) -> usize {
-        let index = match self.names.iter().position(|name| *name == config.node_name) {
-            Some(index) => index,
-            None => self.add_slot(&config.node_name),
-        };
-        self.boot(index, config)
+        match self.names.iter().position(|name| *name == config.node_name) {
+            Some(index) => {
+                let build = Self::build(self.seed(), config);
+                self.sim.restart(index, build);
+                index
+            }
+            None => self.start_impostor(config),
+        }
     }
 
     /// Adds a member at a new address even if its name is taken (a name conflict).
     fn start_impostor(&mut self, config: Config) -> usize {
-        let index = self.add_slot(&config.node_name);
-        self.boot(index, config)
+        self.names.push(config.node_name.clone());
+        let build = Self::build(self.seed(), config);
+        self.sim.add(build)
     }
 
-    fn add_slot(&mut self, name: &str) -> usize {
-        self.names.push(name.to_owned());
-        self.addrs.push(addr(self.names.len() - 1));
-        self.nodes.push(None);
-        self.events.push(Vec::new());
-        self.names.len() - 1
+    fn build(
+        seed: u64,
+        config: Config,
+    ) -> impl FnOnce(SocketAddr, rand::rngs::StdRng, Instant) -> Serf {
+        move |addr, rng, now| {
+            let mut ml = memberlist::Config::lan();
+            ml.push_pull_interval = Duration::from_secs(30);
+            Serf::new(config, ml, addr, rng, now)
+                .unwrap_or_else(|error| panic!("seed {seed}: start: {error}"))
+        }
     }
 
-    fn boot(&mut self, index: usize, config: Config) -> usize {
-        self.starts += 1;
-        let rng = StdRng::seed_from_u64(self.seed * 1000 + self.starts);
-        let mut ml = memberlist::Config::lan();
-        ml.push_pull_interval = Duration::from_secs(30);
-        let serf = Serf::new(config, ml, self.addrs[index], rng, self.now)
-            .unwrap_or_else(|error| panic!("seed {}: start: {error}", self.seed));
-        self.nodes[index] = Some(serf);
-        index
+    /// Runs a command on member `index` at the current time.
+    fn with<R>(&mut self, index: usize, job: impl FnOnce(&mut Serf, Instant) -> R) -> R {
+        self.sim.with(index, job)
     }
 
-    fn node(&mut self, index: usize) -> &mut Serf {
-        self.nodes[index].as_mut().expect("node is running")
+    fn node(&self, index: usize) -> &Serf {
+        &self.sim.nodes[index].core
+    }
+
+    fn addr(&self, index: usize) -> SocketAddr {
+        self.sim.nodes[index].addr
+    }
+
+    /// Every event member `index` emitted so far.
+    fn events(&self, index: usize) -> Vec<Event> {
+        self.sim.nodes[index]
+            .events
+            .iter()
+            .map(|(_, event)| event.clone())
+            .collect()
     }
 
     fn kill(&mut self, index: usize) {
-        self.nodes[index] = None;
-        self.streams
-            .retain(|(a, _), (b, _)| *a != index && *b != index);
-    }
-
-    fn cut(&self, a: usize, b: usize) -> bool {
-        self.partitioned.contains(&(a.min(b), a.max(b)))
-    }
-
-    fn index_of(&self, to: SocketAddr) -> Option<usize> {
-        self.addrs.iter().position(|a| *a == to)
-    }
-
-    fn collect(&mut self) {
-        for index in 0..self.nodes.len() {
-            while let Some(transmit) = self.nodes[index].as_mut().and_then(Serf::poll_transmit) {
-                self.route(index, transmit);
-            }
-            if let Some(node) = self.nodes[index].as_mut() {
-                while let Some(event) = node.poll_event() {
-                    self.events[index].push(event);
-                }
-            }
-        }
-    }
-
-    fn route(&mut self, from: usize, transmit: Transmit) {
-        let at = self.now + HOP;
-        match transmit {
-            Transmit::Packet { to, bytes } => {
-                if let Some(to) = self.index_of(to).filter(|to| !self.cut(from, *to)) {
-                    let from = self.addrs[from];
-                    self.queue
-                        .push_back((at, Delivery::Packet { to, from, bytes }));
-                }
-            }
-            Transmit::StreamOpen { stream, to } => {
-                let target = self
-                    .index_of(to)
-                    .filter(|i| self.nodes[*i].is_some() && !self.cut(from, *i));
-                match target {
-                    Some(target) => {
-                        let from_addr = self.addrs[from];
-                        let now = self.now;
-                        let accepted = self.node(target).handle_accept(now, from_addr);
-                        self.streams.insert((from, stream), (target, accepted));
-                        self.streams.insert((target, accepted), (from, stream));
-                    }
-                    None => self
-                        .queue
-                        .push_back((at, Delivery::Failed { to: from, stream })),
-                }
-            }
-            Transmit::StreamWrite { stream, bytes } => {
-                if let Some(&(to, stream)) = self.streams.get(&(from, stream)) {
-                    self.queue
-                        .push_back((at, Delivery::Data { to, stream, bytes }));
-                }
-            }
-            Transmit::StreamClose { stream } => {
-                if let Some((to, other)) = self.streams.remove(&(from, stream)) {
-                    self.streams.remove(&(to, other));
-                    self.queue
-                        .push_back((at, Delivery::Closed { to, stream: other }));
-                }
-            }
-        }
-    }
-
-    fn deliver(&mut self, delivery: Delivery) {
-        let now = self.now;
-        match delivery {
-            Delivery::Packet { to, from, bytes } => {
-                if let Some(node) = self.nodes[to].as_mut() {
-                    let _ = node.handle_packet(now, from, &bytes);
-                }
-            }
-            Delivery::Data { to, stream, bytes } => {
-                if let Some(node) = self.nodes[to].as_mut() {
-                    node.handle_stream(now, stream, StreamInput::Data(&bytes));
-                }
-            }
-            Delivery::Closed { to, stream } => {
-                if let Some(node) = self.nodes[to].as_mut() {
-                    node.handle_stream(now, stream, StreamInput::Closed);
-                }
-            }
-            Delivery::Failed { to, stream } => {
-                if let Some(node) = self.nodes[to].as_mut() {
-                    node.handle_stream(now, stream, StreamInput::Failed("connection refused"));
-                }
-            }
-        }
+        self.sim.kill(index);
     }
 
     /// Runs the network and timers for `duration` of virtual time.
     fn run(&mut self, duration: Duration) {
-        let end = self.now + duration;
-        loop {
-            self.collect();
-            let next_delivery = self.queue.front().map(|(at, _)| *at);
-            let next_timer = self
-                .nodes
-                .iter()
-                .flatten()
-                .filter_map(Serf::poll_timeout)
-                .min();
-            let Some(next) = [next_delivery, next_timer].into_iter().flatten().min() else {
-                break;
-            };
-            if next > end {
-                break;
-            }
-            self.now = self.now.max(next);
-            while self.queue.front().is_some_and(|(at, _)| *at <= self.now) {
-                let (_, delivery) = self.queue.pop_front().expect("front exists");
-                self.deliver(delivery);
-            }
-            let now = self.now;
-            for node in self.nodes.iter_mut().flatten() {
-                if node.poll_timeout().is_some_and(|at| at <= now) {
-                    node.handle_timeout(now);
-                }
-            }
-        }
-        self.now = end;
-        self.collect();
+        self.sim.run_for(duration);
     }
 
     fn join(&mut self, index: usize, seed: usize, ignore_old: bool) {
-        let now = self.now;
-        let seed_addr = self.addrs[seed];
-        self.node(index)
-            .join(now, &[seed_addr], ignore_old)
-            .unwrap_or_else(|error| panic!("seed {}: join: {error}", self.seed));
+        let seed_addr = self.addr(seed);
+        let sim_seed = self.seed();
+        self.with(index, |serf, now| serf.join(now, &[seed_addr], ignore_old))
+            .unwrap_or_else(|error| panic!("seed {sim_seed}: join: {error}"));
     }
 
+    /// What member `at` thinks of `of`; `None` for a killed member.
     fn status(&self, at: usize, of: &str) -> Option<MemberStatus> {
-        self.nodes[at].as_ref()?.member(of).map(|m| m.status)
+        let node = &self.sim.nodes[at];
+        node.running
+            .then(|| node.core.member(of).map(|m| m.status))
+            .flatten()
+    }
+
+    /// Member `at` starts a query asking for acks.
+    fn query_with_acks(&mut self, at: usize, name: &str) -> QueryHandle {
+        let params = QueryParams {
+            request_ack: true,
+            ..QueryParams::default()
+        };
+        self.with(at, |serf, now| serf.query(now, name, b"", &params))
+            .expect("query fits")
+    }
+
+    /// Who acked member `at`'s query `handle`, in order.
+    fn acks(&self, at: usize, handle: QueryHandle) -> Vec<String> {
+        self.events(at)
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::QueryAck { query, from } if query == handle => Some(from),
+                _ => None,
+            })
+            .collect()
     }
 
     fn user_events(&self, at: usize) -> Vec<(String, Vec<u8>)> {
-        self.events[at]
-            .iter()
+        self.events(at)
+            .into_iter()
             .filter_map(|event| match event {
-                Event::UserEvent(e) => Some((e.name.clone(), e.payload.clone())),
+                Event::UserEvent(e) => Some((e.name, e.payload)),
                 _ => None,
             })
             .collect()
@@ -279,7 +165,7 @@ impl Sim {
                     self.status(at, name),
                     Some(MemberStatus::Alive),
                     "seed {}: {} sees {name}",
-                    self.seed,
+                    self.seed(),
                     names[at]
                 );
             }
@@ -291,7 +177,8 @@ impl Sim {
 fn members_join_and_see_each_other_alive() {
     let mut sim = Sim::new(1);
     sim.cluster(&["a", "b", "c"]);
-    let joins = sim.events[1]
+    let joins = sim
+        .events(1)
         .iter()
         .filter(|e| matches!(e, Event::JoinCompleted { contacted: 1, .. }))
         .count();
@@ -304,9 +191,7 @@ fn members_join_and_see_each_other_alive() {
 fn user_event_is_delivered_exactly_once_everywhere() {
     let mut sim = Sim::new(2);
     sim.cluster(&["a", "b", "c"]);
-    let now = sim.now;
-    sim.node(1)
-        .user_event(now, "deploy", b"v1", false)
+    sim.with(1, |serf, now| serf.user_event(now, "deploy", b"v1", false))
         .expect("event fits");
     sim.run(Duration::from_secs(5));
     for at in 0..3 {
@@ -319,8 +204,7 @@ fn user_event_is_delivered_exactly_once_everywhere() {
     // Too large: a clear error naming the event.
     let payload = vec![0u8; 600];
     let error = sim
-        .node(0)
-        .user_event(now, "big", &payload, false)
+        .with(0, |serf, now| serf.user_event(now, "big", &payload, false))
         .unwrap_err();
     assert_eq!(
         error.to_string(),
@@ -339,19 +223,12 @@ fn query_collects_acks_and_responses_and_filters_by_tag() {
     sim.join(1, 0, true);
     sim.join(2, 0, true);
     sim.run(Duration::from_secs(3));
-    let now = sim.now;
-    let params = QueryParams {
-        request_ack: true,
-        ..QueryParams::default()
-    };
-    let handle = sim
-        .node(0)
-        .query(now, "uptime", b"", &params)
-        .expect("query fits");
+    let handle = sim.query_with_acks(0, "uptime");
     sim.run(Duration::from_millis(500));
     // Everyone (the sender included) got the query once; b and c answer.
     for at in 0..3 {
-        let queries: Vec<_> = sim.events[at]
+        let queries: Vec<_> = sim
+            .events(at)
             .iter()
             .filter_map(|e| match e {
                 Event::Query(q) => Some(q.clone()),
@@ -360,23 +237,22 @@ fn query_collects_acks_and_responses_and_filters_by_tag() {
             .collect();
         assert_eq!(queries.len(), 1, "member {at}: {queries:?}");
         if at > 0 {
-            let now = sim.now;
             let answer = format!("up from {at}");
-            sim.node(at)
-                .respond(now, queries[0].id, answer.as_bytes())
-                .expect("in time");
+            sim.with(at, |serf, now| {
+                serf.respond(now, queries[0].id, answer.as_bytes())
+            })
+            .expect("in time");
             let again = sim
-                .node(at)
-                .respond(now, queries[0].id, b"again")
+                .with(at, |serf, now| serf.respond(now, queries[0].id, b"again"))
                 .unwrap_err();
-            assert!(again.to_string().contains("already sent"), "{again}");
+            assert_says(&again, "already sent");
         }
     }
     sim.run(Duration::from_secs(4));
     let mut acks = BTreeMap::new();
     let mut responses = BTreeMap::new();
     let mut done = 0;
-    for event in &sim.events[0] {
+    for event in &sim.events(0) {
         match event {
             Event::QueryAck { query, from } if *query == handle => {
                 *acks.entry(from.clone()).or_insert(0) += 1;
@@ -412,63 +288,39 @@ fn query_collects_acks_and_responses_and_filters_by_tag() {
             .collect(),
         ..QueryParams::default()
     };
-    let now = sim.now;
     let handle = sim
-        .node(0)
-        .query(now, "whoami", b"", &params)
+        .with(0, |serf, now| serf.query(now, "whoami", b"", &params))
         .expect("query fits");
     sim.run(Duration::from_secs(4));
     let got: HashSet<usize> = (0..3)
         .filter(|at| {
-            sim.events[*at]
+            sim.events(*at)
                 .iter()
                 .any(|e| matches!(e, Event::Query(q) if q.name == "whoami"))
         })
         .collect();
     assert_eq!(got, HashSet::from([2]));
-    let acked: Vec<_> = sim.events[0]
-        .iter()
-        .filter_map(|e| match e {
-            Event::QueryAck { query, from } if *query == handle => Some(from.clone()),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(acked, ["c"]);
+    assert_eq!(sim.acks(0, handle), ["c"]);
 }
 
 #[test]
 fn internal_ping_query_is_acked_but_not_shown_to_the_application() {
     let mut sim = Sim::new(4);
     sim.cluster(&["a", "b"]);
-    let now = sim.now;
-    let params = QueryParams {
-        request_ack: true,
-        ..QueryParams::default()
-    };
-    let handle = sim
-        .node(0)
-        .query(now, "_serf_ping", b"", &params)
-        .expect("query fits");
+    let handle = sim.query_with_acks(0, "_serf_ping");
     sim.run(Duration::from_secs(4));
-    let acks: Vec<_> = sim.events[0]
-        .iter()
-        .filter_map(|e| match e {
-            Event::QueryAck { query, from } if *query == handle => Some(from.clone()),
-            _ => None,
-        })
-        .collect();
+    let acks = sim.acks(0, handle);
     assert_eq!(acks.len(), 2, "{acks:?}");
-    assert!(!sim.events[1].iter().any(|e| matches!(e, Event::Query(_))));
+    assert!(!sim.events(1).iter().any(|e| matches!(e, Event::Query(_))));
 }
 
 #[test]
 fn graceful_leave_is_left_and_a_kill_is_failed_and_both_come_back() {
     let mut sim = Sim::new(5);
     sim.cluster(&["a", "b", "c"]);
-    let now = sim.now;
-    sim.node(1).leave(now).expect("alive");
+    sim.with(1, |serf, now| serf.leave(now)).expect("alive");
     sim.run(Duration::from_secs(3));
-    assert!(sim.events[1].contains(&Event::LeaveCompleted));
+    assert!(sim.events(1).contains(&Event::LeaveCompleted));
     assert_eq!(sim.node(1).lifecycle(), serf::serf::Lifecycle::Left);
     assert_eq!(sim.node(1).local_member().status, MemberStatus::Left);
     assert_eq!(sim.status(0, "b"), Some(MemberStatus::Left));
@@ -477,7 +329,8 @@ fn graceful_leave_is_left_and_a_kill_is_failed_and_both_come_back() {
     sim.kill(2);
     sim.run(Duration::from_secs(15));
     assert_eq!(sim.status(0, "c"), Some(MemberStatus::Failed));
-    assert!(sim.events[0]
+    assert!(sim
+        .events(0)
         .iter()
         .any(|e| matches!(e, Event::MemberFailed(m) if m.name == "c")));
     // Both restart with their old names and rejoin: alive again.
@@ -495,31 +348,29 @@ fn graceful_leave_is_left_and_a_kill_is_failed_and_both_come_back() {
 fn tag_change_propagates_as_an_update() {
     let mut sim = Sim::new(6);
     sim.cluster(&["a", "b"]);
-    let now = sim.now;
     let tags: BTreeMap<String, String> = [("role".to_owned(), "web".to_owned())]
         .into_iter()
         .collect();
-    sim.node(1).set_tags(now, tags.clone()).expect("small tags");
+    sim.with(1, |serf, now| serf.set_tags(now, tags.clone()))
+        .expect("small tags");
     sim.run(Duration::from_secs(2));
     assert_eq!(sim.node(0).member("b").map(|m| m.tags.clone()), Some(tags));
-    assert!(sim.events[0]
+    assert!(sim
+        .events(0)
         .iter()
         .any(|e| matches!(e, Event::MemberUpdate(m) if m.name == "b")));
     let huge: BTreeMap<String, String> = [("k".to_owned(), "v".repeat(600))].into_iter().collect();
-    let error = sim.node(1).set_tags(now, huge).unwrap_err();
-    assert!(
-        error.to_string().contains("above the limit of 512 bytes"),
-        "{error}"
-    );
+    let error = sim
+        .with(1, |serf, now| serf.set_tags(now, huge))
+        .unwrap_err();
+    assert_says(&error, "above the limit of 512 bytes");
 }
 
 #[test]
 fn late_joiner_does_not_replay_old_events_unless_asked() {
     let mut sim = Sim::new(7);
     sim.cluster(&["a", "b"]);
-    let now = sim.now;
-    sim.node(0)
-        .user_event(now, "deploy", b"v1", false)
+    sim.with(0, |serf, now| serf.user_event(now, "deploy", b"v1", false))
         .expect("event fits");
     sim.run(Duration::from_secs(3));
     assert_eq!(sim.user_events(1).len(), 1);
@@ -536,9 +387,7 @@ fn late_joiner_does_not_replay_old_events_unless_asked() {
         "replaying joiner"
     );
     // A new event after the join reaches the late joiner.
-    let now = sim.now;
-    sim.node(1)
-        .user_event(now, "deploy", b"v2", false)
+    sim.with(1, |serf, now| serf.user_event(now, "deploy", b"v2", false))
         .expect("event fits");
     sim.run(Duration::from_secs(3));
     assert_eq!(
@@ -570,7 +419,8 @@ fn failed_member_is_reaped_after_the_reconnect_timeout() {
     );
     sim.run(Duration::from_secs(15));
     assert_eq!(sim.status(0, "b"), None);
-    assert!(sim.events[0]
+    assert!(sim
+        .events(0)
         .iter()
         .any(|e| matches!(e, Event::MemberReap(m) if m.name == "b")));
 }
@@ -595,7 +445,8 @@ fn name_conflict_shuts_down_the_member_the_cluster_does_not_know() {
     let impostor = sim.start_impostor(Sim::config("b"));
     sim.join(impostor, 0, true);
     sim.run(Duration::from_secs(10));
-    let conflict = sim.events[impostor]
+    let conflict = sim
+        .events(impostor)
         .iter()
         .find(|e| matches!(e, Event::NameConflict { .. }))
         .cloned();
@@ -608,23 +459,24 @@ fn name_conflict_shuts_down_the_member_the_cluster_does_not_know() {
     else {
         panic!(
             "seed 10: no name conflict at the impostor: {:?}",
-            sim.events[impostor]
+            sim.events(impostor)
         );
     };
-    assert_eq!((name.as_str(), other, matching), ("b", sim.addrs[1], 0));
+    assert_eq!((name.as_str(), other, matching), ("b", sim.addr(1), 0));
     assert_eq!(
         sim.node(impostor).lifecycle(),
         serf::serf::Lifecycle::Shutdown
     );
     // The original keeps its name and its place.
-    assert!(!sim.events[1]
+    assert!(!sim
+        .events(1)
         .iter()
         .any(|e| matches!(e, Event::NameConflict { .. })));
     assert_eq!(sim.node(1).lifecycle(), serf::serf::Lifecycle::Alive);
     assert_eq!(sim.status(0, "b"), Some(MemberStatus::Alive));
     assert_eq!(
         sim.node(0).member("b").map(|m| m.socket_addr()),
-        Some(sim.addrs[1])
+        Some(sim.addr(1))
     );
 }
 
@@ -632,36 +484,35 @@ fn name_conflict_shuts_down_the_member_the_cluster_does_not_know() {
 fn respond_refuses_late_unknown_and_oversized_answers() {
     let mut sim = Sim::new(11);
     sim.cluster(&["a", "b"]);
-    let now = sim.now;
     let params = QueryParams {
         timeout: Some(Duration::from_secs(1)),
         ..QueryParams::default()
     };
-    sim.node(0)
-        .query(now, "slow", b"", &params)
+    sim.with(0, |serf, now| serf.query(now, "slow", b"", &params))
         .expect("query fits");
     // Gossip goes out every 200 ms.
     sim.run(Duration::from_millis(300));
-    let id = sim.events[1]
+    let id = sim
+        .events(1)
         .iter()
         .find_map(|e| match e {
             Event::Query(q) => Some(q.id),
             _ => None,
         })
-        .unwrap_or_else(|| panic!("b got the query: {:?}", sim.events[1]));
-    let now = sim.now;
-    let error = sim.node(1).respond(now, id, &[0u8; 1100]).unwrap_err();
-    assert!(
-        error.to_string().contains("above the limit of 1024 bytes"),
-        "{error}"
-    );
+        .unwrap_or_else(|| panic!("b got the query: {:?}", sim.events(1)));
+    let error = sim
+        .with(1, |serf, now| serf.respond(now, id, &[0u8; 1100]))
+        .unwrap_err();
+    assert_says(&error, "above the limit of 1024 bytes");
     sim.run(Duration::from_millis(1100));
-    let now = sim.now;
-    let error = sim.node(1).respond(now, id, b"late").unwrap_err();
-    assert!(error.to_string().contains("past the deadline"), "{error}");
+    let error = sim
+        .with(1, |serf, now| serf.respond(now, id, b"late"))
+        .unwrap_err();
+    assert_says(&error, "past the deadline");
     sim.run(Duration::from_secs(2));
-    let now = sim.now;
-    let error = sim.node(1).respond(now, id, b"later").unwrap_err();
+    let error = sim
+        .with(1, |serf, now| serf.respond(now, id, b"later"))
+        .unwrap_err();
     assert!(
         error
             .to_string()
@@ -670,13 +521,9 @@ fn respond_refuses_late_unknown_and_oversized_answers() {
     );
     let big_query = vec![0u8; 1100];
     let error = sim
-        .node(0)
-        .query(now, "big", &big_query, &params)
+        .with(0, |serf, now| serf.query(now, "big", &big_query, &params))
         .unwrap_err();
-    assert!(
-        error.to_string().contains("above the limit of 1024 bytes"),
-        "{error}"
-    );
+    assert_says(&error, "above the limit of 1024 bytes");
 }
 
 #[test]
@@ -690,11 +537,11 @@ fn reconnect_brings_back_members_failed_by_a_partition() {
         }
         sim.join(1, 0, true);
         sim.run(Duration::from_secs(3));
-        sim.partitioned.insert((0, 1));
+        sim.sim.partition(&[0, 1]);
         sim.run(Duration::from_secs(20));
         assert_eq!(sim.status(0, "b"), Some(MemberStatus::Failed));
         assert_eq!(sim.status(1, "a"), Some(MemberStatus::Failed));
-        sim.partitioned.clear();
+        sim.sim.heal();
         sim.run(Duration::from_secs(65));
         (sim.status(0, "b"), sim.status(1, "a"))
     };
@@ -723,16 +570,18 @@ fn key_queries_rotate_every_keyring_and_report_silent_members() {
     let keyrings: Vec<SharedKeyring> = (0..3)
         .map(|index| {
             let keyring = SharedKeyring::new(Keyring::new(&[old]).expect("valid key"));
-            sim.node(index).set_keyring(Some(keyring.clone()));
+            sim.with(index, |serf, _| serf.set_keyring(Some(keyring.clone())));
             keyring
         })
         .collect();
     let report_of = |sim: &mut Sim, operation: KeyOperation| -> KeyReport {
-        let now = sim.now;
-        let query = sim.node(0).keys(now, &operation).expect("alive");
-        sim.events[0].clear();
+        let query = sim
+            .with(0, |serf, now| serf.keys(now, &operation))
+            .expect("alive");
+        sim.sim.nodes[0].events.clear();
         sim.run(Duration::from_secs(10));
-        let reports: Vec<KeyReport> = sim.events[0]
+        let events = sim.events(0);
+        let reports: Vec<KeyReport> = events
             .iter()
             .filter_map(|event| match event {
                 Event::KeysCompleted {
@@ -742,12 +591,11 @@ fn key_queries_rotate_every_keyring_and_report_silent_members() {
                 _ => None,
             })
             .collect();
-        assert_eq!(reports.len(), 1, "seed {}: {:?}", sim.seed, sim.events[0]);
+        assert_eq!(reports.len(), 1, "seed {}: {events:?}", sim.seed());
         assert!(
-            !sim.events[0].iter().any(|event| matches!(event,
+            !events.iter().any(|event| matches!(event,
                 Event::QueryAck { query: q, .. } | Event::QueryResponse { query: q, .. } | Event::QueryDone { query: q } if *q == query)),
-            "key answers are not query events: {:?}",
-            sim.events[0]
+            "key answers are not query events: {events:?}"
         );
         reports[0].clone()
     };
@@ -793,29 +641,27 @@ fn force_leave_marks_a_failed_member_left_everywhere_and_prune_forgets_it() {
     assert_eq!(sim.status(1, "c"), Some(MemberStatus::Failed));
     assert_eq!(sim.node(0).stats()["failed"], "2");
 
-    let now = sim.now;
-    sim.node(0).force_leave(now, "c", false);
+    sim.with(0, |serf, now| serf.force_leave(now, "c", false));
     sim.run(Duration::from_secs(2));
     for at in [0, 1] {
         assert_eq!(
             sim.status(at, "c"),
             Some(MemberStatus::Left),
             "seed {}",
-            sim.seed
+            sim.seed()
         );
     }
     assert_eq!(sim.node(0).stats()["left"], "1");
 
-    let now = sim.now;
-    sim.node(1).force_leave(now, "d", true);
+    sim.with(1, |serf, now| serf.force_leave(now, "d", true));
     sim.run(Duration::from_secs(2));
     for at in [0, 1] {
-        assert_eq!(sim.status(at, "d"), None, "seed {}: pruned", sim.seed);
-        assert!(sim.events[at]
+        assert_eq!(sim.status(at, "d"), None, "seed {}: pruned", sim.seed());
+        assert!(sim
+            .events(at)
             .iter()
             .any(|e| matches!(e, Event::MemberReap(m) if m.name == "d")));
     }
     // Unknown names are no-ops.
-    let now = sim.now;
-    sim.node(0).force_leave(now, "nobody", true);
+    sim.with(0, |serf, now| serf.force_leave(now, "nobody", true));
 }

@@ -87,9 +87,11 @@ pub trait QueryResponder: Send + Sync + fmt::Debug {
     fn respond(&self, payload: Vec<u8>) -> Result<(), BackendError>;
 }
 
-/// An event delivered to `stream` subscribers.
-#[derive(Debug, Clone)]
-pub enum Event {
+/// An event as a `stream` carries it, on either side: `R` is how its query is answered, a
+/// [`QueryResponder`] in the agent ([`Event`]) or the per-connection id that
+/// [`Client::respond`](super::Client::respond) takes ([`StreamEvent`](super::StreamEvent)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamRecord<R> {
     /// Members joined, left, failed, were updated or reaped.
     Member {
         /// Which kind.
@@ -110,18 +112,21 @@ pub enum Event {
     },
     /// A query this member received.
     Query {
+        /// How to answer it.
+        responder: R,
         /// Lamport time of the query.
         ltime: u64,
         /// Query name.
         name: String,
         /// Payload.
         payload: Vec<u8>,
-        /// Used by `respond`.
-        responder: Arc<dyn QueryResponder>,
     },
 }
 
-impl Event {
+/// An event delivered to `stream` subscribers.
+pub type Event = StreamRecord<Arc<dyn QueryResponder>>;
+
+impl<R> StreamRecord<R> {
     /// The event type name a stream filter matches (`member-join`, `user`, `query`).
     pub fn type_name(&self) -> &'static str {
         match self {

@@ -7,6 +7,7 @@
 //! (read and discarded). [`Client`] is cheap to clone; clones share the connection.
 
 use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -20,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use super::backend::{MemberEventKind, QueryReply};
+use super::backend::{MemberEventKind, QueryReply, StreamRecord};
 use super::codec::{decode, encode_into, FrameBuffer};
 use super::messages::{
     command, errors, query_record, AnyEventRecord, AuthRequest, Coordinate, CoordinateRequest,
@@ -133,39 +134,9 @@ pub struct Query {
     pub timeout: Option<Duration>,
 }
 
-/// One record of an event stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StreamEvent {
-    /// A membership change.
-    Member {
-        /// Which kind.
-        kind: MemberEventKind,
-        /// The members concerned.
-        members: Vec<MemberRow>,
-    },
-    /// A user event.
-    User {
-        /// Lamport time.
-        ltime: u64,
-        /// Name.
-        name: String,
-        /// Payload.
-        payload: Vec<u8>,
-        /// Coalescing allowed.
-        coalesce: bool,
-    },
-    /// A query to this agent; answer with [`Client::respond`] and `id`.
-    Query {
-        /// Per-connection ID for `respond`.
-        id: u64,
-        /// Lamport time.
-        ltime: u64,
-        /// Name.
-        name: String,
-        /// Payload.
-        payload: Vec<u8>,
-    },
-}
+/// One record of an event stream; answer its queries with [`Client::respond`] and the
+/// `responder` id.
+pub type StreamEvent = StreamRecord<u64>;
 
 enum Handler {
     Reply {
@@ -422,7 +393,7 @@ impl Client {
         name: &str,
         body: &B,
         query: bool,
-    ) -> Result<(u64, mpsc::Receiver<Vec<u8>>), Error> {
+    ) -> Result<Records, Error> {
         let seq = self.next_seq();
         let (init, init_rx) = oneshot::channel();
         let (records, records_rx) = mpsc::channel(STREAM_BUFFER);
@@ -445,7 +416,11 @@ impl Client {
             return Err(error);
         }
         match init_rx.await {
-            Ok(header) if header.error.is_empty() => Ok((seq, records_rx)),
+            Ok(header) if header.error.is_empty() => Ok(Records {
+                handle: StreamHandle(seq),
+                records: records_rx,
+                client: self.clone(),
+            }),
             Ok(header) => Err(self.agent_error(name, header.error)),
             Err(_) => {
                 let reason = self.dispatch().closed.clone();
@@ -542,12 +517,8 @@ impl Client {
         let request = StreamRequest {
             kind: filter.to_owned(),
         };
-        let (seq, records) = self.open_stream(command::STREAM, &request, false).await?;
-        Ok(EventStream {
-            handle: StreamHandle(seq),
-            records,
-            client: self.clone(),
-        })
+        let records = self.open_stream(command::STREAM, &request, false).await?;
+        Ok(EventStream { records })
     }
 
     /// Subscribes to the agent's log at `level` (`TRACE`, `DEBUG`, `INFO`, `WARN`, `ERR`).
@@ -555,12 +526,8 @@ impl Client {
         let request = MonitorRequest {
             log_level: level.to_owned(),
         };
-        let (seq, records) = self.open_stream(command::MONITOR, &request, false).await?;
-        Ok(LogStream {
-            handle: StreamHandle(seq),
-            records,
-            client: self.clone(),
-        })
+        let records = self.open_stream(command::MONITOR, &request, false).await?;
+        Ok(LogStream { records })
     }
 
     /// Stops a stream or monitor.
@@ -589,11 +556,9 @@ impl Client {
             name: query.name.clone(),
             payload: query.payload.clone(),
         };
-        let (seq, records) = self.open_stream(command::QUERY, &request, true).await?;
+        let records = self.open_stream(command::QUERY, &request, true).await?;
         Ok(QueryStream {
-            handle: StreamHandle(seq),
             records,
-            client: self.clone(),
             done: false,
         })
     }
@@ -712,46 +677,61 @@ fn lock(inner: &Inner) -> MutexGuard<'_, Dispatch> {
         .expect("client dispatch lock is never poisoned")
 }
 
-/// Stops a stream in the background when it is dropped without [`Client::stop`].
-fn stop_on_drop(client: &Client, handle: StreamHandle) {
-    let still_running = lock(&client.inner).handlers.contains_key(&handle.0);
-    if !still_running {
-        return;
+/// The records of one stream (events, log lines or query replies); stops the stream in the
+/// background when dropped without [`Client::stop`].
+#[derive(Debug)]
+struct Records {
+    handle: StreamHandle,
+    records: mpsc::Receiver<Vec<u8>>,
+    client: Client,
+}
+
+impl Records {
+    /// The next record, decoded as `what`; `None` once the stream is stopped or the
+    /// connection closes.
+    async fn next<T: DeserializeOwned>(&mut self, what: &'static str) -> Option<Result<T, Error>> {
+        let frame = self.records.recv().await?;
+        Some(decode(what, &frame).map_err(|error| Error::Protocol {
+            addr: self.client.inner.addr.clone(),
+            reason: error.to_string(),
+        }))
     }
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        let client = client.clone();
-        runtime.spawn(async move {
-            let _ = client.stop(handle).await;
-        });
+}
+
+impl Drop for Records {
+    fn drop(&mut self) {
+        let handle = self.handle;
+        let still_running = lock(&self.client.inner).handlers.contains_key(&handle.0);
+        if !still_running {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let client = self.client.clone();
+            runtime.spawn(async move {
+                let _ = client.stop(handle).await;
+            });
+        }
     }
 }
 
 /// Events from [`Client::stream`].
 #[derive(Debug)]
 pub struct EventStream {
-    handle: StreamHandle,
-    records: mpsc::Receiver<Vec<u8>>,
-    client: Client,
+    records: Records,
 }
 
 impl EventStream {
     /// The handle for [`Client::stop`].
     pub fn handle(&self) -> StreamHandle {
-        self.handle
+        self.records.handle
     }
 
     /// The next event; `None` once the stream is stopped or the connection closes.
     pub async fn recv(&mut self) -> Option<Result<StreamEvent, Error>> {
         loop {
-            let frame = self.records.recv().await?;
-            let record: AnyEventRecord = match decode("event record", &frame) {
+            let record: AnyEventRecord = match self.records.next("event record").await? {
                 Ok(record) => record,
-                Err(error) => {
-                    return Some(Err(Error::Protocol {
-                        addr: self.client.inner.addr.clone(),
-                        reason: error.to_string(),
-                    }))
-                }
+                Err(error) => return Some(Err(error)),
             };
             let event = match record.event.as_str() {
                 "user" => StreamEvent::User {
@@ -761,7 +741,7 @@ impl EventStream {
                     coalesce: record.coalesce,
                 },
                 "query" => StreamEvent::Query {
-                    id: record.id,
+                    responder: record.id,
                     ltime: record.ltime,
                     name: record.name,
                     payload: record.payload,
@@ -782,59 +762,36 @@ impl EventStream {
     }
 }
 
-impl Drop for EventStream {
-    fn drop(&mut self) {
-        stop_on_drop(&self.client, self.handle);
-    }
-}
-
 /// Log lines from [`Client::monitor`].
 #[derive(Debug)]
 pub struct LogStream {
-    handle: StreamHandle,
-    records: mpsc::Receiver<Vec<u8>>,
-    client: Client,
+    records: Records,
 }
 
 impl LogStream {
     /// The handle for [`Client::stop`].
     pub fn handle(&self) -> StreamHandle {
-        self.handle
+        self.records.handle
     }
 
     /// The next log line; `None` once stopped or closed.
     pub async fn recv(&mut self) -> Option<Result<String, Error>> {
-        let frame = self.records.recv().await?;
-        Some(
-            decode::<LogRecord>("log record", &frame)
-                .map(|record| record.log)
-                .map_err(|error| Error::Protocol {
-                    addr: self.client.inner.addr.clone(),
-                    reason: error.to_string(),
-                }),
-        )
-    }
-}
-
-impl Drop for LogStream {
-    fn drop(&mut self) {
-        stop_on_drop(&self.client, self.handle);
+        let record = self.records.next::<LogRecord>("log record").await?;
+        Some(record.map(|record| record.log))
     }
 }
 
 /// Acks and responses from [`Client::query`].
 #[derive(Debug)]
 pub struct QueryStream {
-    handle: StreamHandle,
-    records: mpsc::Receiver<Vec<u8>>,
-    client: Client,
+    records: Records,
     done: bool,
 }
 
 impl QueryStream {
     /// The handle (a query ends by itself at its deadline).
     pub fn handle(&self) -> StreamHandle {
-        self.handle
+        self.records.handle
     }
 
     /// The next ack or response; `None` when the query is done or the connection closed.
@@ -843,15 +800,9 @@ impl QueryStream {
             if self.done {
                 return None;
             }
-            let frame = self.records.recv().await?;
-            let record: QueryRecord = match decode("query record", &frame) {
+            let record: QueryRecord = match self.records.next("query record").await? {
                 Ok(record) => record,
-                Err(error) => {
-                    return Some(Err(Error::Protocol {
-                        addr: self.client.inner.addr.clone(),
-                        reason: error.to_string(),
-                    }))
-                }
+                Err(error) => return Some(Err(error)),
             };
             match record.kind.as_str() {
                 // A Go agent may send acks from "" once the query's ack channel closed (a
@@ -894,127 +845,149 @@ enum Next {
     Unknown,
 }
 
-async fn read_loop(inner: Arc<Inner>, mut read: OwnedReadHalf) {
-    let mut frames = FrameBuffer::new(MAX_FRAME);
-    let mut chunk = vec![0u8; 16 * 1024];
-    let mut pending: Option<Vec<u8>> = None;
-    let reason: String = 'outer: loop {
-        macro_rules! next_frame {
-            () => {
-                loop {
-                    match frames.next_frame() {
-                        Ok(Some(frame)) => break frame,
-                        Ok(None) => {}
-                        Err(error) => break 'outer error.to_string(),
-                    }
-                    match read.read(&mut chunk).await {
-                        Ok(0) => break 'outer "the agent closed the connection".to_owned(),
-                        Ok(n) => frames.extend(&chunk[..n]),
-                        Err(error) => break 'outer io_reason(&error),
-                    }
-                }
-            };
-        }
-        let frame = match pending.take() {
-            Some(frame) => frame,
-            None => next_frame!(),
-        };
-        let header: ResponseHeader = match decode("responseHeader", &frame) {
-            Ok(header) => header,
-            Err(error) => break error.to_string(),
-        };
-        let next = {
-            let mut dispatch = lock(&inner);
-            let seq = header.seq;
-            match dispatch.handlers.remove(&seq) {
-                Some(Handler::Reply { body, reply }) => {
-                    if body && !body_less(&header.error) {
-                        Next::Reply(reply, header)
-                    } else {
-                        let _ = reply.send((header, None));
-                        Next::Nothing
-                    }
-                }
-                Some(Handler::Stream {
-                    init: Some(init),
-                    records,
-                    query,
-                }) => {
-                    let failed = !header.error.is_empty();
-                    let _ = init.send(header);
-                    if !failed {
-                        dispatch.handlers.insert(
-                            seq,
-                            Handler::Stream {
-                                init: None,
-                                records,
-                                query,
-                            },
-                        );
-                    }
-                    Next::Nothing
-                }
-                Some(Handler::Stream {
-                    init: None,
-                    records,
-                    query,
-                }) => {
-                    let sender = records.clone();
-                    dispatch.handlers.insert(
-                        seq,
-                        Handler::Stream {
-                            init: None,
-                            records,
-                            query,
-                        },
-                    );
-                    Next::Record(sender, seq)
-                }
-                None if dispatch.stopped.contains(&seq) => Next::Discard,
-                None => Next::Unknown,
-            }
-        };
-        match next {
-            Next::Nothing => {}
-            Next::Reply(reply, header) => {
-                let body = next_frame!();
-                let _ = reply.send((header, Some(body)));
-            }
-            Next::Record(sender, seq) => {
-                let body = next_frame!();
-                let is_done = is_query_done(&inner, seq, &body);
-                match sender.try_send(body) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        warn!(seq, "dropping a stream record, the reader is too slow");
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
-                        let mut dispatch = lock(&inner);
-                        dispatch.handlers.remove(&seq);
-                        dispatch.stopped.insert(seq);
-                    }
-                }
-                if is_done {
-                    lock(&inner).handlers.remove(&seq);
-                }
-            }
-            Next::Discard => {
-                let _ = next_frame!();
-            }
-            Next::Unknown => {
-                // A header for a sequence we no longer track: its body, if any, is not a header.
-                let frame = next_frame!();
-                if looks_like_header(&frame) {
-                    pending = Some(frame);
-                }
-            }
-        }
+async fn read_loop(inner: Arc<Inner>, read: OwnedReadHalf) {
+    let mut frames = Frames {
+        buffer: FrameBuffer::new(MAX_FRAME),
+        chunk: vec![0u8; 16 * 1024],
+        read,
+    };
+    let reason = match read_responses(&inner, &mut frames).await {
+        Ok(never) => match never {},
+        Err(reason) => reason,
     };
     debug!(addr = %inner.addr, %reason, "rpc connection closed");
     let mut dispatch = lock(&inner);
     dispatch.closed = Some(reason);
     // Dropping the handlers fails pending replies and ends every stream.
     dispatch.handlers.clear();
+}
+
+/// The frames the agent sends.
+struct Frames {
+    buffer: FrameBuffer,
+    chunk: Vec<u8>,
+    read: OwnedReadHalf,
+}
+
+impl Frames {
+    /// The next whole frame, or why the connection is over.
+    async fn next(&mut self) -> Result<Vec<u8>, String> {
+        loop {
+            if let Some(frame) = self
+                .buffer
+                .next_frame()
+                .map_err(|error| error.to_string())?
+            {
+                return Ok(frame);
+            }
+            match self.read.read(&mut self.chunk).await {
+                Ok(0) => return Err("the agent closed the connection".to_owned()),
+                Ok(n) => self.buffer.extend(&self.chunk[..n]),
+                Err(error) => return Err(io_reason(&error)),
+            }
+        }
+    }
+}
+
+/// Reads headers and what follows them, handing each to its handler, until the connection
+/// fails; returns why.
+async fn read_responses(inner: &Inner, frames: &mut Frames) -> Result<Infallible, String> {
+    let mut pending: Option<Vec<u8>> = None;
+    loop {
+        let frame = match pending.take() {
+            Some(frame) => frame,
+            None => frames.next().await?,
+        };
+        let header: ResponseHeader =
+            decode("responseHeader", &frame).map_err(|error| error.to_string())?;
+        match route(inner, header) {
+            Next::Nothing => {}
+            Next::Reply(reply, header) => {
+                let body = frames.next().await?;
+                let _ = reply.send((header, Some(body)));
+            }
+            Next::Record(sender, seq) => {
+                let body = frames.next().await?;
+                pass_record(inner, &sender, seq, body);
+            }
+            Next::Discard => {
+                frames.next().await?;
+            }
+            Next::Unknown => {
+                // A header for a sequence we no longer track: its body, if any, is not a header.
+                let frame = frames.next().await?;
+                if looks_like_header(&frame) {
+                    pending = Some(frame);
+                }
+            }
+        }
+    }
+}
+
+/// What a response header means to its handler: a reply is answered here when no body
+/// follows, a stream's first header starts it (or ends it, with an error).
+fn route(inner: &Inner, header: ResponseHeader) -> Next {
+    let mut dispatch = lock(inner);
+    let seq = header.seq;
+    match dispatch.handlers.remove(&seq) {
+        Some(Handler::Reply { body, reply }) => {
+            if body && !body_less(&header.error) {
+                Next::Reply(reply, header)
+            } else {
+                let _ = reply.send((header, None));
+                Next::Nothing
+            }
+        }
+        Some(Handler::Stream {
+            init,
+            records,
+            query,
+        }) => {
+            let next = match init {
+                // The stream's first header: it started, or failed and is over.
+                Some(init) => {
+                    let failed = !header.error.is_empty();
+                    let _ = init.send(header);
+                    if failed {
+                        return Next::Nothing;
+                    }
+                    Next::Nothing
+                }
+                None => Next::Record(records.clone(), seq),
+            };
+            dispatch.handlers.insert(
+                seq,
+                Handler::Stream {
+                    init: None,
+                    records,
+                    query,
+                },
+            );
+            next
+        }
+        None if dispatch.stopped.contains(&seq) => Next::Discard,
+        None => Next::Unknown,
+    }
+}
+
+/// Hands a stream's record to its reader: dropped when the reader lags; a reader gone
+/// stops the stream, a query's last record ends it.
+fn pass_record(inner: &Inner, sender: &mpsc::Sender<Vec<u8>>, seq: u64, body: Vec<u8>) {
+    let is_done = is_query_done(inner, seq, &body);
+    match sender.try_send(body) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            warn!(seq, "dropping a stream record, the reader is too slow");
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            let mut dispatch = lock(inner);
+            dispatch.handlers.remove(&seq);
+            dispatch.stopped.insert(seq);
+        }
+    }
+    if is_done {
+        lock(inner).handlers.remove(&seq);
+    }
 }
 
 /// Errors after which the agent sends no body, whatever the command.

@@ -33,7 +33,9 @@ pub mod memory;
 pub mod messages;
 pub mod server;
 
-pub use backend::{Backend, BackendError, Event, LogLevel, LogLine, MemberEventKind, QueryReply};
+pub use backend::{
+    Backend, BackendError, Event, LogLevel, LogLine, MemberEventKind, QueryReply, StreamRecord,
+};
 pub use client::{
     Client, Error, EventStream, KeyCommand, LogStream, MembersFilter, Query, QueryStream,
     StreamEvent, StreamHandle,

@@ -31,7 +31,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use super::backend::{Backend, Event, KeyOp, LogLevel, QueryParams, QueryReply, QueryResponder};
+use super::backend::{
+    Backend, BackendError, Event, KeyOp, LogLevel, QueryParams, QueryReply, QueryResponder,
+};
 use super::codec::{decode, encode_into, DecodeError, FrameBuffer, FrameError};
 use super::filter::{event_matches, parse_event_filter, MemberFilter};
 use super::messages::{
@@ -288,6 +290,11 @@ impl From<Vec<u8>> for Outgoing {
     }
 }
 
+/// The `Error` field of a reply: empty on success, else the backend's message.
+fn error_text<T>(result: Result<T, BackendError>) -> String {
+    result.err().map(|error| error.0).unwrap_or_default()
+}
+
 fn reply_bytes<T: Serialize>(seq: u64, error: &str, body: Option<&T>) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(64);
     encode_into(
@@ -350,12 +357,8 @@ impl<B: Backend> Connection<B> {
             .map_err(|_| ConnectionError::WriterClosed)
     }
 
-    async fn ok(
-        &self,
-        seq: u64,
-        result: Result<(), super::backend::BackendError>,
-    ) -> Result<(), ConnectionError> {
-        let error = result.err().map(|error| error.0).unwrap_or_default();
+    async fn ok(&self, seq: u64, result: Result<(), BackendError>) -> Result<(), ConnectionError> {
+        let error = error_text(result);
         self.send::<()>(seq, &error, None).await
     }
 
@@ -370,6 +373,47 @@ impl<B: Backend> Connection<B> {
     async fn dispatch(&mut self, header: RequestHeader) -> Result<(), ConnectionError> {
         let RequestHeader { command: name, seq } = header;
         debug!(command = %name, seq, "rpc request");
+        if !self.admit(&name, seq).await? {
+            return Ok(());
+        }
+        match name.as_str() {
+            // The session: version, key, streams and their end.
+            command::HANDSHAKE => self.handshake(seq).await,
+            command::AUTH => self.auth(seq).await,
+            command::STREAM => self.start_stream(seq).await,
+            command::MONITOR => self.start_monitor(seq).await,
+            command::STOP => self.stop(seq).await,
+            // Membership.
+            command::MEMBERS => self.members(seq).await,
+            command::MEMBERS_FILTERED => self.members_filtered(seq).await,
+            command::JOIN => self.join(seq).await,
+            command::LEAVE => self.leave(seq).await,
+            command::FORCE_LEAVE => self.force_leave(seq).await,
+            command::TAGS => self.tags(seq).await,
+            command::STATS => self.stats(seq).await,
+            command::GET_COORDINATE => self.coordinate(seq).await,
+            // Events and queries.
+            command::EVENT => self.user_event(seq).await,
+            command::QUERY => self.start_query(seq).await,
+            command::RESPOND => self.respond(seq).await,
+            // Keys.
+            command::INSTALL_KEY => self.change_key(seq, KeyOp::Install).await,
+            command::USE_KEY => self.change_key(seq, KeyOp::Use).await,
+            command::REMOVE_KEY => self.change_key(seq, KeyOp::Remove).await,
+            command::LIST_KEYS => self.list_keys(seq).await,
+            _ => {
+                self.send::<()>(seq, errors::UNSUPPORTED_COMMAND, None)
+                    .await?;
+                Err(ConnectionError::Protocol(format!(
+                    "command {name:?} not recognized"
+                )))
+            }
+        }
+    }
+
+    /// The handshake first, then the key (when one is set): false when `name` was answered
+    /// with an error instead (an error ends the connection only before the handshake).
+    async fn admit(&mut self, name: &str, seq: u64) -> Result<bool, ConnectionError> {
         if name != command::HANDSHAKE && self.version == 0 {
             self.send::<()>(seq, errors::HANDSHAKE_REQUIRED, None)
                 .await?;
@@ -381,175 +425,171 @@ impl<B: Backend> Connection<B> {
             if let Some(suppressed) = self.auth_log.allow() {
                 warn!(peer = %self.peer, command = %name, suppressed, "rpc client sending commands before auth");
             }
-            if is_known(&name) && has_body(&name) {
+            if is_known(name) && has_body(name) {
                 let _: serde::de::IgnoredAny = self.body("request body").await?;
             }
-            return self.send::<()>(seq, errors::AUTH_REQUIRED, None).await;
+            self.send::<()>(seq, errors::AUTH_REQUIRED, None).await?;
+            return Ok(false);
         }
-        match name.as_str() {
-            command::HANDSHAKE => {
-                let request: HandshakeRequest = self.body("handshakeRequest").await?;
-                let error = if request.version != 1 {
-                    errors::UNSUPPORTED_IPC_VERSION
-                } else if self.version != 0 {
-                    errors::DUPLICATE_HANDSHAKE
-                } else {
-                    self.version = request.version;
-                    ""
-                };
-                self.send::<()>(seq, error, None).await
+        Ok(true)
+    }
+
+    async fn handshake(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let request: HandshakeRequest = self.body("handshakeRequest").await?;
+        let error = if request.version != 1 {
+            errors::UNSUPPORTED_IPC_VERSION
+        } else if self.version != 0 {
+            errors::DUPLICATE_HANDSHAKE
+        } else {
+            self.version = request.version;
+            ""
+        };
+        self.send::<()>(seq, error, None).await
+    }
+
+    /// Ends the monitor or the stream started by request `stop`.
+    async fn stop(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let request: StopRequest = self.body("stopRequest").await?;
+        if let Some((monitor_seq, token)) = self.monitor.take() {
+            if monitor_seq == request.stop {
+                token.cancel();
+            } else {
+                self.monitor = Some((monitor_seq, token));
             }
-            command::AUTH => {
-                let request: AuthRequest = self.body("authRequest").await?;
-                self.auth(seq, &request.auth_key).await
-            }
-            command::EVENT => {
-                let request: EventRequest = self.body("eventRequest").await?;
-                let result = self
+        }
+        if let Some(token) = self.streams.remove(&request.stop) {
+            token.cancel();
+        }
+        self.send::<()>(seq, "", None).await
+    }
+
+    async fn members(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let members = self.backend.members().await;
+        self.send(seq, "", Some(&MembersResponse { members })).await
+    }
+
+    async fn members_filtered(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let request: MembersFilteredRequest = self.body("membersFilteredRequest").await?;
+        match MemberFilter::new(&request.tags, &request.status, &request.name) {
+            Ok(filter) => {
+                let members = self
                     .backend
-                    .user_event(request.name, request.payload, request.coalesce)
-                    .await;
-                self.ok(seq, result).await
-            }
-            command::MEMBERS => {
-                let members = self.backend.members().await;
+                    .members()
+                    .await
+                    .into_iter()
+                    .filter(|member| filter.matches(member))
+                    .collect();
                 self.send(seq, "", Some(&MembersResponse { members })).await
             }
-            command::MEMBERS_FILTERED => {
-                let request: MembersFilteredRequest = self.body("membersFilteredRequest").await?;
-                match MemberFilter::new(&request.tags, &request.status, &request.name) {
-                    Ok(filter) => {
-                        let members = self
-                            .backend
-                            .members()
-                            .await
-                            .into_iter()
-                            .filter(|member| filter.matches(member))
-                            .collect();
-                        self.send(seq, "", Some(&MembersResponse { members })).await
-                    }
-                    Err(error) => {
-                        self.send(seq, &error.to_string(), Some(&MembersResponse::default()))
-                            .await
-                    }
-                }
-            }
-            command::STREAM => {
-                let request: StreamRequest = self.body("streamRequest").await?;
-                self.start_stream(seq, &request.kind).await
-            }
-            command::MONITOR => {
-                let request: MonitorRequest = self.body("monitorRequest").await?;
-                self.start_monitor(seq, &request.log_level).await
-            }
-            command::STOP => {
-                let request: StopRequest = self.body("stopRequest").await?;
-                if let Some((monitor_seq, token)) = self.monitor.take() {
-                    if monitor_seq == request.stop {
-                        token.cancel();
-                    } else {
-                        self.monitor = Some((monitor_seq, token));
-                    }
-                }
-                if let Some(token) = self.streams.remove(&request.stop) {
-                    token.cancel();
-                }
-                self.send::<()>(seq, "", None).await
-            }
-            command::FORCE_LEAVE => {
-                let request: ForceLeaveRequest = self.body("forceLeaveRequest").await?;
-                let result = self.backend.force_leave(request.node, request.prune).await;
-                self.ok(seq, result).await
-            }
-            command::JOIN => {
-                let request: JoinRequest = self.body("joinRequest").await?;
-                let (num, result) = self.backend.join(request.existing, request.replay).await;
-                let error = result.err().map(|error| error.0).unwrap_or_default();
-                let response = JoinResponse {
-                    num: i32::try_from(num).unwrap_or(i32::MAX),
-                };
-                self.send(seq, &error, Some(&response)).await
-            }
-            command::LEAVE => {
-                info!("graceful leave triggered over rpc");
-                let result = self.backend.leave().await;
-                let error = result.err().map(|error| error.0).unwrap_or_default();
-                // Let the reply reach the client before the member goes away.
-                let (written, written_rx) = tokio::sync::oneshot::channel();
-                self.out
-                    .send(Outgoing {
-                        bytes: reply_bytes::<()>(seq, &error, None),
-                        written: Some(written),
-                    })
+            Err(error) => {
+                self.send(seq, &error.to_string(), Some(&MembersResponse::default()))
                     .await
-                    .map_err(|_| ConnectionError::WriterClosed)?;
-                let _ = tokio::time::timeout(self.config.write_timeout, written_rx).await;
-                self.backend.shutdown().await;
-                Ok(())
-            }
-            command::INSTALL_KEY | command::USE_KEY | command::REMOVE_KEY => {
-                let request: KeyRequest = self.body("keyRequest").await?;
-                let op = match name.as_str() {
-                    command::INSTALL_KEY => KeyOp::Install(request.key),
-                    command::USE_KEY => KeyOp::Use(request.key),
-                    _ => KeyOp::Remove(request.key),
-                };
-                let (mut response, result) = self.backend.keys(op).await;
-                response.keys = BTreeMap::new();
-                let error = result.err().map(|error| error.0).unwrap_or_default();
-                self.send(seq, &error, Some(&response)).await
-            }
-            command::LIST_KEYS => {
-                let (response, result) = self.backend.keys(KeyOp::List).await;
-                let error = result.err().map(|error| error.0).unwrap_or_default();
-                self.send(seq, &error, Some(&response)).await
-            }
-            command::TAGS => {
-                let request: TagsRequest = self.body("tagsRequest").await?;
-                let mut tags = self.backend.tags().await;
-                tags.retain(|key, _| !request.delete_tags.contains(key));
-                tags.extend(request.tags);
-                let result = self.backend.set_tags(tags).await;
-                self.ok(seq, result).await
-            }
-            command::QUERY => {
-                let request: QueryRequest = self.body("queryRequest").await?;
-                self.start_query(seq, request).await
-            }
-            command::RESPOND => {
-                let request: RespondRequest = self.body("respondRequest").await?;
-                let result = match self.queries.get(request.id) {
-                    Some(query) => query.respond(request.payload),
-                    None => Err(super::backend::BackendError::new(errors::INVALID_QUERY_ID)),
-                };
-                self.ok(seq, result).await
-            }
-            command::STATS => {
-                let stats = self.backend.stats().await;
-                self.send(seq, "", Some(&stats)).await
-            }
-            command::GET_COORDINATE => {
-                let request: CoordinateRequest = self.body("coordinateRequest").await?;
-                let coordinate = self.backend.coordinate(request.node).await;
-                let response = CoordinateResponse {
-                    ok: coordinate.is_some(),
-                    coord: coordinate.unwrap_or_default(),
-                };
-                self.send(seq, "", Some(&response)).await
-            }
-            _ => {
-                self.send::<()>(seq, errors::UNSUPPORTED_COMMAND, None)
-                    .await?;
-                Err(ConnectionError::Protocol(format!(
-                    "command {name:?} not recognized"
-                )))
             }
         }
     }
 
+    async fn force_leave(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let request: ForceLeaveRequest = self.body("forceLeaveRequest").await?;
+        let result = self.backend.force_leave(request.node, request.prune).await;
+        self.ok(seq, result).await
+    }
+
+    async fn stats(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let stats = self.backend.stats().await;
+        self.send(seq, "", Some(&stats)).await
+    }
+
+    async fn user_event(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let request: EventRequest = self.body("eventRequest").await?;
+        let result = self
+            .backend
+            .user_event(request.name, request.payload, request.coalesce)
+            .await;
+        self.ok(seq, result).await
+    }
+
+    async fn list_keys(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let (response, result) = self.backend.keys(KeyOp::List).await;
+        let error = error_text(result);
+        self.send(seq, &error, Some(&response)).await
+    }
+
+    async fn join(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let request: JoinRequest = self.body("joinRequest").await?;
+        let (num, result) = self.backend.join(request.existing, request.replay).await;
+        let error = error_text(result);
+        let response = JoinResponse {
+            num: i32::try_from(num).unwrap_or(i32::MAX),
+        };
+        self.send(seq, &error, Some(&response)).await
+    }
+
+    async fn leave(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        info!("graceful leave triggered over rpc");
+        let result = self.backend.leave().await;
+        let error = error_text(result);
+        // Let the reply reach the client before the member goes away.
+        let (written, written_rx) = tokio::sync::oneshot::channel();
+        self.out
+            .send(Outgoing {
+                bytes: reply_bytes::<()>(seq, &error, None),
+                written: Some(written),
+            })
+            .await
+            .map_err(|_| ConnectionError::WriterClosed)?;
+        let _ = tokio::time::timeout(self.config.write_timeout, written_rx).await;
+        self.backend.shutdown().await;
+        Ok(())
+    }
+
+    /// Sets and deletes tags, keeping the others.
+    async fn tags(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let request: TagsRequest = self.body("tagsRequest").await?;
+        let mut tags = self.backend.tags().await;
+        tags.retain(|key, _| !request.delete_tags.contains(key));
+        tags.extend(request.tags);
+        let result = self.backend.set_tags(tags).await;
+        self.ok(seq, result).await
+    }
+
+    async fn coordinate(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let request: CoordinateRequest = self.body("coordinateRequest").await?;
+        let coordinate = self.backend.coordinate(request.node).await;
+        let response = CoordinateResponse {
+            ok: coordinate.is_some(),
+            coord: coordinate.unwrap_or_default(),
+        };
+        self.send(seq, "", Some(&response)).await
+    }
+
+    async fn respond(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let request: RespondRequest = self.body("respondRequest").await?;
+        let result = match self.queries.get(request.id) {
+            Some(query) => query.respond(request.payload),
+            None => Err(BackendError::new(errors::INVALID_QUERY_ID)),
+        };
+        self.ok(seq, result).await
+    }
+
+    /// `install-key`, `use-key` or `remove-key` (`operation` of the request's key): the
+    /// answer carries no key list.
+    async fn change_key(
+        &mut self,
+        seq: u64,
+        operation: fn(String) -> KeyOp,
+    ) -> Result<(), ConnectionError> {
+        let request: KeyRequest = self.body("keyRequest").await?;
+        let (mut response, result) = self.backend.keys(operation(request.key)).await;
+        response.keys = BTreeMap::new();
+        let error = error_text(result);
+        self.send(seq, &error, Some(&response)).await
+    }
+
     /// Checks a key; a wrong one is answered as Go answers it, and the last allowed closes
     /// the connection once the answer is written.
-    async fn auth(&mut self, seq: u64, given: &str) -> Result<(), ConnectionError> {
+    async fn auth(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let request: AuthRequest = self.body("authRequest").await?;
+        let given = request.auth_key.as_str();
         let expected = self.config.auth_key.as_deref().unwrap_or_default();
         if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
             self.authed = true;
@@ -570,8 +610,9 @@ impl<B: Backend> Connection<B> {
         Ok(())
     }
 
-    async fn start_stream(&mut self, seq: u64, spec: &str) -> Result<(), ConnectionError> {
-        let Some(filters) = parse_event_filter(spec) else {
+    async fn start_stream(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let request: StreamRequest = self.body("streamRequest").await?;
+        let Some(filters) = parse_event_filter(&request.kind) else {
             return self.send::<()>(seq, errors::INVALID_FILTER, None).await;
         };
         if self.streams.contains_key(&seq) {
@@ -663,7 +704,9 @@ impl<B: Backend> Connection<B> {
         Ok(())
     }
 
-    async fn start_monitor(&mut self, seq: u64, level: &str) -> Result<(), ConnectionError> {
+    async fn start_monitor(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let request: MonitorRequest = self.body("monitorRequest").await?;
+        let level = request.log_level.as_str();
         let Some(min_level) = LogLevel::parse(level) else {
             let error = format!("Unknown log level: {}", level.to_uppercase());
             return self.send::<()>(seq, &error, None).await;
@@ -710,11 +753,8 @@ impl<B: Backend> Connection<B> {
         Ok(())
     }
 
-    async fn start_query(
-        &mut self,
-        seq: u64,
-        request: QueryRequest,
-    ) -> Result<(), ConnectionError> {
+    async fn start_query(&mut self, seq: u64) -> Result<(), ConnectionError> {
+        let request: QueryRequest = self.body("queryRequest").await?;
         // The agent reserves the internal prefix, except for the plain `_serf_ping`.
         if request.name.starts_with(INTERNAL_QUERY_PREFIX)
             && (request.name != "_serf_ping" || !request.payload.is_empty())

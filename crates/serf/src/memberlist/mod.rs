@@ -43,10 +43,9 @@
 //! - [`Delegate::ack_payload`] / [`Delegate::notify_ping_complete`]: Serf's coordinates on
 //!   ping acks; `notify_ping_complete` gets the RTT of a direct probe and the ack's payload.
 //! - [`Delegate::notify_merge`]: may veto a push-pull merge (Serf's merge delegate).
-//! - Driver hooks, never called by the core: [`Delegate::on_event`] (each event, with the core
-//!   at hand), [`Delegate::poll_timeout`] / [`Delegate::handle_timeout`] (the layer's own
-//!   timers: reap, reconnect, query deadlines). The tokio driver calls them; a layer with its
-//!   own driver may ignore them.
+//!
+//! A layer with timers of its own (Serf's reap, reconnect, query deadlines) composes them with
+//! the core's in one [`crate::core::Core`], as [`crate::serf::Serf`] does; drivers run that.
 //!
 //! Node meta lives in the core: set it in [`LocalNode::meta`] and change it with
 //! [`Memberlist::update_meta`] (≤ [`META_MAX_SIZE`] bytes; a larger one is an

@@ -21,6 +21,17 @@ fn core_with(config: Config, now: Instant) -> Memberlist {
     Memberlist::new(config, local, StdRng::seed_from_u64(1), now).expect("valid local node")
 }
 
+/// A core that sends packets uncompressed, so tests can read them.
+fn uncompressed(now: Instant) -> Memberlist {
+    core_with(
+        Config {
+            enable_compression: false,
+            ..Config::lan()
+        },
+        now,
+    )
+}
+
 fn core(now: Instant) -> Memberlist {
     core_with(Config::lan(), now)
 }
@@ -40,6 +51,34 @@ fn feed(memberlist: &mut Memberlist, now: Instant, from: SocketAddr, message: Me
     memberlist
         .handle_packet(now, from, &message.to_bytes(), &mut NoDelegate)
         .expect("a well-formed message");
+}
+
+/// Member `name` at `addr(last)` tells us it is alive (incarnation 1, protocol 5).
+fn meet(memberlist: &mut Memberlist, now: Instant, name: &str, last: u8) {
+    feed(
+        memberlist,
+        now,
+        addr(last),
+        Message::Alive(alive(name, last, 1, 5)),
+    );
+}
+
+/// What the core thinks of member `name`, which it knows.
+fn state_of(memberlist: &Memberlist, name: &str) -> NodeState {
+    memberlist.member(name).expect("known").state
+}
+
+/// Member `b` at `addr(2)`, alive, as a push-pull lists it.
+fn push_state_of_b(incarnation: u32, vsn: Vec<u8>) -> PushNodeState {
+    PushNodeState {
+        name: "b".into(),
+        addr: vec![10, 0, 0, 2],
+        port: 7946,
+        meta: Vec::new(),
+        incarnation,
+        state: NodeStateKind::Alive.to_wire(),
+        vsn,
+    }
 }
 
 /// Every UDP packet sent, decoded, and the stream transmits, in order.
@@ -108,15 +147,7 @@ fn new_member_announces_itself_with_six_version_bytes() {
     // The seed answers with its own state: B is merged and the join reports one contact.
     let reply = PushPull {
         join: true,
-        nodes: vec![PushNodeState {
-            name: "b".into(),
-            addr: vec![10, 0, 0, 2],
-            port: 7946,
-            meta: Vec::new(),
-            incarnation: 3,
-            state: NodeStateKind::Alive.to_wire(),
-            vsn: vec![1, 5, 2, 2, 5, 5],
-        }],
+        nodes: vec![push_state_of_b(3, vec![1, 5, 2, 2, 5, 5])],
         user_state: Vec::new(),
     };
     let bytes = encode_stream(&StreamMessage::PushPull(reply), true);
@@ -222,17 +253,8 @@ fn user_broadcasts_ride_after_memberlist_broadcasts() {
         }
     }
     let now = Instant::now();
-    let config = Config {
-        enable_compression: false,
-        ..Config::lan()
-    };
-    let mut memberlist = core_with(config, now);
-    feed(
-        &mut memberlist,
-        now,
-        addr(2),
-        Message::Alive(alive("b", 2, 1, 5)),
-    );
+    let mut memberlist = uncompressed(now);
+    meet(&mut memberlist, now, "b", 2);
     drain(&mut memberlist);
     let mut delegate = Events { asked: Vec::new() };
     let ping = Message::Ping(Ping {
@@ -287,12 +309,7 @@ fn encryption_overhead_comes_off_the_piggyback_budget() {
             ..Config::lan()
         };
         let mut memberlist = core_with(config, now);
-        feed(
-            &mut memberlist,
-            now,
-            addr(2),
-            Message::Alive(alive("b", 2, 1, 5)),
-        );
+        meet(&mut memberlist, now, "b", 2);
         drain(&mut memberlist);
         let mut delegate = Budget(Vec::new());
         let ping = Message::Ping(Ping {
@@ -317,12 +334,7 @@ fn encryption_overhead_comes_off_the_piggyback_budget() {
 fn probe_cycle_direct_then_tcp_then_suspect_then_dead() {
     let start = Instant::now();
     let mut memberlist = core(start);
-    feed(
-        &mut memberlist,
-        start,
-        addr(2),
-        Message::Alive(alive("b", 2, 1, 5)),
-    );
+    meet(&mut memberlist, start, "b", 2);
     events(&mut memberlist);
     drain(&mut memberlist);
 
@@ -383,10 +395,7 @@ fn probe_cycle_direct_then_tcp_then_suspect_then_dead() {
         sent + Duration::from_secs(1),
         &mut NoDelegate,
     );
-    assert_eq!(
-        memberlist.member("b").expect("known").state,
-        NodeState::Suspect
-    );
+    assert_eq!(state_of(&memberlist, "b"), NodeState::Suspect);
     assert_eq!(
         memberlist.health_score(),
         1,
@@ -400,10 +409,7 @@ fn probe_cycle_direct_then_tcp_then_suspect_then_dead() {
         suspected + Duration::from_millis(3999),
         &mut NoDelegate,
     );
-    assert_eq!(
-        memberlist.member("b").expect("known").state,
-        NodeState::Suspect
-    );
+    assert_eq!(state_of(&memberlist, "b"), NodeState::Suspect);
     events(&mut memberlist);
     advance(
         &mut memberlist,
@@ -428,12 +434,7 @@ fn direct_ack_completes_the_probe_and_reports_rtt_and_payload() {
     }
     let start = Instant::now();
     let mut memberlist = core(start);
-    feed(
-        &mut memberlist,
-        start,
-        addr(2),
-        Message::Alive(alive("b", 2, 1, 5)),
-    );
+    meet(&mut memberlist, start, "b", 2);
     let mut delegate = Pings::default();
     let (seq_no, sent) = loop {
         let at = memberlist.poll_timeout().expect("timers are always set");
@@ -470,10 +471,7 @@ fn direct_ack_completes_the_probe_and_reports_rtt_and_payload() {
     );
     let (_, streams) = drain(&mut memberlist);
     assert!(streams.is_empty(), "no TCP ping after an ack: {streams:?}");
-    assert_eq!(
-        memberlist.member("b").expect("known").state,
-        NodeState::Alive
-    );
+    assert_eq!(state_of(&memberlist, "b"), NodeState::Alive);
     assert_eq!(memberlist.health_score(), 0);
 }
 
@@ -575,10 +573,7 @@ fn failed_direct_probe_goes_indirect_with_nacks_for_protocol_4_and_up() {
         sent + Duration::from_secs(1),
         &mut NoDelegate,
     );
-    assert_eq!(
-        memberlist.member("b").expect("known").state,
-        NodeState::Suspect
-    );
+    assert_eq!(state_of(&memberlist, "b"), NodeState::Suspect);
     assert_eq!(
         memberlist.health_score(),
         score,
@@ -651,12 +646,7 @@ fn indirect_ping_requests_are_relayed_with_ack_or_nack() {
 fn suspicion_about_us_is_refuted_with_a_higher_incarnation() {
     let now = Instant::now();
     let mut memberlist = core(now);
-    feed(
-        &mut memberlist,
-        now,
-        addr(2),
-        Message::Alive(alive("b", 2, 1, 5)),
-    );
+    meet(&mut memberlist, now, "b", 2);
     drain(&mut memberlist);
     for (message, expected_incarnation) in [
         (
@@ -757,12 +747,7 @@ fn address_conflicts_and_reclaiming_left_or_dead_members() {
             ..Config::lan()
         };
         let mut memberlist = core_with(config, now);
-        feed(
-            &mut memberlist,
-            now,
-            addr(2),
-            Message::Alive(alive("b", 2, 1, 5)),
-        );
+        meet(&mut memberlist, now, "b", 2);
         if let Some(gone) = gone {
             let from = if gone == "left" { "b" } else { "a" };
             let dead = Dead {
@@ -774,12 +759,7 @@ fn address_conflicts_and_reclaiming_left_or_dead_members() {
         }
         events(&mut memberlist);
         // B comes back from another address with the same incarnation.
-        feed(
-            &mut memberlist,
-            later,
-            addr(7),
-            Message::Alive(alive("b", 7, 1, 5)),
-        );
+        meet(&mut memberlist, later, "b", 7);
         let got = events(&mut memberlist);
         let member = memberlist.member("b").expect("known");
         let case = format!("reclaim {reclaim:?}, gone {gone:?}: {got:?}");
@@ -803,23 +783,9 @@ fn address_conflicts_and_reclaiming_left_or_dead_members() {
 #[test]
 fn gossip_reaches_the_recently_dead_but_never_the_left() {
     let now = Instant::now();
-    let config = Config {
-        enable_compression: false,
-        ..Config::lan()
-    };
-    let mut memberlist = core_with(config, now);
-    feed(
-        &mut memberlist,
-        now,
-        addr(2),
-        Message::Alive(alive("b", 2, 1, 5)),
-    );
-    feed(
-        &mut memberlist,
-        now,
-        addr(3),
-        Message::Alive(alive("c", 3, 1, 5)),
-    );
+    let mut memberlist = uncompressed(now);
+    meet(&mut memberlist, now, "b", 2);
+    meet(&mut memberlist, now, "c", 3);
     let dead = |node: &str, from: &str| Dead {
         incarnation: 1,
         node: node.into(),
@@ -875,11 +841,7 @@ fn meta_update_bumps_the_incarnation_and_meta_is_limited() {
 fn gossip_adds_crc_only_for_protocol_5_peers() {
     for (pmax, crc) in [(5, true), (4, false)] {
         let now = Instant::now();
-        let config = Config {
-            enable_compression: false,
-            ..Config::lan()
-        };
-        let mut memberlist = core_with(config, now);
+        let mut memberlist = uncompressed(now);
         feed(
             &mut memberlist,
             now,
@@ -924,12 +886,7 @@ fn leave_waits_for_the_dead_broadcast() {
 
     // With a peer: after the dead message went out its 4 transmits.
     let mut memberlist = core(now);
-    feed(
-        &mut memberlist,
-        now,
-        addr(2),
-        Message::Alive(alive("b", 2, 1, 5)),
-    );
+    meet(&mut memberlist, now, "b", 2);
     events(&mut memberlist);
     memberlist.leave(now, Duration::from_secs(5));
     assert!(memberlist.has_left());
@@ -975,15 +932,7 @@ fn inbound_push_pull_is_answered_then_merged() {
     let stream = memberlist.handle_accept(now, addr(2));
     let remote = PushPull {
         join: true,
-        nodes: vec![PushNodeState {
-            name: "b".into(),
-            addr: vec![10, 0, 0, 2],
-            port: 7946,
-            meta: Vec::new(),
-            incarnation: 1,
-            state: 0,
-            vsn: vec![1, 5, 2, 2, 5, 5],
-        }],
+        nodes: vec![push_state_of_b(1, vec![1, 5, 2, 2, 5, 5])],
         user_state: b"remote".to_vec(),
     };
     let bytes = encode_stream(&StreamMessage::PushPull(remote), false);
@@ -1061,16 +1010,8 @@ fn incompatible_protocol_versions_refuse_the_merge() {
     let stream = memberlist.handle_accept(now, addr(2));
     let remote = PushPull {
         join: false,
-        nodes: vec![PushNodeState {
-            name: "b".into(),
-            addr: vec![10, 0, 0, 2],
-            port: 7946,
-            meta: Vec::new(),
-            incarnation: 1,
-            state: 0,
-            // Speaks delegate protocol 1, below our minimum of 2.
-            vsn: vec![1, 5, 2, 1, 1, 1],
-        }],
+        // Speaks delegate protocol 1, below our minimum of 2.
+        nodes: vec![push_state_of_b(1, vec![1, 5, 2, 1, 1, 1])],
         user_state: Vec::new(),
     };
     let bytes = encode_stream(&StreamMessage::PushPull(remote), true);
@@ -1195,12 +1136,7 @@ fn the_first_periodic_push_pull_waits_the_stagger_and_a_whole_period_as_go() {
         ..Config::lan()
     };
     let mut memberlist = core_with(config, start);
-    feed(
-        &mut memberlist,
-        start,
-        addr(2),
-        Message::Alive(alive("b", 2, 1, 5)),
-    );
+    meet(&mut memberlist, start, "b", 2);
     let push_pulls = |memberlist: &mut Memberlist| {
         let (_, streams) = drain(memberlist);
         streams

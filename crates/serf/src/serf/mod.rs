@@ -278,74 +278,6 @@ impl Serf {
         Ok(serf)
     }
 
-    /// Handles one UDP datagram (already decrypted).
-    pub fn handle_packet(
-        &mut self,
-        now: Instant,
-        from: SocketAddr,
-        packet: &[u8],
-    ) -> Result<(), DecodeError> {
-        if self.state.lifecycle == Lifecycle::Shutdown {
-            return Ok(());
-        }
-        self.state.enter(now, &self.memberlist);
-        let result = self
-            .memberlist
-            .handle_packet(now, from, packet, &mut self.state);
-        self.pump(now);
-        result
-    }
-
-    /// The driver accepted a TCP connection from `from`.
-    pub fn handle_accept(&mut self, now: Instant, from: SocketAddr) -> StreamId {
-        self.state.enter(now, &self.memberlist);
-        let stream = self.memberlist.handle_accept(now, from);
-        self.pump(now);
-        stream
-    }
-
-    /// Bytes, EOF or failure on a stream.
-    pub fn handle_stream(&mut self, now: Instant, stream: StreamId, input: StreamInput<'_>) {
-        self.state.enter(now, &self.memberlist);
-        self.memberlist
-            .handle_stream(now, stream, input, &mut self.state);
-        self.pump(now);
-    }
-
-    /// Runs everything due at `now` (memberlist timers, reaping, reconnects, query
-    /// deadlines, leave phases).
-    pub fn handle_timeout(&mut self, now: Instant) {
-        if self.state.lifecycle == Lifecycle::Shutdown {
-            return;
-        }
-        self.state.enter(now, &self.memberlist);
-        self.memberlist.handle_timeout(now, &mut self.state);
-        self.pump(now);
-        self.state.handle_own_timeout(now, &mut self.memberlist);
-        self.pump(now);
-    }
-
-    /// The next transmit for the driver.
-    pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.memberlist.poll_transmit()
-    }
-
-    /// The next event for the application.
-    pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
-    }
-
-    /// When [`handle_timeout`](Self::handle_timeout) is due next.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.state.lifecycle == Lifecycle::Shutdown {
-            return None;
-        }
-        [self.memberlist.poll_timeout(), self.state.own_timeout()]
-            .into_iter()
-            .flatten()
-            .min()
-    }
-
     /// Joins the cluster through `seeds` (a push-pull with each). With `ignore_old`, user
     /// events older than what the seeds report are not delivered (the agent's default,
     /// i.e. without `-replay`). Completion comes as [`Event::JoinCompleted`].
@@ -579,6 +511,79 @@ impl Serf {
             }
             _ => None,
         }
+    }
+}
+
+/// The member as drivers and the simulator run it.
+impl crate::core::Core for Serf {
+    type Event = Event;
+
+    /// Handles one UDP datagram (already decrypted).
+    fn handle_packet(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        packet: &[u8],
+    ) -> Result<(), DecodeError> {
+        if self.state.lifecycle == Lifecycle::Shutdown {
+            return Ok(());
+        }
+        self.state.enter(now, &self.memberlist);
+        let result = self
+            .memberlist
+            .handle_packet(now, from, packet, &mut self.state);
+        self.pump(now);
+        result
+    }
+
+    /// The driver accepted a TCP connection from `from`.
+    fn handle_accept(&mut self, now: Instant, from: SocketAddr) -> StreamId {
+        self.state.enter(now, &self.memberlist);
+        let stream = self.memberlist.handle_accept(now, from);
+        self.pump(now);
+        stream
+    }
+
+    /// Bytes, EOF or failure on a stream.
+    fn handle_stream(&mut self, now: Instant, stream: StreamId, input: StreamInput<'_>) {
+        self.state.enter(now, &self.memberlist);
+        self.memberlist
+            .handle_stream(now, stream, input, &mut self.state);
+        self.pump(now);
+    }
+
+    /// Runs everything due at `now` (memberlist timers, reaping, reconnects, query
+    /// deadlines, leave phases).
+    fn handle_timeout(&mut self, now: Instant) {
+        if self.state.lifecycle == Lifecycle::Shutdown {
+            return;
+        }
+        self.state.enter(now, &self.memberlist);
+        self.memberlist.handle_timeout(now, &mut self.state);
+        self.pump(now);
+        self.state.handle_own_timeout(now, &mut self.memberlist);
+        self.pump(now);
+    }
+
+    /// The next transmit for the driver.
+    fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.memberlist.poll_transmit()
+    }
+
+    /// The next event for the application.
+    fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`handle_timeout`](crate::core::Core::handle_timeout) is due next.
+    fn poll_timeout(&self) -> Option<Instant> {
+        if self.state.lifecycle == Lifecycle::Shutdown {
+            return None;
+        }
+        [self.memberlist.poll_timeout(), self.state.own_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 }
 

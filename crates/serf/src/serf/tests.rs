@@ -11,6 +11,7 @@ use super::event::UserEvents;
 use super::member::{IntentOutcome, Members};
 use super::query::Queries;
 use super::*;
+use crate::core::Core;
 
 const MINUTE: Duration = Duration::from_secs(60);
 const HOUR: Duration = Duration::from_secs(3600);

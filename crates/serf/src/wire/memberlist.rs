@@ -285,25 +285,18 @@ impl Message {
             }
             Self::IndirectPing(req) => {
                 out.push(kind::INDIRECT_PING);
-                let has_addr = !req.source_addr.is_empty();
-                let has_port = req.source_port != 0;
-                let has_node = !req.source_node.is_empty();
-                let len = 5 + usize::from(has_addr) + usize::from(has_port) + usize::from(has_node);
+                let source = Source {
+                    addr: &req.source_addr,
+                    port: req.source_port,
+                    node: &req.source_node,
+                };
                 let mut w = Writer::new(out);
-                w.map(len);
+                w.map(5 + source.len());
                 w.str("Nack").bool(req.nack);
                 w.str("Node").str(&req.node);
                 w.str("Port").uint(req.port.into());
                 w.str("SeqNo").uint(req.seq_no.into());
-                if has_addr {
-                    w.str("SourceAddr").bytes(&req.source_addr);
-                }
-                if has_node {
-                    w.str("SourceNode").str(&req.source_node);
-                }
-                if has_port {
-                    w.str("SourcePort").uint(req.source_port.into());
-                }
+                source.encode(&mut w);
                 w.str("Target").bytes(&req.target);
             }
             Self::Ack(ack) => {
@@ -362,22 +355,45 @@ impl Message {
 }
 
 pub(crate) fn encode_ping(ping: &Ping, out: &mut Vec<u8>) {
-    let has_addr = !ping.source_addr.is_empty();
-    let has_port = ping.source_port != 0;
-    let has_node = !ping.source_node.is_empty();
-    let len = 2 + usize::from(has_addr) + usize::from(has_port) + usize::from(has_node);
+    let source = Source {
+        addr: &ping.source_addr,
+        port: ping.source_port,
+        node: &ping.source_node,
+    };
     let mut w = Writer::new(out);
-    w.map(len);
+    w.map(2 + source.len());
     w.str("Node").str(&ping.node);
     w.str("SeqNo").uint(ping.seq_no.into());
-    if has_addr {
-        w.str("SourceAddr").bytes(&ping.source_addr);
+    source.encode(&mut w);
+}
+
+/// The sender fields of a ping and an indirect ping, each omitted when empty (Go's
+/// `omitempty`).
+struct Source<'a> {
+    addr: &'a [u8],
+    port: u16,
+    node: &'a str,
+}
+
+impl Source<'_> {
+    /// How many of the fields are written.
+    fn len(&self) -> usize {
+        usize::from(!self.addr.is_empty())
+            + usize::from(self.port != 0)
+            + usize::from(!self.node.is_empty())
     }
-    if has_node {
-        w.str("SourceNode").str(&ping.source_node);
-    }
-    if has_port {
-        w.str("SourcePort").uint(ping.source_port.into());
+
+    /// Writes them in Go's key order.
+    fn encode(&self, w: &mut Writer<'_>) {
+        if !self.addr.is_empty() {
+            w.str("SourceAddr").bytes(self.addr);
+        }
+        if !self.node.is_empty() {
+            w.str("SourceNode").str(self.node);
+        }
+        if self.port != 0 {
+            w.str("SourcePort").uint(self.port.into());
+        }
     }
 }
 

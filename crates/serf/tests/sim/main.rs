@@ -20,6 +20,20 @@ fn secs(seconds: u64) -> Duration {
     Duration::from_secs(seconds)
 }
 
+/// No member emitted a `NodeFailed` (`when` ends the message).
+fn assert_nobody_failed(sim: &Sim, when: &str) {
+    for (i, node) in sim.nodes.iter().enumerate() {
+        assert!(
+            !node
+                .events
+                .iter()
+                .any(|(_, event)| matches!(event, Event::NodeFailed(_))),
+            "seed {}: node-{i} declared someone failed{when}",
+            sim.seed
+        );
+    }
+}
+
 fn converge(n: usize, default_seed: u64, limit: Duration) -> Sim {
     let seed = seed(default_seed);
     let mut sim = Sim::new(seed, n, Config::lan(), Net::default());
@@ -127,6 +141,7 @@ fn false_suspicion_is_refuted() {
     let name = format!("node-{accused}");
     let incarnation = sim.nodes[1]
         .core
+        .memberlist
         .member(&name)
         .expect("converged")
         .incarnation;
@@ -144,9 +159,13 @@ fn false_suspicion_is_refuted() {
     );
     let took = sim.run_until(secs(10), |sim| {
         (0..n).all(|i| {
-            sim.nodes[i].core.member(&name).is_some_and(|node| {
-                node.state == NodeState::Alive && node.incarnation > incarnation
-            })
+            sim.nodes[i]
+                .core
+                .memberlist
+                .member(&name)
+                .is_some_and(|node| {
+                    node.state == NodeState::Alive && node.incarnation > incarnation
+                })
         })
     });
     assert!(took.is_some(), "seed {seed}: {name} did not refute");
@@ -155,16 +174,8 @@ fn false_suspicion_is_refuted() {
         sim.converged(),
         "seed {seed}: not converged after the refutation"
     );
-    for (i, node) in sim.nodes.iter().enumerate() {
-        assert!(
-            !node
-                .events
-                .iter()
-                .any(|(_, event)| matches!(event, Event::NodeFailed(_))),
-            "seed {seed}: node-{i} declared someone failed"
-        );
-    }
-    assert!(sim.nodes[accused].core.stats().refutes >= 1);
+    assert_nobody_failed(&sim, "");
+    assert!(sim.nodes[accused].core.memberlist.stats().refutes >= 1);
 }
 
 #[test]
@@ -213,15 +224,7 @@ fn short_partition_heals_without_deaths() {
         "seed {seed}: no convergence after a 2 s partition; {} pairs missing",
         sim.missing_pairs()
     );
-    for (i, node) in sim.nodes.iter().enumerate() {
-        assert!(
-            !node
-                .events
-                .iter()
-                .any(|(_, event)| matches!(event, Event::NodeFailed(_))),
-            "seed {seed}: node-{i} declared someone failed during a 2 s partition"
-        );
-    }
+    assert_nobody_failed(&sim, " during a 2 s partition");
 }
 
 #[test]
@@ -233,6 +236,7 @@ fn user_broadcasts_and_user_state_pass_through_the_delegate() {
     for i in 1..n {
         assert!(
             sim.nodes[i]
+                .core
                 .delegate
                 .remote_states
                 .contains(&(b"node-0".to_vec(), true)),
@@ -241,6 +245,7 @@ fn user_broadcasts_and_user_state_pass_through_the_delegate() {
         let joiner = format!("node-{i}").into_bytes();
         assert!(
             sim.nodes[0]
+                .core
                 .delegate
                 .remote_states
                 .contains(&(joiner, true)),
@@ -252,9 +257,11 @@ fn user_broadcasts_and_user_state_pass_through_the_delegate() {
         sim.broadcast_user(0, message);
     }
     let took = sim.run_until(secs(10), |sim| {
-        sim.nodes
-            .iter()
-            .all(|node| messages.iter().all(|m| node.delegate.messages.contains(m)))
+        sim.nodes.iter().all(|node| {
+            messages
+                .iter()
+                .all(|m| node.core.delegate.messages.contains(m))
+        })
     });
     assert!(
         took.is_some(),
