@@ -400,19 +400,9 @@ impl LocalMember {
         let member = self.clone();
         let token = self.inner.shutdown.clone();
         self.inner.tasks.spawn(async move {
-            loop {
-                let event = tokio::select! {
-                    () = token.cancelled() => break,
-                    event = events.recv() => event,
-                };
-                let event = match event {
-                    Ok(event) => event,
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        warn!(skipped = n, "event handlers fell behind; events skipped");
-                        continue;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => break,
-                };
+            while let Some(event) =
+                serf_agent::events::next(&mut events, &token, "the event handlers").await
+            {
                 let handlers = Arc::clone(&current.borrow());
                 if handlers.is_empty() {
                     continue;

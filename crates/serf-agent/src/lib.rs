@@ -8,11 +8,13 @@
 //! - [`rpc`]: Serf's agent RPC, both sides (client, server, the member backend).
 //! - [`snapshot`]: Go's snapshot file (`serf agent -snapshot`): the format, and the thread
 //!   that keeps it while [`member`] runs.
+//! - [`events`]: reading a member's event channel until a token stops the reader.
 //! - [`handlers`]: event handlers as `serf agent -event-handler` runs them.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod driver;
+pub mod events;
 pub mod handlers;
 pub mod member;
 pub mod rpc;

@@ -632,19 +632,9 @@ impl<B: Backend> Connection<B> {
         let queries = Arc::clone(&self.queries);
         tokio::spawn(
             async move {
-                loop {
-                    let event = tokio::select! {
-                        () = token.cancelled() => break,
-                        event = events.recv() => event,
-                    };
-                    let event = match event {
-                        Ok(event) => event,
-                        Err(broadcast::error::RecvError::Lagged(missed)) => {
-                            warn!(missed, "dropping events to a slow rpc client");
-                            continue;
-                        }
-                        Err(broadcast::error::RecvError::Closed) => break,
-                    };
+                while let Some(event) =
+                    crate::events::next(&mut events, &token, "a slow rpc client").await
+                {
                     if !event_matches(&filters, &event) {
                         continue;
                     }
