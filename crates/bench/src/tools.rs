@@ -276,6 +276,10 @@ pub(crate) fn start(
                 .arg(amb_serf)
                 .arg("run")
                 .arg(format!("--node={}", tool.name()))
+                // Its own gossip port and no RPC: another amb-serf on this machine (a second
+                // bench, a test) must not make it fail to start.
+                .arg(format!("--bind=127.0.0.2:{}", free_port()?))
+                .arg("--rpc-addr=")
                 .env(
                     format!("BACKEND_PORT_{}_TCP", backend.port()),
                     format!("tcp://{backend}"),

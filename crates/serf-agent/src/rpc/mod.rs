@@ -12,8 +12,9 @@
 //!   [`messages`]: the structs with Go's field names; [`filter`]: anchored member filters and
 //!   stream filters.
 //!
-//! Left out: the IPC versions other than 1 (none exist), and the agent itself (event handlers),
-//! which is the binary's member runtime (`src/member.rs`); snapshots are [`crate::snapshot`].
+//! Left out: the IPC versions other than 1 (none exist), and the agent itself: the member
+//! runtime that wires RPC, event handlers ([`crate::handlers`]) and the join loop together is
+//! `registrar::serf`; snapshots are [`crate::snapshot`].
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), serf_agent::rpc::Error> {
