@@ -14,7 +14,6 @@ mod dataplane;
 mod duration;
 mod environment;
 mod go_flags;
-mod health;
 mod logs;
 mod member;
 mod metrics;

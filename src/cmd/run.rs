@@ -34,7 +34,9 @@ use super::serve::{self, raise_open_file_limit, ConsumeArgs, ServeArgs, Signals}
 use super::UsageError;
 use crate::member::{self, MemberArgs};
 use crate::registry::{Registry, RegistryArgs};
-use crate::{health, metrics};
+use proxy::health::check as health;
+
+use crate::metrics;
 use registrar::advertisement;
 use registrar::consumer::{self, Consumer};
 
@@ -96,7 +98,7 @@ pub(crate) struct Args {
     #[arg(
         long,
         env = "AMB_HEALTH_CHECK",
-        value_enum,
+        value_parser = health_check_parser(),
         default_value_t = health::Kind::Auto,
         value_name = "KIND"
     )]
@@ -408,6 +410,20 @@ fn plan(args: &Args, tags: BTreeMap<String, String>) -> anyhow::Result<Plan> {
 }
 
 /// The backend's health before the first advertisement, so the first tags are right.
+/// `--health-check`'s values, each with its help line.
+fn health_check_parser() -> impl clap::builder::TypedValueParser<Value = health::Kind> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser as _};
+    PossibleValuesParser::new([
+        PossibleValue::new("auto").help("`mysql` on port 3306, `redis` on 6379, `tcp` otherwise"),
+        PossibleValue::new("tcp").help("Connect and close: the backend accepts connections"),
+        PossibleValue::new("mysql").help(
+            "Read the greeting, log in as --health-mysql-user (access denied is healthy), quit",
+        ),
+        PossibleValue::new("redis").help("`PING`, expect `+PONG`, `QUIT`"),
+    ])
+    .try_map(|name| name.parse::<health::Kind>())
+}
+
 async fn initial_health(args: &Args, health_check: Option<&health::Check>) -> Health {
     match health_check {
         Some(check) => {

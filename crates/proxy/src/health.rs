@@ -1,7 +1,9 @@
 //! Backend health probes: does the upstream accept a TCP connection now ([`probe`])? And the
 //! protocol checks, each a sans-IO core with a thin I/O shell: [`mysql`] (log in politely and
-//! quit) and [`redis`] (`PING`).
+//! quit) and [`redis`] (`PING`); [`check`] is the loop that runs one every interval and
+//! publishes the backend's [`Health`].
 
+pub mod check;
 pub mod mysql;
 pub mod redis;
 
@@ -12,6 +14,25 @@ use tokio::net::TcpStream;
 
 use crate::dial::{connect, UpstreamError};
 use crate::link_env::Target;
+
+/// Whether the backend passes its check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// It does: advertise the role.
+    Passing,
+    /// It does not: withdraw the role.
+    Critical,
+}
+
+impl Health {
+    /// `passing` or `critical`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Passing => "passing",
+            Self::Critical => "critical",
+        }
+    }
+}
 
 /// Connects to `target` (resolving a name now) and closes the connection at once.
 ///

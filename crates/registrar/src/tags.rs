@@ -29,24 +29,8 @@ pub const PORTS: &str = "ports";
 /// The tag that carries the address consumers should dial.
 pub const SERVICE: &str = "service";
 
-/// Whether the backend accepts connections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Health {
-    /// It does: advertise the role.
-    Passing,
-    /// It does not: withdraw the role.
-    Critical,
-}
-
-impl Health {
-    /// `passing` or `critical`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Passing => "passing",
-            Self::Critical => "critical",
-        }
-    }
-}
+/// The backend's health, as its check ([`proxy::health::check`]) publishes it.
+pub use proxy::health::Health;
 
 /// What to advertise, from flags and links.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

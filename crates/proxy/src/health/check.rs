@@ -1,4 +1,4 @@
-//! Backend health for `amb-serf run`: the probe loop.
+//! Backend health for `amb-serf run`: the probe loop over the probes of [`super`].
 //!
 //! - [`run_checks`] probes the backend every interval with the check `--health-check` chose
 //!   ([`Kind`]: `tcp` connects and closes, `proxy::health::mysql` logs in politely and quits,
@@ -14,9 +14,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use proxy::health::{mysql, redis};
-use proxy::Target;
-use registrar::tags::Health;
+use super::{mysql, redis, Health};
+use crate::link_env::Target;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -24,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 /// The `--health-check` flag: how to check the backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub(crate) enum Kind {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
     /// `mysql` on port 3306, `redis` on 6379, `tcp` otherwise.
     Auto,
     /// Connect and close: the backend accepts connections.
@@ -38,13 +37,32 @@ pub(crate) enum Kind {
 
 impl Kind {
     /// The check to run against a backend on `port`: `auto` picks by the well-known port.
-    pub(crate) fn resolve(self, port: u16) -> Self {
+    pub fn resolve(self, port: u16) -> Self {
         match (self, port) {
             (Self::Auto, 3306) => Self::Mysql,
             (Self::Auto, 6379) => Self::Redis,
             (Self::Auto, _) => Self::Tcp,
             (kind, _) => kind,
         }
+    }
+}
+
+/// A `--health-check` value that is not `auto`, `tcp`, `mysql` or `redis`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a health check (auto, tcp, mysql, redis)")]
+pub struct UnknownKind(String);
+
+impl std::str::FromStr for Kind {
+    type Err = UnknownKind;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        Ok(match name {
+            "auto" => Self::Auto,
+            "tcp" => Self::Tcp,
+            "mysql" => Self::Mysql,
+            "redis" => Self::Redis,
+            other => return Err(UnknownKind(other.to_owned())),
+        })
     }
 }
 
@@ -61,25 +79,25 @@ impl fmt::Display for Kind {
 
 /// What to probe, how, how often, and how long a probe may take.
 #[derive(Debug, Clone)]
-pub(crate) struct Check {
+pub struct Check {
     /// The backend to probe.
-    pub(crate) target: Target,
+    pub target: Target,
     /// The check, resolved (never [`Kind::Auto`]).
-    pub(crate) kind: Kind,
+    pub kind: Kind,
     /// The user the `mysql` check logs in as.
-    pub(crate) mysql_user: String,
+    pub mysql_user: String,
     /// Time between probes.
-    pub(crate) interval: Duration,
+    pub interval: Duration,
     /// Time one probe may take, all of it: resolve, connect and the exchange.
-    pub(crate) timeout: Duration,
+    pub timeout: Duration,
 }
 
 impl Check {
     /// Probes once now: the health and, when critical, why.
-    pub(crate) async fn probe(&self) -> (Health, Option<String>) {
+    pub async fn probe(&self) -> (Health, Option<String>) {
         let start = Instant::now();
         let result = match self.kind {
-            Kind::Tcp | Kind::Auto => proxy::health::probe(&self.target, self.timeout)
+            Kind::Tcp | Kind::Auto => super::probe(&self.target, self.timeout)
                 .await
                 .map(|_| "connected".to_owned())
                 .map_err(|error| error.to_string()),
@@ -99,7 +117,7 @@ impl Check {
     /// what is left of it) for the server to close first, so it sees an orderly goodbye.
     async fn converse(&self) -> Result<String, String> {
         let deadline = Instant::now() + self.timeout;
-        let mut stream = proxy::dial::connect(&self.target, self.timeout)
+        let mut stream = crate::dial::connect(&self.target, self.timeout)
             .await
             .map_err(|error| error.to_string())?;
         let talk = async {
@@ -126,7 +144,7 @@ impl Check {
 }
 
 /// Logs the check chosen for `target` (once, at startup).
-pub(crate) fn log_choice(requested: Kind, check: &Check) {
+pub fn log_choice(requested: Kind, check: &Check) {
     let why = if requested == Kind::Auto {
         "auto: by the backend's port"
     } else {
@@ -151,11 +169,7 @@ pub(crate) fn log_choice(requested: Kind, check: &Check) {
 
 /// Probes every `check.interval` and publishes the result on `health` until `shutdown`.
 /// The channel's current value is the last known health (the caller probes once first).
-pub(crate) async fn run_checks(
-    check: Check,
-    health: watch::Sender<Health>,
-    shutdown: CancellationToken,
-) {
+pub async fn run_checks(check: Check, health: watch::Sender<Health>, shutdown: CancellationToken) {
     let mut ticks = tokio::time::interval(check.interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The first tick is immediate and the caller has just probed: skip it.
@@ -178,7 +192,7 @@ pub(crate) async fn run_checks(
 }
 
 /// Logs a health change: a person may need to act when the backend goes down.
-pub(crate) fn log_transition(target: &Target, now: Health, error: Option<&str>) {
+pub fn log_transition(target: &Target, now: Health, error: Option<&str>) {
     match now {
         Health::Critical => warn!(
             backend = %target,
@@ -194,7 +208,7 @@ mod tests {
     use super::*;
     use std::net::{IpAddr, Ipv4Addr};
 
-    use proxy::Host;
+    use crate::link_env::Host;
 
     #[tokio::test]
     async fn checks_see_the_backend_go_and_come_back() {
