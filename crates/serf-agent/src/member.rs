@@ -82,14 +82,32 @@ pub(crate) struct Running {
 /// Feeds the snapshot writer ([`crate::snapshot::writer`]) from the core's events and clock.
 struct Recorder {
     tracker: Tracker,
-    writer: mpsc::UnboundedSender<Message>,
+    writer: mpsc::Sender<Message>,
     records: Vec<Record>,
+    /// Records dropped since the queue was last found full (warned once per episode).
+    dropped: u64,
 }
 
 impl Recorder {
+    /// Queues the records; with the writer [`QUEUE`](snapshot_writer::QUEUE) behind, drops
+    /// them (as Go's snapshotter does) rather than holding what peers make without bound.
     fn send(&mut self) {
         for record in self.records.drain(..) {
-            let _ = self.writer.send(Message::Record(record));
+            match self.writer.try_send(Message::Record(record)) {
+                Ok(()) if self.dropped > 0 => {
+                    tracing::warn!(dropped = self.dropped, "snapshot queue drained again");
+                    self.dropped = 0;
+                }
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    if self.dropped == 0 {
+                        tracing::warn!(
+                            "snapshot queue full: dropping records until the writer catches up"
+                        );
+                    }
+                    self.dropped += 1;
+                }
+            }
         }
     }
 }
@@ -223,6 +241,7 @@ pub async fn start(
                 tracker: Tracker::new(restored),
                 writer: snapshot_writer::spawn(snapshot_options.clone(), opened),
                 records: Vec::new(),
+                dropped: 0,
             })
         }
         None => None,
@@ -295,35 +314,36 @@ impl Handle {
     /// [`shutdown`](Self::shutdown) or drop. With a snapshot, its `leave` line is on disk
     /// before this returns.
     pub async fn leave(&self) -> Result<(), Error> {
-        let waiter = self
+        let (waiter, mut snapshot) = self
             .run(|running, now| {
                 if running.serf.lifecycle() == Lifecycle::Left {
-                    return Ok(None);
+                    return Ok((None, None));
                 }
                 running.serf.leave(now)?;
-                if let Some(recorder) = &mut running.snapshot {
-                    recorder.tracker.leave(&mut recorder.records);
-                    recorder.send();
-                }
+                // The `leave` line is never dropped: it is sent below, waiting for room.
+                let snapshot = running.snapshot.as_mut().map(|recorder| {
+                    let mut records = Vec::new();
+                    recorder.tracker.leave(&mut records);
+                    (recorder.writer.clone(), records)
+                });
                 let (tx, rx) = oneshot::channel();
                 running.leaves.push(tx);
-                Ok(Some(rx))
+                Ok((Some(rx), snapshot))
             })
             .await?;
+        if let Some((writer, records)) = &mut snapshot {
+            for record in std::mem::take(records) {
+                let _ = writer.send(Message::Record(record)).await;
+            }
+        }
         if let Some(waiter) = waiter {
             waiter.await.map_err(|_| crate::driver::Error::Stopped)?;
         }
-        let synced = self
-            .inner
-            .with(|running, _| {
-                let recorder = running.snapshot.as_ref()?;
-                let (tx, rx) = oneshot::channel();
-                recorder.writer.send(Message::Sync(tx)).ok()?;
-                Some(rx)
-            })
-            .await?;
-        if let Some(synced) = synced {
-            let _ = synced.await;
+        if let Some((writer, _)) = snapshot {
+            let (tx, synced) = oneshot::channel();
+            if writer.send(Message::Sync(tx)).await.is_ok() {
+                let _ = synced.await;
+            }
         }
         Ok(())
     }
@@ -471,5 +491,34 @@ impl Handle {
         command: impl FnOnce(&mut Running, Instant) -> Result<T, serf::serf::Error> + Send + 'static,
     ) -> Result<T, Error> {
         Ok(self.inner.with(command).await??)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serf::serf::LamportTime;
+
+    /// A writer that falls behind costs at most its queue: further records are dropped and
+    /// counted, and the count ends once the queue takes a record again.
+    #[test]
+    fn a_full_snapshot_queue_drops_records() {
+        let (writer, mut queue) = mpsc::channel(2);
+        let mut recorder = Recorder {
+            tracker: Tracker::default(),
+            writer,
+            records: (1..=5).map(|n| Record::Clock(LamportTime(n))).collect(),
+            dropped: 0,
+        };
+        recorder.send();
+        assert_eq!(recorder.dropped, 3);
+        assert!(recorder.records.is_empty());
+        assert!(matches!(
+            queue.try_recv(),
+            Ok(Message::Record(Record::Clock(LamportTime(1))))
+        ));
+        recorder.records.push(Record::Clock(LamportTime(6)));
+        recorder.send();
+        assert_eq!(recorder.dropped, 0);
     }
 }

@@ -12,6 +12,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Options, Record, Snapshot, MIN_COMPACT_SIZE};
 
+/// Records waiting for the writer thread at most (as Go's snapshotter queue): beyond it, a
+/// record is dropped with a warning rather than held, however fast peers make events.
+pub const QUEUE: usize = 2048;
+
 /// After a failed write, a compaction (which rewrites the file) is tried at most this often.
 const ERROR_RECOVERY_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -71,8 +75,8 @@ pub fn open(options: &Options) -> Result<Opened, OpenError> {
 }
 
 /// Starts the writer thread; it ends (after a last flush) when every sender is dropped.
-pub fn spawn(options: Options, opened: Opened) -> mpsc::UnboundedSender<Message> {
-    let (tx, rx) = mpsc::unbounded_channel();
+pub fn spawn(options: Options, opened: Opened) -> mpsc::Sender<Message> {
+    let (tx, rx) = mpsc::channel(QUEUE);
     let writer = Writer {
         rejoin_after_leave: options.rejoin_after_leave,
         path: options.path,
@@ -98,7 +102,7 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Message>) {
+    fn run(mut self, mut rx: mpsc::Receiver<Message>) {
         while let Some(message) = rx.blocking_recv() {
             let mut waiters = Vec::new();
             let mut next = Some(message);
@@ -215,13 +219,14 @@ mod tests {
                 },
                 Record::Clock(LamportTime(4 + round)),
             ] {
-                tx.send(Message::Record(record)).unwrap();
+                tx.send(Message::Record(record)).await.unwrap();
             }
         }
         tx.send(Message::Record(Record::EventClock(LamportTime(9))))
+            .await
             .unwrap();
         let (done, synced) = oneshot::channel();
-        tx.send(Message::Sync(done)).unwrap();
+        tx.send(Message::Sync(done)).await.unwrap();
         synced.await.unwrap();
         let text = std::fs::read_to_string(&options.path).unwrap();
         assert!(
@@ -240,9 +245,9 @@ mod tests {
             "flappy ended not-alive"
         );
         // A leave: the next start has no one to rejoin.
-        tx.send(Message::Record(Record::Leave)).unwrap();
+        tx.send(Message::Record(Record::Leave)).await.unwrap();
         let (done, synced) = oneshot::channel();
-        tx.send(Message::Sync(done)).unwrap();
+        tx.send(Message::Sync(done)).await.unwrap();
         synced.await.unwrap();
         drop(tx);
         let reopened = open(&options).unwrap();
